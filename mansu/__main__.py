@@ -1,0 +1,3 @@
+from mansu.cli import main
+
+raise SystemExit(main())

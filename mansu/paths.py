@@ -1,0 +1,19 @@
+"""Where mansu keeps its files: MANSU_HOME (default ~/.cache/mansu) holds the demo world, the demo model and runs."""
+
+import os
+from pathlib import Path
+
+
+def mansu_home() -> Path:
+    """The cache root; `MANSU_HOME` overrides `~/.cache/mansu`."""
+    return Path(os.environ.get("MANSU_HOME") or Path.home() / ".cache" / "mansu").expanduser()
+
+
+def runs_root() -> Path:
+    """The folder holding one sub-folder per run; `MANSU_RUNS` overrides `<MANSU_HOME>/runs`."""
+    return Path(os.environ.get("MANSU_RUNS") or mansu_home() / "runs").expanduser()
+
+
+def demo_root() -> Path:
+    """The folder holding the demo world and demo model."""
+    return mansu_home() / "demo"

@@ -1,0 +1,1 @@
+"""Run folders: the layout (file names, one source of truth) and the atomic store."""
