@@ -36,11 +36,12 @@ def stamp() -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "mansu_version": __version__, "git_commit": git_commit()}
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be readable like any file
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -55,7 +56,7 @@ def write_json_atomic(path: Path, obj: Any, *, add_stamp: bool = False) -> None:
     """Write `obj` as sorted, indented JSON via temp file + rename; optionally add the provenance stamp."""
     if add_stamp:
         obj = {**obj, "_stamp": stamp()}
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
@@ -72,7 +73,7 @@ def write_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str]
 
     meta = {k: str(v) for k, v in {**stamp(), **(metadata or {})}.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write_bytes(Path(path), save(tensors, metadata=meta))
+    atomic_write_bytes(Path(path), save(tensors, metadata=meta))
 
 
 def read_safetensors(path: Path) -> dict:

@@ -1,0 +1,50 @@
+"""`python -m mansu eval`: MCQ accuracy of any model on any MCQ file, fp or NF4."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="MCQ accuracy of a model on a data file",
+                              description="Score a causal LM on WMDP-format MCQ records (JSONL, CSV or Parquet) in the "
+                                          "cloze or letter format, with a 95%% bootstrap confidence interval.")
+    p.add_argument("--model", required=True, help="local HF model folder or hub id ('demo' for the demo model)")
+    p.add_argument("--data", required=True, nargs="+", help="one or more MCQ files (question, choices, answer)")
+    p.add_argument("--format", default="cloze", choices=["cloze", "letter"], help="scoring format (default cloze)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype (default fp32)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="cpu, cuda, or auto (accelerate device_map for models larger than one GPU)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
+    p.add_argument("--json", action="store_true", help="print one JSON line per file")
+    p.set_defaults(func=run)
+
+
+def resolve_model_path(name: str) -> str:
+    """'demo' names the cached demo model (built if missing); anything else passes through."""
+    if name != "demo":
+        return name
+    from mansu.models.demo import ensure_demo
+
+    return str(ensure_demo().model_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mansu.data.records import load_records, mcq_only
+    from mansu.metrics.accuracy import mcq_accuracy
+    from mansu.models.loading import load_model
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    datasets = {path: mcq_only(load_records(path, "mcq"), path) for path in args.data}  # validate all first
+    lm = load_model(resolve_model_path(args.model), dtype=args.dtype, device=args.device,
+                    trust_remote_code=args.trust_remote_code)
+    for path, records in datasets.items():
+        r = mcq_accuracy(lm.model, lm.tokenizer, records, fmt=args.format, batch_size=args.batch_size)
+        if args.json:
+            print(json.dumps({"data": path, **{k: v for k, v in r.to_dict().items() if k != "correct"}}))
+        else:
+            print(f"{path}: {args.format} accuracy {r.accuracy:.3f} (95% CI {r.ci_low:.3f}-{r.ci_high:.3f}, n={r.n})")
+    return 0

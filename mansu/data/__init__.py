@@ -1,0 +1,1 @@
+"""Forget/retain data: validated records (MCQ, QA, text) from JSONL, CSV or Parquet, and the demo world."""

@@ -1,0 +1,163 @@
+"""Validated forget/retain records in three shapes, read from JSONL, CSV or Parquet.
+
+Shapes (WMDP / TOFU / MUSE conventions):
+    mcq:  {"question": str, "choices": [>= 2 str], "answer": int index into choices}
+    qa:   {"question": str, "answer": str}
+    text: {"text": str}
+Every record is validated; the first bad one raises a ValueError naming file, line (1-based) and field.
+Extra fields are ignored, except an optional "subject" on MCQ records (the entity the question is
+about, used to build counterfactual prompts for attribution).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Union
+
+Shape = Literal["mcq", "qa", "text", "auto"]
+SHAPES = ("mcq", "qa", "text")
+FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class MCQRecord:
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    subject: str | None = None
+
+
+@dataclass(frozen=True)
+class QARecord:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    text: str
+
+
+Record = Union[MCQRecord, QARecord, TextRecord]
+
+
+def load_records(path: str | Path, shape: Shape = "auto") -> list[Record]:
+    """Read and validate every record of `path`; `auto` infers the shape from the first record."""
+    path = Path(path)
+    if shape not in (*SHAPES, "auto"):
+        raise ValueError(f"unknown data shape {shape!r}: accepted are {', '.join(SHAPES)} or auto")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found")
+    rows = list(_read_rows(path))
+    if not rows:
+        raise ValueError(f"{path}: empty split (no records); give at least one record")
+    if shape == "auto":
+        shape = infer_shape(rows[0][1], path, rows[0][0])
+    return [_parse(row, shape, path, line) for line, row in rows]
+
+
+def infer_shape(row: dict[str, Any], path: Path, line: int) -> Shape:
+    if "choices" in row:
+        return "mcq"
+    if "question" in row and "answer" in row:
+        return "qa"
+    if "text" in row:
+        return "text"
+    raise ValueError(f"{path}:{line}: cannot tell the record shape from fields {sorted(row)}; "
+                     "accepted are mcq (question, choices, answer), qa (question, answer) or text (text)")
+
+
+def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        yield from _read_jsonl(path)
+    elif suffix in (".csv", ".parquet"):
+        yield from _read_table(path, suffix)
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; accepted are {', '.join(FORMATS)}")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            yield line_no, row
+
+
+def _read_table(path: Path, suffix: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    except Exception as exc:  # pandas raises many types for unreadable files
+        raise ValueError(f"{path}: cannot read as {suffix[1:]} ({exc})") from None
+    # Line numbers count the CSV header as line 1, so data row i is line i + 2.
+    offset = 2 if suffix == ".csv" else 1
+    for i, row in enumerate(frame.to_dict(orient="records")):
+        yield i + offset, row
+
+
+def _parse(row: dict[str, Any], shape: str, path: Path, line: int) -> Record:
+    where = f"{path}:{line}"
+    if shape == "mcq":
+        return _parse_mcq(row, where)
+    if shape == "qa":
+        return QARecord(question=_text_field(row, "question", where), answer=_text_field(row, "answer", where))
+    return TextRecord(text=_text_field(row, "text", where))
+
+
+def _text_field(row: dict[str, Any], name: str, where: str) -> str:
+    value = row.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _parse_mcq(row: dict[str, Any], where: str) -> MCQRecord:
+    question = _text_field(row, "question", where)
+    choices = row.get("choices")
+    if isinstance(choices, str):  # CSV cells hold the list as JSON text
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: field 'choices' must be a list of strings (JSON list in CSV)") from None
+    if hasattr(choices, "tolist"):  # parquet gives numpy arrays
+        choices = choices.tolist()
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise ValueError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings, got {choices!r}")
+    answer = row.get("answer")
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: field 'answer' must be an integer index in 0..{len(choices) - 1}, got {answer!r}")
+    subject = row.get("subject")
+    return MCQRecord(question=question, choices=tuple(choices), answer=answer,
+                     subject=subject if isinstance(subject, str) and subject else None)
+
+
+def mcq_only(records: list[Record], path: str | Path) -> list[MCQRecord]:
+    """Narrow to MCQ records for accuracy evaluation; other shapes get a clear error."""
+    if not all(isinstance(r, MCQRecord) for r in records):
+        raise ValueError(f"{path}: accuracy evaluation needs MCQ records (question, choices, answer)")
+    return records  # type: ignore[return-value]
+
+
+def record_to_dict(record: Record) -> dict[str, Any]:
+    """The JSONL form of a record (inverse of parsing)."""
+    if isinstance(record, MCQRecord):
+        out: dict[str, Any] = {"question": record.question, "choices": list(record.choices), "answer": record.answer}
+        if record.subject:
+            out["subject"] = record.subject
+        return out
+    if isinstance(record, QARecord):
+        return {"question": record.question, "answer": record.answer}
+    return {"text": record.text}

@@ -1,0 +1,134 @@
+"""MCQ accuracy in two formats, batched, with a 95% percentile-bootstrap confidence interval.
+
+    letter: lm-eval's WMDP template, context "question\\nA. c0\\nB. c1\\nC. c2\\nD. c3\\nAnswer:",
+            prediction = argmax_k log p(" <letter_k>" | context)
+    cloze:  context "question\\nAnswer:", prediction = argmax_k sum_t log p(choice_k token t | context, earlier tokens)
+            over the tokens of " <choice_k>" (multi-token choices summed, not length-normalised)
+
+Context and continuation are tokenized separately and concatenated (as lm-eval does), so the
+continuation's tokens are the same whatever the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from mansu.data.records import MCQRecord
+
+Format = Literal["cloze", "letter"]
+FORMATS = ("cloze", "letter")
+LETTERS = "ABCDEFGH"
+
+
+@dataclass(frozen=True)
+class AccuracyResult:
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    n: int
+    fmt: str
+    correct: list[bool] = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n,
+                "fmt": self.fmt, "correct": [int(c) for c in self.correct]}
+
+
+def cloze_texts(record: MCQRecord) -> tuple[str, list[str]]:
+    """Context and the continuations scored in the cloze format."""
+    return f"{record.question}\nAnswer:", [f" {c}" for c in record.choices]
+
+
+def letter_texts(record: MCQRecord) -> tuple[str, list[str]]:
+    """Context and the continuations scored in lm-eval's WMDP letter format."""
+    if len(record.choices) > len(LETTERS):
+        raise ValueError(f"letter format supports at most {len(LETTERS)} choices, got {len(record.choices)}")
+    options = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(record.choices))
+    return f"{record.question}{options}\nAnswer:", [f" {LETTERS[i]}" for i in range(len(record.choices))]
+
+
+def format_texts(record: MCQRecord, fmt: Format) -> tuple[str, list[str]]:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown MCQ format {fmt!r}: accepted are {', '.join(FORMATS)}")
+    return cloze_texts(record) if fmt == "cloze" else letter_texts(record)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context (with the tokenizer's special prefix) and continuation (without)."""
+    ctx = tokenizer(context, add_special_tokens=True)["input_ids"]
+    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not cont:
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+    return ctx, cont
+
+
+def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64) -> list[float]:
+    """sum_t log p(cont_t | context, cont_<t) for each (context, continuation) pair, batched with right padding."""
+    import torch
+
+    from mansu.models.loading import input_device
+
+    encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
+    scores: list[float] = []
+    device = input_device(model)
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        seqs = [ctx + cont for ctx, cont in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1).cpu()  # [batch, seq, vocab]
+        for i, (ctx, cont) in enumerate(chunk):
+            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+            scores.append(logprobs[i, positions, torch.tensor(cont)].sum().item())
+    return scores
+
+
+def predict(model, tokenizer, records: Sequence[MCQRecord], *, fmt: Format = "cloze", batch_size: int = 64) -> list[int]:
+    """The predicted choice index of each record."""
+    pairs, owners = [], []
+    for r_i, record in enumerate(records):
+        context, continuations = format_texts(record, fmt)
+        pairs += [(context, c) for c in continuations]
+        owners += [r_i] * len(continuations)
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+    best: dict[int, tuple[float, int]] = {}
+    counters: dict[int, int] = {}
+    for owner, score in zip(owners, scores):
+        k = counters.get(owner, 0)
+        counters[owner] = k + 1
+        if owner not in best or score > best[owner][0]:  # ties keep the first choice
+            best[owner] = (score, k)
+    return [best[i][1] for i in range(len(records))]
+
+
+def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampling examples with replacement)."""
+    import torch
+
+    if len(values) == 0:
+        raise ValueError("bootstrap needs at least one value")
+    data = torch.as_tensor(values, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(data), (n_boot, len(data)), generator=gen)
+    means = data[idx].mean(dim=1)
+    alpha = (1 - level) / 2
+    return float(torch.quantile(means, alpha)), float(torch.quantile(means, 1 - alpha))
+
+
+def mcq_accuracy(model, tokenizer, records: Sequence[MCQRecord], *, fmt: Format = "cloze", batch_size: int = 64,
+                 n_boot: int = 1000, seed: int = 0) -> AccuracyResult:
+    """Accuracy of `model` on `records` with a 95% bootstrap CI over examples."""
+    if not records:
+        raise ValueError("empty split: accuracy needs at least one MCQ record")
+    preds = predict(model, tokenizer, records, fmt=fmt, batch_size=batch_size)
+    correct = [p == r.answer for p, r in zip(preds, records)]
+    lo, hi = bootstrap_ci([float(c) for c in correct], n_boot=n_boot, seed=seed)
+    return AccuracyResult(accuracy=sum(correct) / len(correct), ci_low=lo, ci_high=hi, n=len(correct),
+                          fmt=fmt, correct=correct)

@@ -1,0 +1,1 @@
+"""Loading HF causal LMs, the demo model, component naming and hooks."""

@@ -1,0 +1,99 @@
+"""Load any local HF causal-LM folder or hub id: fp32/bf16, cpu/cuda/auto, safetensors only.
+
+`device="auto"` uses accelerate's `device_map="auto"`, which spreads a model larger than one GPU
+over all visible GPUs (and the CPU). `trust_remote_code` is off unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+DType = Literal["fp32", "bf16"]
+Device = Literal["cpu", "cuda", "auto"]
+DTYPES = ("fp32", "bf16")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass
+class LoadedModel:
+    model: Any        # a transformers PreTrainedModel in eval mode
+    tokenizer: Any    # its tokenizer (PreTrainedTokenizerBase)
+    name: str         # the path or hub id it came from
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: accepted are {', '.join(DTYPES)}")
+    return torch.float32 if dtype == "fp32" else torch.bfloat16
+
+
+def _device_kwargs(device: str) -> dict[str, Any]:
+    import torch
+
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}: accepted are {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu")
+    if device == "auto":
+        return {"device_map": "auto"}
+    return {"device_map": {"": device}} if device == "cuda" else {}
+
+
+def load_config(name_or_path: str, *, trust_remote_code: bool = False):
+    """The model's config, with a one-line error for paths that are not HF model folders or ids."""
+    from transformers import AutoConfig
+
+    local = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_local and not local.exists():
+        raise FileNotFoundError(f"model folder not found: {name_or_path}; give a local HF model folder or a hub id (org/name)")
+    if local.exists() and not (local / "config.json").is_file():
+        raise ValueError(f"{name_or_path}: not a Hugging Face model folder (no config.json inside)")
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.exists() else name_or_path,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"unknown model {name_or_path!r}: not a local model folder nor a reachable hub id ({first})") from None
+
+
+def require_causal_lm(config, name: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise ValueError(f"{name}: model type {config.model_type!r} is not a causal language model; "
+                         "mansu needs an AutoModelForCausalLM architecture (Llama, Qwen, Gemma, Mistral, GPT-2, ...)")
+
+
+def load_model(name_or_path: str | Path, *, dtype: DType = "fp32", device: Device = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load model and tokenizer in eval mode; weights from safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    torch_dtype, placement = _torch_dtype(dtype), _device_kwargs(device)
+    config = load_config(name, trust_remote_code=trust_remote_code)
+    require_causal_lm(config, name)
+    source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code, **placement)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot load weights/tokenizer ({str(exc).splitlines()[0]}); "
+                         "mansu loads safetensors weights only") from None
+    model.eval()
+    log.info("loaded %s (%s, %s)", name, dtype, device)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def input_device(model):
+    """Where input ids must live (the embedding's device; differs from model.device under device_map)."""
+    return model.get_input_embeddings().weight.device
