@@ -1,0 +1,21 @@
+"""mansu app: explore circuits, tune the NF4 magnitude floor, compare before and after, launch runs.
+
+Run with `streamlit run app.py` (served on 127.0.0.1 by .streamlit/config.toml).
+"""
+
+import streamlit as st
+
+st.set_page_config(page_title="mansu", page_icon=":material/explore:", layout="wide")
+
+PAGES = [
+    st.Page("pages/runs.py", title="Runs", icon=":material/table_view:", default=True, url_path="runs"),
+    st.Page("pages/circuit.py", title="Circuit", icon=":material/hub:", url_path="circuit"),
+    st.Page("pages/update_nf4.py", title="Update vs NF4", icon=":material/straighten:", url_path="update"),
+    st.Page("pages/before_after.py", title="Before / after", icon=":material/compare:", url_path="before_after"),
+    st.Page("pages/launch.py", title="Launch", icon=":material/rocket_launch:", url_path="launch"),
+    st.Page("pages/report.py", title="Report", icon=":material/description:", url_path="report"),
+]
+
+# every page draws the shared sidebar run picker itself (ui.state.sidebar), so it is always fresh
+nav = st.navigation(PAGES)
+nav.run()

@@ -1,0 +1,134 @@
+"""Attribution artifacts: graph JSON + dense safetensors (run-folder names from `mansu.runs.layout`), circuits and
+their parameter masks, and an export to circuit-tracer's graph JSON (``metadata``, ``qParams``, ``nodes``, ``links``).
+
+Graph JSON: ``{"metadata", "upstream", "downstream", "nodes": [{"name", "kind", "layer", "head", "score",
+"params", "in_circuit"}], "links": [{"source", "target", "weight"}]}``. A node's score is the sum of |score| over
+its outgoing edges (for ``logits``: over its incoming edges). ``links`` hold every existing edge (the largest
+`max_links` by |score| when set); the safetensors file holds the dense ``scores`` [U, V], ``valid``,
+``metric_clean``/``metric_corrupt`` and, when kept, ``per_example`` [n, U, V].
+
+circuit-tracer export: node ids follow its conventions (``E_0_0`` for the input, ``{layer}_{index}_0`` for heads
+and MLPs, where an MLP takes index n_heads, and ``{n_layers + 1}_0_0`` for the logit target); ``clerp`` carries our
+node name; positions are summed, so ctx_idx is 0. Link weights are ``-score``: positive when corrupting the edge
+lowers the metric, i.e. when the edge supports the answer, as in circuit-tracer's direct effects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mansu.attribution.circuit import Circuit, circuit_parameter_masks
+from mansu.attribution.eap import AttributionGraph
+from mansu.io import read_json, read_safetensors, write_json_atomic, write_safetensors_atomic
+from mansu.models.components import model_layout, node_parameters, parse_node
+from mansu.runs import layout as run_layout
+
+
+def node_scores(graph: AttributionGraph) -> dict[str, float]:
+    """Sum of |score| over each node's outgoing edges (logits: incoming)."""
+    out = {name: float(graph.scores[i].abs().sum()) for i, name in enumerate(graph.upstream)}
+    out["logits"] = float(graph.scores[:, -1].abs().sum())
+    return out
+
+
+def graph_to_json(graph: AttributionGraph, *, model: Any = None, circuit: Circuit | None = None,
+                  max_links: int | None = None) -> dict[str, Any]:
+    """The graph as a JSON-ready dict (nodes with layer, score, owned parameters; links with weight)."""
+    scores = node_scores(graph)
+    in_circuit = set(circuit.nodes) if circuit else set()
+    layout = model_layout(model) if model is not None else None
+    nodes = []
+    for name in dict.fromkeys(graph.upstream + graph.downstream):
+        kind, layer, head = parse_node(name)
+        params = node_parameters(model, layout, name) if model is not None else []
+        nodes.append({"name": name, "kind": kind, "layer": layer, "head": head, "score": scores.get(name, 0.0),
+                      "params": params, "in_circuit": name in in_circuit})
+    edges = sorted(graph.edges(), key=lambda e: -abs(e[2]))
+    edges = edges[:max_links] if max_links else edges
+    links = [{"source": u, "target": v, "weight": s} for u, v, s in edges]
+    return {"metadata": graph.metadata, "upstream": graph.upstream, "downstream": graph.downstream,
+            "nodes": nodes, "links": links, "circuit": circuit.to_dict() if circuit else None}
+
+
+def save_graph(graph: AttributionGraph, run_dir: Path, stage: str, *, model: Any = None,
+               circuit: Circuit | None = None, max_links: int | None = None) -> tuple[Path, Path]:
+    """Write attribution/<stage>.json and attribution/<stage>.safetensors atomically; returns both paths."""
+    if stage not in run_layout.ATTRIBUTION_STAGES:
+        raise ValueError(f"unknown attribution stage {stage!r}: accepted are {', '.join(run_layout.ATTRIBUTION_STAGES)}")
+    json_path, tensor_path = run_layout.attribution_json(run_dir, stage), run_layout.attribution_tensors(run_dir, stage)
+    tensors = {"scores": graph.scores, "valid": graph.valid, "metric_clean": graph.metric_clean,
+               "metric_corrupt": graph.metric_corrupt}
+    if graph.per_example is not None:
+        tensors["per_example"] = graph.per_example
+    write_safetensors_atomic(tensor_path, tensors, {"stage": stage, "n_upstream": str(len(graph.upstream)),
+                                                    "n_downstream": str(len(graph.downstream))})
+    write_json_atomic(json_path, graph_to_json(graph, model=model, circuit=circuit, max_links=max_links), add_stamp=True)
+    return json_path, tensor_path
+
+
+def load_graph(run_dir: Path, stage: str) -> AttributionGraph:
+    """Read a graph saved by `save_graph` (node names from the JSON, scores from the safetensors)."""
+    meta = read_json(run_layout.attribution_json(run_dir, stage))
+    tensors = read_safetensors(run_layout.attribution_tensors(run_dir, stage))
+    scores = tensors["scores"]
+    if tuple(scores.shape) != (len(meta["upstream"]), len(meta["downstream"])):
+        raise ValueError(f"{run_layout.attribution_tensors(run_dir, stage)}: scores shape {tuple(scores.shape)} does "
+                         "not match the node lists of its JSON")
+    return AttributionGraph(meta["upstream"], meta["downstream"], scores, tensors["valid"].bool(),
+                            tensors["metric_clean"], tensors["metric_corrupt"], tensors.get("per_example"),
+                            meta["metadata"])
+
+
+def save_circuit(circuit: Circuit, model: Any, run_dir: Path) -> tuple[Path, Path]:
+    """Write circuit.json and circuit_masks.safetensors (bool masks keyed by parameter name)."""
+    masks = circuit_parameter_masks(model, circuit)
+    owned = sum(int(m.sum()) for m in masks.values())
+    total = sum(p.numel() for p in model.parameters())
+    data = {**circuit.to_dict(), "owned_parameters": owned, "owned_fraction": owned / max(total, 1),
+            "masked_parameters": sorted(masks)}
+    json_path, mask_path = Path(run_dir) / run_layout.CIRCUIT, Path(run_dir) / run_layout.CIRCUIT_MASKS
+    write_safetensors_atomic(mask_path, masks, {"n_edges": str(len(circuit.edges))})
+    write_json_atomic(json_path, data, add_stamp=True)
+    return json_path, mask_path
+
+
+def load_circuit(run_dir: Path) -> tuple[Circuit, dict[str, torch.Tensor]]:
+    """The circuit and its parameter masks saved by `save_circuit`."""
+    circuit = Circuit.from_dict(read_json(Path(run_dir) / run_layout.CIRCUIT))
+    masks = {k: v.bool() for k, v in read_safetensors(Path(run_dir) / run_layout.CIRCUIT_MASKS).items()}
+    return circuit, masks
+
+
+def _tracer_node(name: str, n_layers: int, n_heads: int, influence: float) -> dict[str, Any]:
+    kind, layer, head = parse_node(name)
+    if kind == "input":
+        node_id, layer_s, feature, ftype, js = "E_0_0", "E", 0, "embedding", "E_0-0"
+    elif kind == "logits":
+        layer_s = str(n_layers + 1)
+        node_id, feature, ftype, js = f"{layer_s}_0_0", 0, "logit", "L_0-0"
+    else:
+        index = head if kind == "head" else n_heads
+        node_id, layer_s, feature, js = f"{layer}_{index}_0", str(layer), index, f"{layer}_{index}-0"
+        ftype = "attention head" if kind == "head" else "mlp"
+    return {"node_id": node_id, "feature": feature, "layer": layer_s, "ctx_idx": 0, "feature_type": ftype,
+            "token_prob": 0.0, "is_target_logit": kind == "logits", "run_idx": 0, "reverse_ctx_idx": 0,
+            "jsNodeId": js, "clerp": name, "influence": influence, "activation": None}
+
+
+def to_circuit_tracer(graph: AttributionGraph, *, circuit: Circuit | None = None, slug: str = "mansu-graph",
+                      prompt: str = "", node_threshold: float | None = None) -> dict[str, Any]:
+    """The graph (or only the circuit's edges) in circuit-tracer's graph JSON shape."""
+    n_layers, n_heads = int(graph.metadata.get("n_layers", 0)), int(graph.metadata.get("n_heads", 0))
+    scores = node_scores(graph)
+    keep = set(circuit.edges) if circuit else None
+    edges = [(u, v, s) for u, v, s in graph.edges() if keep is None or (u, v) in keep]
+    names = list(dict.fromkeys([u for u, _, _ in edges] + [v for _, v, _ in edges]))
+    nodes = [_tracer_node(n, n_layers, n_heads, scores.get(n, 0.0)) for n in names]
+    ids = {n: node["node_id"] for n, node in zip(names, nodes)}
+    return {"metadata": {"slug": slug, "scan": str(graph.metadata.get("model", "")), "transcoder_list": [],
+                         "prompt_tokens": [], "prompt": prompt, "node_threshold": node_threshold, "schema_version": 1},
+            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+            "nodes": nodes, "links": [{"source": ids[u], "target": ids[v], "weight": -s} for u, v, s in edges]}

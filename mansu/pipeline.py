@@ -1,0 +1,441 @@
+"""The run pipeline: base evaluation -> circuit -> unlearning -> evaluation (fp, NF4) -> attribution after ->
+CAD -> survival -> scorecard, one stage at a time, each writing its artifacts before the next starts.
+
+Finished stages are listed in stages.json; `run_pipeline` on an existing run skips them (a killed run resumes
+from its last finished stage).  status.json shows the stage and progress throughout.  A NaN/Inf loss marks the
+run failed with the step and keeps everything written so far.  The base model on disk is never modified: base
+alignment (nf4-grid) and unlearning act on in-memory copies; the unlearned model is saved with save_pretrained
+into <run>/model when `save_model` is set.  A stage whose module is missing records "not available".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mansu.io import read_json, write_json_atomic
+from mansu.runs import layout
+from mansu.runs.store import read_config, update_metrics, write_status
+
+log = logging.getLogger(__name__)
+
+STAGES = ("base_eval", "attribution_before", "unlearn", "eval_fp", "eval_nf4", "attribution_after", "cad",
+          "survival", "scorecard")
+NF4_MODES = ("simulated", "real")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: str
+    forget: str
+    retain: str
+    unlearn: dict[str, Any] = field(default_factory=dict)     # UnlearnConfig fields
+    base_alignment: str = "natural"                           # natural | nf4-grid (SPEC.md, last section)
+    fmt: str = "cloze"                                        # MCQ scoring format
+    nf4_mode: str = "simulated"                               # NF4 twin: simulated (bit-exact dequant) | real (bnb)
+    attribution: bool = True                                  # circuit + CAD (off: MANSU uses all Linear weights)
+    circuit_target: float = 0.8                               # faithfulness of the smallest faithful circuit
+    attribution_records: int = 32                             # forget records attributed (EAP-IG cost grows with it)
+    ig_steps: int = 5                                         # EAP-IG integration steps (5-30 typical)
+    retain_eval_limit: int | None = None                      # score only the first N retain records (None: all)
+    save_model: bool = True                                   # save_pretrained the unlearned model into <run>/model
+    store_update: bool = True                                 # write update.safetensors (floor preview)
+    scorecard: dict[str, Any] = field(default_factory=dict)   # ScorecardConfig fields
+    device: str = "cpu"                                       # cpu | cuda | auto (accelerate device_map)
+    dtype: str = "fp32"
+    parent_run: str | None = None                             # --from-run: reuse its base eval and circuit
+
+    def __post_init__(self) -> None:
+        from mansu.scorecard import ScorecardConfig
+        from mansu.unlearn.config import UnlearnConfig
+        from mansu.unlearn.nf4_model import ALIGNMENTS
+
+        UnlearnConfig.from_dict(self.unlearn)
+        ScorecardConfig(**self.scorecard)
+        checks = {"base_alignment": (self.base_alignment, ALIGNMENTS), "fmt": (self.fmt, ("cloze", "letter")),
+                  "nf4_mode": (self.nf4_mode, NF4_MODES), "device": (self.device, ("cpu", "cuda", "auto")),
+                  "dtype": (self.dtype, ("fp32", "bf16"))}
+        for name, (value, accepted) in checks.items():
+            if value not in accepted:
+                raise ValueError(f"{name} {value!r} is not supported; accepted are {', '.join(accepted)}")
+        if not 0 < self.circuit_target <= 1.5:
+            raise ValueError(f"circuit_target must be in (0, 1.5], got {self.circuit_target}")
+        for name in ("attribution_records", "ig_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.retain_eval_limit is not None and (not isinstance(self.retain_eval_limit, int) or self.retain_eval_limit < 1):
+            raise ValueError(f"retain_eval_limit must be a positive integer or None, got {self.retain_eval_limit!r}")
+
+    @property
+    def config(self):
+        from mansu.unlearn.config import UnlearnConfig
+
+        return UnlearnConfig.from_dict(self.unlearn)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown run setting(s) {unknown}; accepted are {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+@dataclass
+class BaseCache:
+    """What runs on the same base share (compare): the aligned base model, its evaluations and its circuit."""
+
+    model: Any = None
+    tokenizer: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    graph: Any = None
+    circuit: Any = None
+    masks: dict | None = None
+    circuit_status: dict | None = None
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Context:
+    run: Path
+    spec: RunSpec
+    cache: BaseCache
+    unlearned: Any = None
+    records: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.spec.config
+
+    def base(self):
+        """The (aligned) base model and tokenizer, loaded once."""
+        if self.cache.model is None:
+            from mansu.models.loading import load_model
+            from mansu.unlearn.nf4_model import align_base
+
+            lm = load_model(self.spec.model, dtype=self.spec.dtype, device=self.spec.device)
+            align_base(lm.model, self.spec.base_alignment, self.config.blocksize)
+            self.cache.model, self.cache.tokenizer = lm.model, lm.tokenizer
+        return self.cache.model, self.cache.tokenizer
+
+    def split(self, name: str) -> list:
+        if name not in self.records:
+            from mansu.data.records import load_records, mcq_only
+
+            path = self.spec.forget if name == "forget" else self.spec.retain
+            self.records[name] = mcq_only(load_records(path, "mcq"), path)
+        return self.records[name]
+
+    def eval_retain(self) -> list:
+        recs = self.split("retain")
+        return recs[: self.spec.retain_eval_limit] if self.spec.retain_eval_limit else recs
+
+    def model_after(self):
+        if self.unlearned is None:
+            from mansu.models.loading import load_model
+
+            lm = load_model(self.run / layout.MODEL_DIR, dtype=self.spec.dtype, device=self.spec.device)
+            self.unlearned = lm.model
+        return self.unlearned
+
+
+# ---------------------------------------------------------------- stages
+
+def _evaluate(ctx: Context, model) -> dict[str, Any]:
+    from mansu.metrics.accuracy import mcq_accuracy
+
+    tok = ctx.base()[1]
+    return {split: mcq_accuracy(model, tok, recs, fmt=ctx.spec.fmt, batch_size=256, n_boot=1000).to_dict()
+            for split, recs in (("forget", ctx.split("forget")), ("retain", ctx.eval_retain()))}
+
+
+def _twin(ctx: Context, model):
+    from mansu.quant.twin import nf4_twin
+
+    return nf4_twin(model, ctx.spec.nf4_mode, blocksize=ctx.config.blocksize).model
+
+
+def stage_base_eval(ctx: Context) -> None:
+    if not ctx.cache.metrics:
+        from mansu.quant.survival import alignment_report
+        from mansu.unlearn.params import quantizable_names
+
+        model, _ = ctx.base()
+        ctx.cache.metrics = {"base_fp": _evaluate(ctx, model), "base_nf4": _evaluate(ctx, _twin(ctx, model))}
+        state = {n: p.detach().cpu() for n, p in model.named_parameters()}
+        report = alignment_report(state, quantizable_names(model), blocksize=ctx.config.blocksize)
+        ctx.cache.metrics["base_alignment"] = {"setting": ctx.spec.base_alignment, **report["overall"]}
+    for key, value in ctx.cache.metrics.items():
+        update_metrics(ctx.run, key, value)
+
+
+def stage_attribution_before(ctx: Context) -> None:
+    if ctx.cache.circuit_status is None:
+        ctx.cache.circuit_status = _attribute_before(ctx)
+    status = ctx.cache.circuit_status
+    if status.get("status") != "ok":
+        write_json_atomic(ctx.run / layout.CIRCUIT, status, add_stamp=True)
+        return
+    from mansu.attribution.serialize import save_circuit, save_graph
+
+    model, _ = ctx.base()
+    save_graph(ctx.cache.graph, ctx.run, "before", model=model, circuit=ctx.cache.circuit)
+    save_circuit(ctx.cache.circuit, model, ctx.run)
+
+
+def _attribute_before(ctx: Context) -> dict[str, Any]:
+    if not ctx.spec.attribution:
+        return {"status": "not available", "reason": "attribution turned off for this run"}
+    try:
+        from mansu.attribution.circuit import circuit_parameter_masks, smallest_faithful_circuit
+        from mansu.attribution.eap import attribute
+    except ImportError as exc:
+        return {"status": "not available", "reason": f"attribution module missing: {exc}"}
+    model, tok = ctx.base()
+    recs = ctx.split("forget")[: ctx.spec.attribution_records]
+    graph = attribute(model, tok, recs, ig_steps=ctx.spec.ig_steps, per_example=True, max_records=None)
+    circuit = smallest_faithful_circuit(model, tok, recs, graph, target=ctx.spec.circuit_target)
+    ctx.cache.graph, ctx.cache.circuit = graph, circuit
+    ctx.cache.masks = circuit_parameter_masks(model, circuit)
+    return {"status": "ok"}
+
+
+def stage_unlearn(ctx: Context) -> None:
+    from mansu.unlearn.data import encode_records
+    from mansu.unlearn.engine import run_unlearning
+
+    model, tok = ctx.base()
+    work = copy.deepcopy(model)
+    steps_path = ctx.run / layout.STEPS
+    steps_path.write_text("")
+    cfg = ctx.config
+
+    def on_step(record: dict) -> None:
+        with steps_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        write_status(ctx.run, "unlearn", record["step"] + 1, cfg.steps)
+
+    masks = ctx.cache.masks if ctx.cache.masks is not None else _saved_masks(ctx.run)
+    t0 = time.perf_counter()
+    result = run_unlearning(work, encode_records(tok, ctx.split("forget")), encode_records(tok, ctx.split("retain")),
+                            cfg, masks=masks, on_step=on_step)
+    seconds = time.perf_counter() - t0
+    ctx.unlearned = work
+    if ctx.spec.store_update:
+        _write_update(ctx, model, result)
+    if ctx.spec.save_model:
+        save_model(work, tok, ctx.run / layout.MODEL_DIR)
+    update_metrics(ctx.run, "unlearn", {**result.summary, "wall_seconds": round(seconds, 3),
+                                        "circuit_restricted": masks is not None and cfg.method in
+                                        ("mansu", "mansu_no_floor", "mansu_no_fisher")})
+
+
+def _saved_masks(run: Path):
+    path = run / layout.CIRCUIT_MASKS
+    if not path.is_file():
+        return None
+    from mansu.io import read_safetensors
+
+    return {k: v.bool() for k, v in read_safetensors(path).items()}
+
+
+def _write_update(ctx: Context, base, result) -> None:
+    from mansu.unlearn.artifacts import update_tensors, write_update
+
+    cfg = ctx.config
+    params = {n: p.detach().cpu() for n, p in base.named_parameters() if n in result.index.names}
+    tensors, meta = update_tensors(params, result, cfg.epsilon, cfg.kappa, cfg.blocksize, result.fisher)
+    write_update(ctx.run / layout.UPDATE, tensors, {**meta, "method": cfg.method})
+
+
+def save_model(model, tokenizer, target: Path) -> None:
+    """save_pretrained into `target` via a temp folder + rename (never a half-written model)."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def stage_eval_fp(ctx: Context) -> None:
+    update_metrics(ctx.run, "unlearned_fp", _evaluate(ctx, ctx.model_after()))
+
+
+def stage_eval_nf4(ctx: Context) -> None:
+    from mansu.quant.twin import paired_gap
+
+    nf4 = _evaluate(ctx, _twin(ctx, ctx.model_after()))
+    update_metrics(ctx.run, "unlearned_nf4", nf4)
+    fp = read_json(ctx.run / layout.METRICS)["unlearned_fp"]
+    gaps = {split: paired_gap(fp[split]["correct"], nf4[split]["correct"]).to_dict() for split in ("forget", "retain")}
+    update_metrics(ctx.run, "ptq_gap", {**gaps, "mode": ctx.spec.nf4_mode})
+
+
+def _circuit_ok(ctx: Context) -> bool:
+    try:
+        return read_json(ctx.run / layout.CIRCUIT).get("status", "ok") == "ok"
+    except FileNotFoundError:
+        return False
+
+
+def stage_attribution_after(ctx: Context) -> None:
+    if not _circuit_ok(ctx):
+        return
+    from mansu.attribution.eap import attribute
+    from mansu.attribution.serialize import load_circuit, save_graph
+
+    _, tok = ctx.base()
+    circuit, _ = load_circuit(ctx.run)
+    recs = ctx.split("forget")[: ctx.spec.attribution_records]
+    after = ctx.model_after()
+    for stage, model in (("after_fp", after), ("after_nf4", _twin(ctx, after))):
+        graph = attribute(model, tok, recs, ig_steps=ctx.spec.ig_steps, per_example=True, max_records=None)
+        save_graph(graph, ctx.run, stage, model=model, circuit=circuit)
+
+
+def stage_cad(ctx: Context) -> None:
+    if not _circuit_ok(ctx):
+        write_json_atomic(ctx.run / layout.CAD, {"status": "not available",
+                                                 "reason": "no circuit (attribution off or unavailable)"}, add_stamp=True)
+        return
+    from mansu.attribution.cad import cad
+    from mansu.attribution.serialize import load_circuit, load_graph
+
+    circuit, _ = load_circuit(ctx.run)
+    before = load_graph(ctx.run, "before")
+    out = {"status": "ok"}
+    for stage in ("after_fp", "after_nf4"):
+        out[stage] = cad(before, load_graph(ctx.run, stage), circuit).to_dict()
+    write_json_atomic(ctx.run / layout.CAD, out, add_stamp=True)
+
+
+def stage_survival(ctx: Context) -> None:
+    from mansu.quant.survival import survival_analysis, write_survival
+    from mansu.unlearn.params import quantizable_names
+
+    base, _ = ctx.base()
+    names = quantizable_names(base)
+    theta = {n: p.detach().cpu() for n, p in base.named_parameters() if n in names}
+    theta_new = {n: p.detach().cpu() for n, p in ctx.model_after().named_parameters() if n in names}
+    report = survival_analysis(theta, theta_new, names, blocksize=ctx.config.blocksize, seed=ctx.config.seed)
+    write_survival(ctx.run / layout.SURVIVAL, report)
+    update_metrics(ctx.run, "survival", {k: report["overall"].get(k) for k in
+                                         ("n_updated", "median_ratio", "frac_code_changed", "kept_fraction", "snr")})
+
+
+def stage_scorecard(ctx: Context) -> None:
+    from mansu.scorecard import ScorecardConfig, build_scorecard
+
+    metrics = read_json(ctx.run / layout.METRICS)
+    cad = read_json(ctx.run / layout.CAD) if (ctx.run / layout.CAD).is_file() else None
+    card = build_scorecard(metrics, cad, ScorecardConfig(**ctx.spec.scorecard))
+    write_json_atomic(ctx.run / layout.SCORECARD, card, add_stamp=True)
+
+
+STAGE_FUNCS: dict[str, Callable[[Context], None]] = {
+    "base_eval": stage_base_eval, "attribution_before": stage_attribution_before, "unlearn": stage_unlearn,
+    "eval_fp": stage_eval_fp, "eval_nf4": stage_eval_nf4, "attribution_after": stage_attribution_after,
+    "cad": stage_cad, "survival": stage_survival, "scorecard": stage_scorecard,
+}
+
+
+# ---------------------------------------------------------------- driver
+
+def finished_stages(run: Path) -> list[str]:
+    path = Path(run) / layout.STAGES
+    return list(read_json(path).get("finished", [])) if path.is_file() else []
+
+
+def mark_finished(run: Path, stage: str, seconds: float) -> None:
+    path = Path(run) / layout.STAGES
+    data = read_json(path) if path.is_file() else {"finished": [], "seconds": {}}
+    if stage not in data["finished"]:
+        data["finished"].append(stage)
+    data.setdefault("seconds", {})[stage] = round(seconds, 3)
+    write_json_atomic(path, data, add_stamp=True)
+
+
+def _resume_point(ctx: Context, done: list[str]) -> list[str]:
+    """Stages after `unlearn` need the unlearned model: without a saved model, resume re-runs unlearn."""
+    if "unlearn" in done and ctx.unlearned is None and not (ctx.run / layout.MODEL_DIR / "config.json").is_file():
+        return done[: done.index("unlearn")]
+    return done
+
+
+def run_pipeline(run: Path, cache: BaseCache | None = None, *, stop_after: str | None = None) -> dict[str, Any]:
+    """Run (or resume) every unfinished stage of the run at `run`; returns the scorecard (or {} if stopped early).
+
+    Raises RunFailed (status.json marked failed, with the stage/step) on a non-finite loss or any stage error.
+    """
+    from mansu.unlearn.engine import NonFiniteLossError
+
+    run = Path(run)
+    spec = RunSpec.from_dict(read_config(run)["spec"])
+    ctx = Context(run, spec, cache or BaseCache())
+    done = _resume_point(ctx, finished_stages(run))
+    for i, stage in enumerate(STAGES):
+        if stage in done:
+            continue
+        write_status(run, stage, i, len(STAGES))
+        t0 = time.perf_counter()
+        try:
+            STAGE_FUNCS[stage](ctx)
+        except NonFiniteLossError as exc:
+            write_status(run, stage, exc.step, spec.config.steps, state="failed", error=str(exc), failed_step=exc.step)
+            raise RunFailed(str(exc)) from exc
+        except Exception as exc:
+            write_status(run, stage, i, len(STAGES), state="failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        mark_finished(run, stage, time.perf_counter() - t0)
+        log.info("stage %s finished in %.1f s", stage, time.perf_counter() - t0)
+        if stop_after == stage:
+            return {}
+    write_status(run, "done", len(STAGES), len(STAGES), state="finished")
+    return read_json(run / layout.SCORECARD)
+
+
+def start_run(spec: RunSpec, *, slug: str | None = None, root: Path | None = None) -> Path:
+    """Create the run folder (config.json holds the validated spec) without running it."""
+    from mansu.runs.store import create_run
+
+    return create_run({"kind": "unlearn", "spec": spec.to_dict(), "method": spec.config.method},
+                      slug or f"{spec.config.method}-{spec.base_alignment}-s{spec.config.seed}", root)
+
+
+def copy_parent_stages(parent: Path, run: Path) -> None:
+    """--from-run: reuse the parent's base evaluation and circuit (artifacts copied, stages marked finished)."""
+    metrics = read_json(parent / layout.METRICS)
+    for key in ("base_fp", "base_nf4", "base_alignment"):
+        if key in metrics:
+            update_metrics(run, key, metrics[key])
+    mark_finished(run, "base_eval", 0.0)
+    names = [layout.CIRCUIT, layout.CIRCUIT_MASKS]
+    for name in names:
+        if (parent / name).is_file():
+            shutil.copy2(parent / name, run / name)
+    src = parent / layout.ATTRIBUTION_DIR
+    for stage in ("before",):
+        for path in (layout.attribution_json(parent, stage), layout.attribution_tensors(parent, stage)):
+            if path.is_file():
+                (run / layout.ATTRIBUTION_DIR).mkdir(exist_ok=True)
+                shutil.copy2(path, run / layout.ATTRIBUTION_DIR / path.name)
+    if (parent / layout.CIRCUIT).is_file() or not src.exists():
+        mark_finished(run, "attribution_before", 0.0)

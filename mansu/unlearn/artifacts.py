@@ -1,0 +1,53 @@
+"""update.safetensors: the update and everything the floor preview needs, for the candidate coordinates.
+
+Keys (every array flat, one entry per stored coordinate, same order within a parameter):
+    <param>.index      int64  flat index into the parameter (param.reshape(-1))
+    <param>.delta      fp32   the applied cumulative update (0: proposed but not applied -- dropped)
+    <param>.proposal   fp32   the un-floored signed proposal (the direction the method wanted)
+    <param>.priority   fp32   the selection score (|projected forget gradient| for MANSU)
+    <param>.bin_width  fp32   NF4 bin width of the base weight (weight units)
+    <param>.move_up / .move_down  fp32  exact smallest move changing the code (inf: impossible)
+    <param>.cap_up / .cap_down    fp32  largest move keeping |w| below the block absmax
+    <param>.fisher     fp32   retain diagonal Fisher (0 when the method did not compute it)
+    __epsilon__, __kappa__  fp32 [1]  the run's Fisher budget and floor
+Metadata: method, n_candidates_total, n_stored, truncated ("1" when only the top max_coords by priority are kept).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mansu.unlearn.floor import floor_geometry
+from mansu.unlearn.params import sub_index
+
+
+def update_tensors(base_params: dict[str, torch.Tensor], result, epsilon: float, kappa: float, blocksize: int,
+                   fisher: torch.Tensor | None, max_coords: int = 200_000) -> tuple[dict[str, torch.Tensor], dict]:
+    """The update.safetensors dict for an UnlearnResult (see the module docstring)."""
+    cand = torch.nonzero((result.proposal != 0) | (result.delta != 0)).reshape(-1)
+    truncated = cand.numel() > max_coords
+    if truncated:
+        cand = cand[torch.topk(result.priority[cand], max_coords).indices]
+    sub, pos = sub_index(result.index, cand)
+    geo = floor_geometry(base_params, sub, blocksize)
+    cols = {"delta": result.delta[pos], "proposal": result.proposal[pos], "priority": result.priority[pos],
+            "bin_width": geo.bin_width, "move_up": geo.move_up, "move_down": geo.move_down, "cap_up": geo.cap_up,
+            "cap_down": geo.cap_down, "fisher": fisher[pos] if fisher is not None else torch.zeros(pos.numel())}
+    out: dict[str, torch.Tensor] = {}
+    for name, idx, off in zip(sub.names, sub.flat_idx, sub.offsets()):
+        out[f"{name}.index"] = idx.long()
+        for key, col in cols.items():
+            out[f"{name}.{key}"] = col[off: off + idx.numel()].float().contiguous()
+    out["__epsilon__"] = torch.tensor([epsilon], dtype=torch.float32)
+    out["__kappa__"] = torch.tensor([kappa], dtype=torch.float32)
+    meta = {"n_candidates_total": str(int(((result.proposal != 0) | (result.delta != 0)).sum())),
+            "n_stored": str(int(pos.numel())), "truncated": "1" if truncated else "0"}
+    return out, meta
+
+
+def write_update(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from mansu.io import write_safetensors_atomic
+
+    write_safetensors_atomic(Path(path), tensors, metadata)

@@ -1,0 +1,78 @@
+"""Forget/retain records -> token batches with a loss mask on the answer tokens.
+
+    MCQ  (question, choices, answer): context "question\\nAnswer:", target " <correct choice>"  (the cloze
+         line the demo model learned; the same text the cloze evaluation scores)
+    QA   (question, answer):          context "question\\nAnswer:", target " <answer>"
+    text (text):                       no context, every token after the first is a target
+
+labels = -100 outside the target, so sequence log-likelihoods and NLLs count the target tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from mansu.data.records import MCQRecord, QARecord, TextRecord
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    input_ids: torch.Tensor       # [batch, seq] long
+    attention_mask: torch.Tensor  # [batch, seq] long
+    labels: torch.Tensor          # [batch, seq] long, -100 where not scored
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    def select(self, idx: Sequence[int]) -> "TokenBatch":
+        ix = torch.as_tensor(list(idx), dtype=torch.long)
+        return TokenBatch(self.input_ids[ix], self.attention_mask[ix], self.labels[ix])
+
+
+def record_texts(record) -> tuple[str, str]:
+    """(context, target) of one record (see the module docstring)."""
+    if isinstance(record, MCQRecord):
+        return f"{record.question}\nAnswer:", f" {record.choices[record.answer]}"
+    if isinstance(record, QARecord):
+        return f"{record.question}\nAnswer:", f" {record.answer}"
+    if isinstance(record, TextRecord):
+        return "", record.text
+    raise ValueError(f"unsupported record type {type(record).__name__}; accepted are MCQ, QA and text records")
+
+
+def encode_records(tokenizer, records: Sequence) -> TokenBatch:
+    """All records as one right-padded batch (the demo's sequences are short; callers slice it)."""
+    if not records:
+        raise ValueError("empty split: unlearning needs at least one forget and one retain record")
+    seqs, starts = [], []
+    for record in records:
+        context, target = record_texts(record)
+        ctx = tokenizer(context, add_special_tokens=True)["input_ids"] if context else []
+        tgt = tokenizer(target, add_special_tokens=not context)["input_ids"]
+        seqs.append(ctx + tgt)
+        starts.append(max(len(ctx), 1))
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        labels[i, start: len(s)] = ids[i, start: len(s)]
+    return TokenBatch(ids, mask, labels)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The example indices of `step`: a fresh permutation per epoch, deterministic in (seed, epoch)."""
+    per_epoch = max(1, -(-n // batch_size))
+    epoch, pos = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen).tolist()
+    return order[pos * batch_size: (pos + 1) * batch_size] or order[:batch_size]

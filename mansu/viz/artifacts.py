@@ -1,0 +1,168 @@
+"""Loaders for run artifacts: each returns None when the artifact is missing or unreadable.
+
+File names come only from `mansu.runs.layout`. Graph JSON is normalised into `GraphData`
+(dense numpy arrays) so figure builders stay fast on 30k+ edges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mansu.runs import layout
+
+log = logging.getLogger(__name__)
+
+
+def read_json_or_none(path: Path) -> Any | None:
+    """The parsed JSON at `path`, or None when it is missing or not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        log.warning("could not read %s: %s", path, exc)
+        return None
+
+
+@dataclass(frozen=True)
+class GraphData:
+    """A component graph: node names with layer/score/owned parameters and edges as index arrays."""
+
+    names: list[str]
+    layers: np.ndarray        # [n_nodes] int, -1 for input, n_layers for logits
+    scores: np.ndarray        # [n_nodes] float
+    params: list[list[str]]   # names of the parameters each node owns a slice of ([] when unknown)
+    src: np.ndarray           # [n_edges] int index into names
+    dst: np.ndarray           # [n_edges] int
+    weight: np.ndarray        # [n_edges] float edge score
+    in_circuit: np.ndarray    # [n_nodes] bool: node belongs to the selected circuit
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.weight.shape[0])
+
+    def index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+def node_layer(name: str, n_layers: int) -> int:
+    """Layer of a node name: `input` -> -1, `a{L}.h{H}` / `m{L}` -> L, `logits` -> n_layers."""
+    if name == "input":
+        return -1
+    if name == "logits":
+        return n_layers
+    if name.startswith("a") and ".h" in name:
+        return int(name[1:].split(".h")[0])
+    if name.startswith("m") and name[1:].isdigit():
+        return int(name[1:])
+    raise ValueError(f"unknown node name {name!r}: expected input, a{{L}}.h{{H}}, m{{L}} or logits")
+
+
+def _max_layer(names: list[str]) -> int:
+    layers = [node_layer(n, 0) for n in names if n not in ("input", "logits")]
+    return (max(layers) + 1) if layers else 0
+
+
+def _edge_fields(link: dict[str, Any]) -> tuple[str, str, float]:
+    src = link.get("source", link.get("src", link.get("from")))
+    dst = link.get("target", link.get("dst", link.get("to")))
+    weight = link.get("weight", link.get("score", 0.0))
+    return str(src), str(dst), float(weight)
+
+
+def _owned(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if isinstance(value, dict):
+        return [str(k) for k in value]
+    return []
+
+
+def _layer(node: dict[str, Any], name: str, n_layers: int) -> int:
+    layer = node.get("layer")
+    return node_layer(name, n_layers) if name in ("input", "logits") or not isinstance(layer, int) else layer
+
+
+def graph_from_dict(data: dict[str, Any]) -> GraphData:
+    """Normalise a graph JSON (`nodes` + `links`/`edges`) into arrays; raises ValueError if malformed."""
+    if not isinstance(data, dict) or "nodes" not in data:
+        raise ValueError("graph JSON must be an object with 'nodes' and 'links' (or 'edges')")
+    raw_nodes = data["nodes"]
+    nodes = [n if isinstance(n, dict) else {"name": n} for n in raw_nodes]
+    names = [str(n.get("name", n.get("id", n.get("node_id")))) for n in nodes]
+    links = data.get("links", data.get("edges", []))
+    edges = [_edge_fields(link) for link in links]
+    for s, d, _ in edges:  # edges may name nodes absent from the node list
+        for name in (s, d):
+            if name not in names:
+                names.append(name)
+                nodes.append({"name": name})
+    meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    n_layers = int(data.get("n_layers") or meta.get("n_layers") or _max_layer(names))
+    idx = {name: i for i, name in enumerate(names)}
+    return GraphData(
+        names=names,
+        layers=np.array([_layer(n, nm, n_layers) for n, nm in zip(nodes, names)], dtype=np.int64),
+        scores=np.array([float(n.get("score") or 0.0) for n in nodes]),
+        params=[_owned(n.get("params")) for n in nodes],
+        src=np.array([idx[s] for s, _, _ in edges], dtype=np.int64),
+        dst=np.array([idx[d] for _, d, _ in edges], dtype=np.int64),
+        weight=np.array([w for _, _, w in edges], dtype=np.float64),
+        in_circuit=np.array([bool(n.get("in_circuit", False)) for n in nodes], dtype=bool),
+        meta={k: v for k, v in data.items() if k not in ("nodes", "links", "edges")},
+    )
+
+
+def load_graph(run_dir: Path, stage: str) -> GraphData | None:
+    """The attribution graph of one stage (before, after_fp, after_nf4), or None when missing."""
+    if stage not in layout.ATTRIBUTION_STAGES:
+        raise ValueError(f"unknown attribution stage {stage!r}: accepted are {', '.join(layout.ATTRIBUTION_STAGES)}")
+    data = read_json_or_none(layout.attribution_json(Path(run_dir), stage))
+    if data is None:
+        return None
+    try:
+        return graph_from_dict(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("malformed graph %s/%s: %s", run_dir, stage, exc)
+        return None
+
+
+def load_artifact(run_dir: Path, name: str) -> Any | None:
+    """A JSON artifact of the run by its layout file name (e.g. layout.CAD), or None when missing."""
+    return read_json_or_none(Path(run_dir) / name)
+
+
+def load_steps(run_dir: Path) -> list[dict[str, Any]] | None:
+    """steps.jsonl as a list of dicts (bad lines skipped), or None when missing."""
+    path = Path(run_dir) / layout.STEPS
+    if not path.is_file():
+        return None
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def load_update(run_dir: Path) -> dict[str, Any] | None:
+    """update.safetensors (delta and bin widths of updated parameters) as CPU tensors, or None."""
+    path = Path(run_dir) / layout.UPDATE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # a torn or foreign file must not break the page
+        log.warning("could not read %s: %s", path, exc)
+        return None

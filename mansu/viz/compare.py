@@ -1,0 +1,162 @@
+"""Cross-run figures: fp vs NF4 accuracy bars (the PTQ gap at a glance), the CAD interval and
+per-edge contributions, and the quadrant plot separating behavioural suppression from structural
+erasure (x = forget-accuracy drop in full precision, y = CAD).
+
+metrics.json is keyed by stage (base_fp, base_nf4, unlearned_fp, unlearned_nf4); each stage holds
+per-split accuracy results ({"forget": {"accuracy", "ci_low", "ci_high", ...}, "retain": ...}), and
+"ptq_gap": {"forget": {"gap", "ci_low", "ci_high"}} the paired gap. cad.json holds "after_fp" and
+"after_nf4", each {"value", "ci_low", "ci_high", "per_edge": {"u->v": contribution}}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import plotly.graph_objects as go
+
+STAGES = ("base_fp", "base_nf4", "unlearned_fp", "unlearned_nf4")
+
+
+@dataclass(frozen=True)
+class Acc:
+    value: float
+    low: float | None = None
+    high: float | None = None
+
+
+def accuracy(metrics: dict[str, Any], stage: str, split: str) -> Acc | None:
+    """Accuracy of `split` (forget/retain) at `stage`, with its interval when recorded; None if missing."""
+    entry = metrics.get(stage) if isinstance(metrics, dict) else None
+    if not isinstance(entry, dict):
+        return None
+    result = entry.get(split)
+    if isinstance(result, (int, float)):
+        return Acc(float(result))
+    if isinstance(result, dict) and result.get("accuracy") is not None:
+        return Acc(float(result["accuracy"]), result.get("ci_low"), result.get("ci_high"))
+    flat = entry.get(f"{split}_acc", entry.get(f"{split}_accuracy"))
+    return Acc(float(flat)) if flat is not None else None
+
+
+def forget_drop(metrics: dict[str, Any], which: str = "fp") -> float | None:
+    """acc_forget(base fp) - acc_forget(unlearned, in fp or its NF4 twin)."""
+    if which not in ("fp", "nf4"):
+        raise ValueError(f"which must be 'fp' or 'nf4', got {which!r}")
+    base, after = accuracy(metrics, "base_fp", "forget"), accuracy(metrics, f"unlearned_{which}", "forget")
+    return None if base is None or after is None else base.value - after.value
+
+
+def ptq_gap(metrics: dict[str, Any]) -> float | None:
+    """acc_forget(NF4(unlearned)) - acc_forget(unlearned) (the backend's paired value when recorded)."""
+    recorded = ((metrics.get("ptq_gap") or {}).get("forget") or {}) if isinstance(metrics, dict) else {}
+    if isinstance(recorded, dict) and isinstance(recorded.get("gap"), (int, float)):
+        return float(recorded["gap"])
+    fp, nf4 = accuracy(metrics, "unlearned_fp", "forget"), accuracy(metrics, "unlearned_nf4", "forget")
+    return None if fp is None or nf4 is None else nf4.value - fp.value
+
+
+def cad_value(cad: dict[str, Any] | None, which: str = "fp") -> tuple[float, float | None, float | None] | None:
+    """(CAD, low, high) for `which` in fp/nf4 from cad.json, or None."""
+    if not isinstance(cad, dict):
+        return None
+    entry = cad.get(which, cad.get(f"after_{which}"))
+    if isinstance(entry, (int, float)):
+        return float(entry), None, None
+    if isinstance(entry, dict):
+        value = entry.get("cad", entry.get("value"))
+        if value is not None:
+            ci = entry.get("ci") or [entry.get("ci_low"), entry.get("ci_high")]
+            return float(value), ci[0], ci[1]
+    if which == "fp" and cad.get("cad") is not None:
+        ci = cad.get("ci") or [cad.get("ci_low"), cad.get("ci_high")]
+        return float(cad["cad"]), ci[0], ci[1]
+    return None
+
+
+def _err(acc: Acc) -> dict[str, Any] | None:
+    if acc.low is None or acc.high is None:
+        return None
+    return {"type": "data", "symmetric": False, "array": [acc.high - acc.value], "arrayminus": [acc.value - acc.low]}
+
+
+def fp_nf4_bars(runs: dict[str, dict[str, Any]], *, title: str = "forget and retain accuracy, fp vs NF4") -> go.Figure:
+    """Grouped bars per run label: forget fp, forget NF4, retain fp, retain NF4 (after unlearning)."""
+    fig = go.Figure()
+    series = (("forget", "unlearned_fp", "forget fp", "#1f77b4"), ("forget", "unlearned_nf4", "forget NF4", "#aec7e8"),
+              ("retain", "unlearned_fp", "retain fp", "#2ca02c"), ("retain", "unlearned_nf4", "retain NF4", "#98df8a"))
+    for split, stage, name, color in series:
+        xs, ys, hi, lo = [], [], [], []
+        for label, metrics in runs.items():
+            acc = accuracy(metrics, stage, split)
+            if acc is None:
+                continue
+            xs.append(label)
+            ys.append(acc.value)
+            hi.append((acc.high - acc.value) if acc.high is not None else 0.0)
+            lo.append((acc.value - acc.low) if acc.low is not None else 0.0)
+        fig.add_trace(go.Bar(x=xs, y=ys, name=name, marker_color=color,
+                             error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo}))
+    fig.update_layout(barmode="group", title=title, yaxis={"title": "accuracy", "range": [0, 1.05]}, height=400,
+                      margin={"l": 50, "r": 10, "t": 50, "b": 40}, legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def quadrant_figure(points: dict[str, tuple[float, float]], *, drop_margin: float = 0.1,
+                    cad_threshold: float = 0.3) -> go.Figure:
+    """Runs as points (forget drop, CAD); dashed lines at the scorecard's margin and threshold."""
+    labels = list(points)
+    xs = [points[k][0] for k in labels]
+    ys = [points[k][1] for k in labels]
+    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="markers+text", text=labels, textposition="top center",
+                               marker={"size": 12, "color": "#ff7f0e"}, name="runs"))
+    fig.add_vline(x=drop_margin, line={"dash": "dash", "color": "grey"})
+    fig.add_hline(y=cad_threshold, line={"dash": "dash", "color": "grey"})
+    x_hi = max([drop_margin * 2, *xs]) * 1.1 if xs else 1.0
+    y_hi = max([cad_threshold * 2, *ys]) * 1.1 if ys else 1.0
+    for x, y, text in ((x_hi * 0.8, y_hi * 0.95, "structural erasure"), (x_hi * 0.8, cad_threshold * 0.3, "behavioural suppression"),
+                       (drop_margin * 0.4, y_hi * 0.95, "circuit changed, output kept"), (drop_margin * 0.4, cad_threshold * 0.3, "no effect")):
+        fig.add_annotation(x=x, y=y, text=text, showarrow=False, font={"color": "grey"})
+    fig.update_layout(title="behavioural suppression vs structural erasure", height=420,
+                      xaxis={"title": "forget-accuracy drop (fp)", "range": [min([0.0, *xs]) - 0.02, x_hi]},
+                      yaxis={"title": "CAD", "range": [min([0.0, *ys]) - 0.02, y_hi]},
+                      margin={"l": 50, "r": 10, "t": 50, "b": 40})
+    return fig
+
+
+def cad_figure(cad: dict[str, Any], *, top: int = 20, which: str = "nf4") -> go.Figure:
+    """CAD fp and NF4 with intervals (left) and the top per-edge contributions of `which` (right)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.3, 0.7],
+                        subplot_titles=("CAD with 95% interval", f"top {top} per-edge contributions (after {which})"))
+    for which in ("fp", "nf4"):
+        value = cad_value(cad, which)
+        if value is None:
+            continue
+        v, lo, hi = value
+        err = None if lo is None or hi is None else {"type": "data", "symmetric": False, "array": [hi - v], "arrayminus": [v - lo]}
+        fig.add_trace(go.Bar(x=[f"after {which}"], y=[v], error_y=err, name=f"CAD {which}", showlegend=False), 1, 1)
+    contribs = edge_contributions(cad, which)[:top]
+    fig.add_trace(go.Bar(y=[c[0] for c in contribs][::-1], x=[c[1] for c in contribs][::-1], orientation="h",
+                         marker_color="#9467bd", showlegend=False, name="contribution"), 1, 2)
+    fig.update_layout(height=max(360, 22 * len(contribs) + 80), margin={"l": 50, "r": 10, "t": 50, "b": 40})
+    return fig
+
+
+def edge_contributions(cad: dict[str, Any], which: str = "nf4") -> list[tuple[str, float]]:
+    """Per-edge CAD contributions ('u->v', value) of `which` (nf4/fp), sorted by |value| descending."""
+    raw = cad.get("per_edge", cad.get("contributions", cad.get("edge_contributions")))
+    for key in (which, f"after_{which}", "after_fp", "fp"):
+        if raw is None and isinstance(cad.get(key), dict):
+            raw = cad[key].get("per_edge", cad[key].get("contributions"))
+    rows: list[tuple[str, float]] = []
+    if isinstance(raw, dict):
+        rows = [(str(k), float(v)) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        for item in raw:
+            if isinstance(item, dict):
+                label = item.get("edge") or f"{item.get('source')}->{item.get('target')}"
+                value = item.get("contribution", item.get("value", item.get("score", 0.0)))
+                rows.append((str(label), float(value)))
+    return sorted(rows, key=lambda r: -abs(r[1]))

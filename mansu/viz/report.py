@@ -1,0 +1,156 @@
+"""The reviewer report: one self-contained HTML file (plotly.js inlined once, every figure
+embedded, the scorecard table, config and versions) and each figure as PNG and SVG via kaleido.
+
+kaleido 1.x drives a Chrome/Chromium; we point it at Debian's /usr/bin/chromium through
+BROWSER_PATH when that is unset, and report a readable message when no browser can be started.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+
+log = logging.getLogger(__name__)
+PROPERTY_ORDER = ("forgetting", "retain", "ptq_gap", "structural_erasure")  # mansu.scorecard's keys
+PROPERTY_TITLES = {"forgetting": "meaningful forgetting", "retain": "retain preservation",
+                   "ptq_gap": "non-positive PTQ gap", "structural_erasure": "structural erasure"}
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    name: str
+    passed: bool | None
+    value: float | None
+    threshold: float | None
+    margin: float | None
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def scorecard_rows(scorecard: dict[str, Any] | None) -> list[ScoreRow]:
+    """The scorecard's properties as rows (any entry that is a dict with a pass flag)."""
+    if not isinstance(scorecard, dict):
+        return []
+    props = scorecard.get("properties", scorecard)
+    if isinstance(props, list):
+        props = {str(p.get("name", i)): p for i, p in enumerate(props) if isinstance(p, dict)}
+    rows = []
+    for name, entry in props.items():
+        if not isinstance(entry, dict):
+            continue
+        passed = entry.get("passed", entry.get("pass", entry.get("ok")))
+        if passed is None and "value" not in entry:
+            continue
+        if entry.get("status") == "not available" or entry.get("value", 0) is None:
+            passed = None
+        rows.append(ScoreRow(name, None if passed is None else bool(passed), _num(entry.get("value")),
+                             _num(entry.get("threshold")), _num(entry.get("margin"))))
+    order = {name: i for i, name in enumerate(PROPERTY_ORDER)}
+    return sorted(rows, key=lambda r: order.get(r.name, len(order)))
+
+
+def badge(row: ScoreRow) -> str:
+    """A short text badge: ✅ / ❌ / ❔ with the property name."""
+    mark = "❔" if row.passed is None else ("✅" if row.passed else "❌")
+    return f"{mark} {title(row.name)}"
+
+
+def title(name: str) -> str:
+    return PROPERTY_TITLES.get(name, name.replace("_", " "))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def scorecard_html(rows: list[ScoreRow]) -> str:
+    if not rows:
+        return "<p><em>scorecard not computed for this run</em></p>"
+    body = "".join(
+        f"<tr><td>{html.escape(title(r.name))}</td>"
+        f"<td class='{'pass' if r.passed else 'fail'}'>{'pass' if r.passed else ('fail' if r.passed is False else 'not available')}</td>"
+        f"<td>{_fmt(r.value)}</td><td>{_fmt(r.threshold)}</td><td>{_fmt(r.margin)}</td></tr>" for r in rows)
+    return ("<table><thead><tr><th>property</th><th>result</th><th>value</th><th>threshold</th><th>margin</th>"
+            f"</tr></thead><tbody>{body}</tbody></table>")
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}
+.pass{background:#d4f7d4}.fail{background:#fbd5d5}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}"""
+
+
+def build_report_html(title: str, figures: dict[str, go.Figure], scorecard: dict[str, Any] | None,
+                      config: dict[str, Any], versions: dict[str, Any], notes: list[str] | None = None) -> str:
+    """One self-contained HTML document: plotly.js inlined with the first figure, the others reuse it."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts += [f"<p>{html.escape(n)}</p>" for n in (notes or [])]
+    parts.append("<h2>Scorecard</h2>" + scorecard_html(scorecard_rows(scorecard)))
+    for i, (name, fig) in enumerate(figures.items()):
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"fig{i}"))
+    parts.append("<h2>Config</h2><pre>" + html.escape(json.dumps(config, indent=2, sort_keys=True, default=str)) + "</pre>")
+    parts.append("<h2>Versions</h2><pre>" + html.escape(json.dumps(versions, indent=2, sort_keys=True, default=str)) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+@dataclass
+class ImageExport:
+    written: list[Path] = field(default_factory=list)
+    error: str | None = None
+
+
+def find_browser() -> str | None:
+    """A Chrome/Chromium for kaleido: BROWSER_PATH, then /usr/bin/chromium, then PATH."""
+    for candidate in (os.environ.get("BROWSER_PATH"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("google-chrome"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_")[:60] or "figure"
+
+
+def export_images(figures: dict[str, go.Figure], out_dir: Path, formats: tuple[str, ...] = ("png", "svg")) -> ImageExport:
+    """Write each figure as PNG and SVG under out_dir; on failure return the files written and a message."""
+    for fmt in formats:
+        if fmt not in ("png", "svg", "pdf"):
+            raise ValueError(f"unknown image format {fmt!r}: accepted are png, svg, pdf")
+    browser = find_browser()
+    if browser is None:
+        return ImageExport(error="no Chrome/Chromium found for image export (install chromium or set BROWSER_PATH); "
+                                 "the HTML report still works")
+    os.environ.setdefault("BROWSER_PATH", browser)
+    import kaleido
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = ImageExport()
+    try:
+        kaleido.start_sync_server(silence_warnings=True)
+        try:
+            for name, fig in figures.items():
+                for fmt in formats:
+                    data = kaleido.calc_fig_sync(fig, opts={"format": fmt, "width": 1100, "height": fig.layout.height or 500})
+                    path = out_dir / f"{safe_name(name)}.{fmt}"
+                    path.write_bytes(data)
+                    result.written.append(path)
+        finally:
+            kaleido.stop_sync_server(silence_warnings=True)
+    except Exception as exc:  # kaleido raises many types when the browser cannot start
+        log.warning("image export failed: %s", exc)
+        result.error = f"image export failed ({type(exc).__name__}: {exc}); the HTML report still works"
+    return result

@@ -1,0 +1,69 @@
+"""Before / after: the before and after graphs side by side in the same layout, the diff view,
+CAD with its interval and per-edge contributions, the quadrant plot across runs and the fp vs NF4
+accuracy bars per run."""
+
+import streamlit as st
+
+from mansu.runs import layout
+from mansu.viz.circuit import circuit_figure, diff_figure
+from mansu.viz.compare import cad_figure, cad_value, forget_drop, fp_nf4_bars, quadrant_figure
+from ui.state import load_graph, load_json, not_computed, require_run, run_display_name, selection
+
+st.title("Before / after")
+sel = selection()
+run = require_run(sel)
+if run is None:
+    st.stop()
+
+after_stage = st.radio("after", ["after_fp", "after_nf4"], horizontal=True, key="ba-stage",
+                       format_func=lambda s: "after (fp)" if s == "after_fp" else "after (NF4)")
+top_n = st.slider("top-n edges", 10, 1000, 200, step=10, key="ba-topn")
+before, after = load_graph(run, "before"), load_graph(run, after_stage)
+left, right = st.columns(2)
+with left:
+    if before is None:
+        not_computed("attribution before unlearning", run)
+    else:
+        st.plotly_chart(circuit_figure(before, top_n=top_n, title="before"), key="ba-before", width="stretch")
+with right:
+    if after is None:
+        not_computed(f"attribution {after_stage}", run)
+    else:
+        st.plotly_chart(circuit_figure(after, top_n=top_n, title=after_stage.replace("_", " ")), key="ba-after",
+                        width="stretch")
+if before is not None and after is not None:
+    st.plotly_chart(diff_figure(before, after, top_n=top_n), key="ba-diff", width="stretch")
+
+st.subheader("CAD: circuit attribution divergence")
+cad = load_json(run, layout.CAD)
+if cad is None:
+    not_computed("CAD (cad.json)", run)
+else:
+    st.plotly_chart(cad_figure(cad), key="ba-cad", width="stretch")
+
+st.subheader("across runs")
+finished = [r for r in sel.runs if r.metrics]
+if sel.compare is not None and sel.compare not in finished:
+    finished.append(sel.compare)
+labels = {}
+for r in finished:
+    label = run_display_name(r)
+    labels[label if label not in labels else f"{label} ({r.run_id[-6:]})"] = r
+which = st.radio("quadrant plot in", ["nf4", "fp"], horizontal=True, key="ba-quadrant-which",
+                 format_func=lambda w: "NF4 (deployed model)" if w == "nf4" else "full precision")
+points = {}
+for label, r in labels.items():
+    drop, cad_r = forget_drop(r.metrics, which), cad_value(load_json(r, layout.CAD), which)
+    if drop is not None and cad_r is not None:
+        points[label] = (drop, cad_r[0])
+card_cfg = (run.scorecard or {}).get("config", {}) if isinstance(run.scorecard, dict) else {}
+if points:
+    st.plotly_chart(quadrant_figure(points, drop_margin=float(card_cfg.get("forget_margin", 0.2)),
+                                    cad_threshold=float(card_cfg.get("cad_threshold", 0.3))),
+                    key="ba-quadrant", width="stretch")
+else:
+    st.info("quadrant plot: needs runs with both evaluation and CAD; not computed for any run yet.")
+if labels:
+    st.plotly_chart(fp_nf4_bars({k: r.metrics for k, r in labels.items()}), key="ba-bars", width="stretch")
+else:
+    st.info("fp vs NF4 accuracy: no run has finished its evaluation yet.")

@@ -1,0 +1,74 @@
+"""Runs (home): the table of runs with status, scorecard badges and key numbers; select, compare,
+delete; on a fresh install one action: build and run the demo."""
+
+import pandas as pd
+import streamlit as st
+
+from mansu.paths import runs_root
+from mansu.runs import layout
+from mansu.runs.store import delete_run
+from mansu.viz.report import badge, scorecard_rows
+from mansu.viz.tables import run_row
+from ui import launch as ui_launch
+from ui.state import COMPARE_KEY, RUN_KEY, load_json, selection
+
+st.title("Runs")
+sel = selection()
+
+if not sel.runs:
+    st.markdown("### Welcome to mansu\nNo runs yet. One click builds the embedded demo world (a fictitious "
+                "knowledge base and a small Llama trained on it on the CPU, about a minute), then runs MANSU on it: "
+                "evaluation in full precision and NF4, circuit attribution, unlearning, CAD and the scorecard.")
+    if not ui_launch.launches():
+        if st.button("Build and run the demo", type="primary", key="demo-button"):
+            ui_launch.launch(ui_launch.demo_command(), label="demo")
+            st.rerun()
+    ui_launch.progress_panel()
+    st.stop()
+
+rows = [run_row(r.run_id, r.config, r.status, r.metrics, r.scorecard, load_json(r, layout.CAD)) for r in sel.runs]
+table = pd.DataFrame(rows)
+st.dataframe(table, hide_index=True, width="stretch", key="runs-table")
+st.caption("scorecard: meaningful forgetting · retain preservation · non-positive PTQ gap · structural erasure "
+           "(✅ pass, ❌ fail); accuracies are cloze MCQ after unlearning; PTQ gap = forget NF4 − forget fp.")
+
+ids = [r.run_id for r in sel.runs]
+col1, col2, col3 = st.columns(3)
+with col1:
+    chosen = st.selectbox("run", ids, index=ids.index(sel.run.run_id) if sel.run else 0, key="runs-pick")
+    if st.button("Open", key="open-run"):
+        st.session_state[RUN_KEY] = chosen
+        st.rerun()
+with col2:
+    others = [i for i in ids if i != (sel.run.run_id if sel.run else None)]
+    if others:
+        other = st.selectbox("compare the selected run with", others, key="runs-compare")
+        if st.button("Compare", key="compare-run"):
+            st.session_state[COMPARE_KEY] = other
+            st.switch_page("pages/before_after.py")
+with col3:
+    victim = st.selectbox("delete run", ids, key="runs-delete")
+    confirm = st.checkbox("yes, delete this run folder", key="runs-delete-confirm")
+    if st.button("Delete", key="delete-run", disabled=not confirm):
+        run = next(r for r in sel.runs if r.run_id == victim)
+        if run.status.get("state") == "running":
+            st.error("this run is still running: cancel it on Launch first")
+        else:
+            delete_run(victim, runs_root())
+            st.session_state.pop(RUN_KEY, None)
+            st.rerun()
+
+if sel.run is not None:
+    run = sel.run
+    st.subheader(f"Selected: {run.run_id}")
+    rows = scorecard_rows(run.scorecard)
+    if rows:
+        st.markdown("  ".join(f"`{badge(r)}`" for r in rows))
+    else:
+        st.info("scorecard: not computed for this run.")
+    if run.status.get("error"):
+        st.error(f"{run.status.get('state')}: {run.status['error']}")
+    with st.expander("config"):
+        st.json(run.config, expanded=False)
+
+ui_launch.progress_panel()

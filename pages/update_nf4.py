@@ -1,0 +1,66 @@
+"""Update vs NF4: |delta| / bin-width histograms (log x, the 1.0 line), per layer and overall,
+overlaid per run; the per-layer heatmap of NF4 codes changed; the headline; the live
+magnitude-floor preview and "apply and evaluate"."""
+
+import sys
+
+import streamlit as st
+
+from mansu.runs import layout
+from mansu.viz import survival as sv
+from ui import launch as ui_launch
+from ui.floor import preview, show_preview
+from ui.state import load_json, not_computed, require_run, run_display_name, selection
+
+st.title("Update vs NF4")
+sel = selection()
+run = require_run(sel)
+if run is None:
+    st.stop()
+runs = [r for r in (run, sel.compare) if r is not None]
+surv = {run_display_name(r) + ("" if r is run else " (compare)"): load_json(r, layout.SURVIVAL) for r in runs}
+
+main = surv[next(iter(surv))]
+if main is None:
+    not_computed("survival of the update under NF4 (survival.json)", run)
+else:
+    line = sv.headline(main)
+    if line:
+        st.markdown(f"### {line}")
+    layers = sorted(sv.per_layer(main), key=sv._natural_key)
+    scope = st.selectbox("scope", ["overall", *layers], key="survival-scope",
+                         format_func=lambda s: s if s == "overall" else f"layer {s}")
+    series = {}
+    for label, data in surv.items():
+        if data is None:
+            continue
+        entry = sv.overall(data) if scope == "overall" else sv.per_layer(data).get(scope)
+        hist = sv.histogram_of(entry, sv.shared_edges(data)) if isinstance(entry, dict) else None
+        if hist is not None:
+            series[label] = hist
+    if series:
+        st.plotly_chart(sv.histogram_figure(series, title=f"|delta| / NF4 bin width ({scope})"), key="survival-hist",
+                        width="stretch")
+    else:
+        st.info("no histogram recorded for this scope")
+    tensors = sv.per_tensor(main)
+    rows = sv.by_kind_and_layer(tensors) if tensors else {label: sv.per_layer(d) for label, d in surv.items() if d}
+    if any(rows.values()):
+        st.plotly_chart(sv.code_change_heatmap(rows), key="survival-heatmap", width="stretch")
+
+st.subheader("magnitude floor κ: live preview")
+st.caption("Every updated parameter must move at least κ NF4 bin widths so its 4-bit code changes. "
+           "The preview recomputes, from this run's saved update, how many parameters would change code, "
+           "the Fisher budget the floor would spend and how many parameters it would drop.")
+spec = run.config.get("spec") if isinstance(run.config.get("spec"), dict) else run.config
+default_kappa = float((spec.get("unlearn") or {}).get("kappa", 1.0) or 1.0)
+kappa = st.slider("κ (bin widths)", 0.1, 4.0, min(4.0, max(0.1, default_kappa)), step=0.1, key="floor-kappa")
+fields, elapsed, message = preview(run, kappa)
+if message:
+    st.info(message)
+else:
+    show_preview(fields, elapsed)
+    if st.button(f"apply κ = {kappa:.1f} and evaluate (new run)", key="floor-apply"):
+        command = [sys.executable, "-m", "mansu", "run", "--from-run", run.run_id, "--kappa", f"{kappa:g}"]
+        ui_launch.launch(command, label=f"{run_display_name(run)}-kappa{kappa:g}")
+ui_launch.progress_panel()

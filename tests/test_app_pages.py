@@ -1,0 +1,123 @@
+"""AppTest for every page: no exception, the expected widgets and charts, the floor preview moving
+with kappa, the report written, and "not computed for this run" (never an exception) on a run
+that holds no artifacts yet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from mansu.runs.store import create_run, write_status
+from ui.sample import write_sample_run
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGES = ("pages/runs.py", "pages/circuit.py", "pages/update_nf4.py", "pages/before_after.py", "pages/launch.py",
+         "pages/report.py")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MANSU_HOME", str(tmp_path))
+    monkeypatch.setenv("MANSU_RUNS", str(tmp_path / "runs"))
+    return tmp_path
+
+
+@pytest.fixture
+def sample_runs(home):
+    return [write_sample_run(home / "runs", "mansu", 0, 0.3), write_sample_run(home / "runs", "ga", 1, 0.6)]
+
+
+def _page(page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.switch_page(page)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _charts(at: AppTest) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def test_empty_install_shows_one_action(home):
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert [b.label for b in at.button] == ["Build and run the demo"]
+    assert "No runs yet" in at.markdown[0].value
+
+
+def test_runs_table(sample_runs):
+    at = _page("pages/runs.py")
+    table = at.dataframe[0].value
+    assert len(table) == 2
+    assert set(table["method"]) == {"mansu", "ga"}
+    row = table[table["method"] == "mansu"].iloc[0]
+    assert row["passed"] == "3/4" and row["forget fp"] == 0.3 and row["PTQ gap"] == pytest.approx(0.02)
+    assert {b.label for b in at.button} >= {"Open", "Compare", "Delete"}
+
+
+def test_delete_needs_confirmation(sample_runs):
+    at = _page("pages/runs.py")
+    victim = at.selectbox(key="runs-delete").value
+    at.checkbox(key="runs-delete-confirm").check().run()
+    at.button(key="delete-run").click().run()
+    assert not at.exception
+    assert not (sample_runs[0].parent / victim).exists()
+    at.run()
+    assert len(at.dataframe[0].value) == 1 and victim not in set(at.dataframe[0].value["run"])
+
+
+def test_circuit_page_controls_and_pin(sample_runs):
+    at = _page("pages/circuit.py")
+    assert _charts(at) == 1
+    assert at.radio(key="circuit-stage").options == ["before", "after (fp)", "after (NF4)"]
+    at.selectbox(key="circuit-pin").select("m0").run()
+    assert not at.exception
+    assert len(at.dataframe) == 2 and len(at.dataframe[0].value) > 0
+    at.radio(key="circuit-stage").set_value("after_nf4").run()
+    assert not at.exception and _charts(at) == 1
+
+
+def test_update_page_floor_preview_moves(sample_runs):
+    at = _page("pages/update_nf4.py")
+    assert _charts(at) == 2
+    assert any("median update" in m.value for m in at.markdown)
+    before = {m.label: m.value for m in at.metric}
+    assert "n updated" in before and "fisher cost" in before
+    at.slider(key="floor-kappa").set_value(3.0).run()
+    after = {m.label: m.value for m in at.metric}
+    assert after["kappa"] == "3" and after["fisher cost"] != before["fisher cost"]
+
+
+def test_before_after_page(sample_runs):
+    at = _page("pages/before_after.py")
+    assert _charts(at) >= 5  # before, after, diff, CAD, quadrant, bars
+
+
+def test_launch_rejects_bad_input_before_start(sample_runs):
+    at = _page("pages/launch.py")
+    at.checkbox(key="launch-demo").uncheck()
+    at.button[0].click().run()  # the form's submit button
+    assert not at.exception
+    assert any("not started: model path or id is empty" in e.value for e in at.error)
+
+
+def test_report_written(sample_runs, home):
+    at = _page("pages/report.py")
+    at.button(key="report-build").click().run()
+    assert not at.exception
+    reports = list((home / "exports").glob("*/report.html"))
+    assert len(reports) == 1 and reports[0].stat().st_size > 1_000_000
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_run_without_artifacts_says_not_computed(home, page):
+    run = create_run({"method": "mansu", "demo": True}, "bare", home / "runs")
+    write_status(run, "attribution", 0, 3)
+    at = _page(page)
+    if page not in ("pages/runs.py", "pages/launch.py"):
+        texts = [i.value for i in at.info] + [c.value for c in at.caption]
+        assert any("not computed for this run" in t for t in texts), texts

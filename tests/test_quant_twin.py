@@ -1,0 +1,102 @@
+"""NF4 twins (simulated and real bitsandbytes) and the PTQ gap with a paired bootstrap CI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from mansu.quant.nf4 import nf4_round_trip
+from mansu.quant.targets import quantizable_parameter_names
+from mansu.quant.twin import nf4_twin, paired_gap, ptq_gap
+
+bnb = pytest.importorskip("bitsandbytes")
+
+N_RECORDS = 40  # per split: enough to see a flip, small enough for a fast suite
+BF16_COMPUTE_TOL = 0.05  # |acc_sim - acc_real|: bitsandbytes' CPU matmul runs in bf16 (docs/nf4.md)
+
+
+def test_quantizable_names_are_the_linear_layers_without_lm_head():
+    model = tiny_llama()
+    names = quantizable_parameter_names(model)
+    assert len(names) == 2 * 7 and "lm_head.weight" not in names
+    assert all(n.endswith("_proj.weight") for n in names)
+
+
+def test_simulated_twin_rounds_exactly_the_quantizable_weights():
+    model = tiny_llama(hidden=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = nf4_twin(model, "simulated")
+    names = set(quantizable_parameter_names(model))
+    assert {f"{m}.weight" for m in twin.quantized_modules} == names
+    for key, value in twin.model.state_dict().items():
+        expected = nf4_round_trip(before[key]) if key in names else before[key]
+        assert torch.equal(value, expected), key
+    for key, value in model.state_dict().items():  # the original is untouched
+        assert torch.equal(value, before[key])
+
+
+def test_real_twin_weights_dequantize_to_the_simulated_round_trip():
+    model = tiny_llama(hidden=64)
+    real = nf4_twin(model, "real")
+    sim = nf4_twin(model, "simulated")
+    assert real.quantized_modules == sim.quantized_modules
+    for name in real.quantized_modules:
+        module = real.model.get_submodule(name)
+        assert isinstance(module, bnb.nn.Linear4bit)
+        assert module.weight.quant_state.quant_type == "nf4"
+        deq = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        assert torch.equal(deq, sim.model.get_submodule(name).weight), name
+    assert not isinstance(real.model.lm_head, bnb.nn.Linear4bit)
+
+
+def test_twin_mode_and_blocksize_validation():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="simulated, real"):
+        nf4_twin(model, "fake")
+    with pytest.raises(ValueError, match="blocksize"):
+        nf4_twin(model, "real", blocksize=128)
+    with pytest.raises(ValueError, match="blocksize"):
+        nf4_twin(model, "simulated", blocksize=3)
+
+
+def test_paired_gap_uses_the_same_examples():
+    full = [True] * 30 + [False] * 10
+    same = paired_gap(full, full)
+    assert same.gap == 0.0 and same.ci_low == 0.0 and same.ci_high == 0.0
+    flipped = paired_gap(full, [True] * 40)  # NF4 recovers all 10 wrong answers
+    assert flipped.gap == pytest.approx(0.25) and flipped.acc_nf4 == 1.0
+    assert flipped.ci_low > 0.1 and flipped.ci_high < 0.4
+    with pytest.raises(ValueError, match="same non-empty"):
+        paired_gap(full, full[:-1])
+
+
+def test_demo_model_simulated_and_real_agree(demo_lm, demo_records):
+    from mansu.metrics.accuracy import cloze_texts, continuation_logprobs, mcq_accuracy
+
+    forget, retain = demo_records["forget"][:N_RECORDS], demo_records["retain"][:N_RECORDS]
+    sim = ptq_gap(demo_lm.model, demo_lm.tokenizer, forget, retain, "simulated")
+    real = nf4_twin(demo_lm.model, "real")
+    assert sim.quantized_modules == real.quantized_modules
+    for split, records in (("forget", forget), ("retain", retain)):
+        s = getattr(sim, split)
+        acc_real = mcq_accuracy(real.model, demo_lm.tokenizer, records).accuracy
+        assert abs(s.acc_nf4 - acc_real) <= BF16_COMPUTE_TOL
+        assert s.n == N_RECORDS and s.ci_low <= s.gap <= s.ci_high
+        assert s.gap == pytest.approx(s.acc_nf4 - s.acc_full)
+    # per-choice log-probabilities: real (bf16 compute) vs simulated (fp32) differ far less than NF4 vs full
+    pairs = [(ctx, cont) for rec in forget[:10] for ctx, conts in [cloze_texts(rec)] for cont in conts]
+    lp_sim = torch.tensor(continuation_logprobs(nf4_twin(demo_lm.model).model, demo_lm.tokenizer, pairs))
+    lp_real = torch.tensor(continuation_logprobs(real.model, demo_lm.tokenizer, pairs))
+    lp_full = torch.tensor(continuation_logprobs(demo_lm.model, demo_lm.tokenizer, pairs))
+    assert (lp_sim - lp_real).abs().max() < 0.1
+    assert (lp_sim - lp_real).abs().mean() < (lp_sim - lp_full).abs().mean()
+
+
+def test_grid_aligned_model_has_zero_simulated_ptq_gap(demo_lm, demo_records):
+    aligned = nf4_twin(demo_lm.model, "simulated").model  # NF4(NF4(w)) == NF4(w)
+    twin = nf4_twin(aligned, "simulated").model
+    for (k, a), (_, b) in zip(aligned.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), k
+    gap = ptq_gap(aligned, demo_lm.tokenizer, demo_records["forget"][:10], demo_records["retain"][:10])
+    assert gap.forget.gap == 0.0 and gap.retain.gap == 0.0

@@ -1,0 +1,101 @@
+"""Starting backend processes from the app and showing their live progress.
+
+Processes are started with `mansu.appstate.start_backend` (a separate process, never inside a
+rerun) and remembered in session_state; a fragment polls status.json once a second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from mansu.appstate import (Launched, LaunchSpec, backend_error, build_command, cancel_run, find_run_for_pid,
+                            log_tail, progress_of, start_backend, validate_spec)
+from mansu.paths import runs_root
+from mansu.runs.store import read_status, run_dir
+
+LAUNCHES = "_launches"
+
+
+def launches() -> list[dict[str, Any]]:
+    return st.session_state.setdefault(LAUNCHES, [])
+
+
+def launch(command: list[str], label: str) -> Launched:
+    """Start a backend command and remember it for the progress panel."""
+    proc, info = start_backend(command, label=label)
+    launches().insert(0, {"proc": proc, "info": info, "label": label, "run_id": None, "cancelled": False})
+    return info
+
+
+def launch_spec(spec: LaunchSpec) -> Launched:
+    """Validate a form's spec (raises ValueError / FileNotFoundError) and launch it."""
+    validate_spec(spec)
+    return launch(build_command(spec), label=spec.method)
+
+
+def demo_command() -> list[str]:
+    """Build the demo world and model if missing, then run MANSU on it (one backend process)."""
+    return build_command(LaunchSpec(method="mansu", demo=True, base_alignment="nf4-grid"))
+
+
+def _entry_status(entry: dict[str, Any]) -> dict[str, Any] | None:
+    if entry["run_id"] is None:
+        entry["run_id"] = find_run_for_pid(entry["info"].pid, runs_root())
+    if entry["run_id"] is None:
+        return None
+    try:
+        return read_status(run_dir(entry["run_id"], runs_root()))
+    except FileNotFoundError:
+        return None
+
+
+def _show_entry(entry: dict[str, Any], i: int) -> bool:
+    """One launch's progress; returns True while it still runs."""
+    proc, info = entry["proc"], entry["info"]
+    code = proc.poll()
+    status = _entry_status(entry)
+    title = f"**{entry['label']}** · pid {info.pid}" + (f" · run `{entry['run_id']}`" if entry["run_id"] else "")
+    st.markdown(title)
+    if status is not None:
+        prog = progress_of(status)
+        st.progress(prog.fraction, text=prog.text)
+    elif code is None:
+        st.progress(0.0, text="starting (building the demo world and model when missing, about a minute)…")
+    tail = log_tail(info.log_path, 6)
+    if code is None:
+        if tail:
+            st.code(tail, language=None)
+        if st.button("Cancel", key=f"cancel-{info.pid}-{i}"):
+            cancel_run(info.pid, entry["run_id"], runs_root())
+            entry["cancelled"] = True
+            st.rerun()
+        return True
+    if entry["cancelled"]:
+        st.warning("cancelled")
+    elif code == 0:
+        st.success("finished" + (f": select `{entry['run_id']}` in the sidebar" if entry["run_id"] else ""))
+    else:
+        message = backend_error(log_tail(info.log_path, 200)) or f"exit status {code}"
+        st.error(f"backend error: {message}")
+        with st.expander("backend log"):
+            st.code(log_tail(info.log_path, 40), language=None)
+    return False
+
+
+def progress_panel() -> None:
+    """Live progress of every backend started in this session (polls status.json each second)."""
+    if launches():
+        _panel()
+
+
+@st.fragment(run_every=1.0)
+def _panel() -> None:
+    items = launches()
+    st.subheader("Backend runs")
+    running = [_show_entry(entry, i) for i, entry in enumerate(items)]
+    if not any(running) and st.session_state.get("_had_running"):
+        st.session_state["_had_running"] = False
+        st.rerun(scope="app")  # refresh run lists once everything finished
+    st.session_state["_had_running"] = any(running)

@@ -1,0 +1,130 @@
+"""Shared app state: the sidebar run picker, cached artifact loaders (keyed on path + mtime) and
+"not computed for this run" notices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from mansu.paths import runs_root
+from mansu.runs import layout
+from mansu.runs.store import RunSummary, list_runs, load_run, validate_run_id
+from mansu.viz import artifacts
+
+RUN_KEY = "run_id"
+COMPARE_KEY = "compare_id"
+NONE = "(none)"
+
+
+@dataclass(frozen=True)
+class Selection:
+    run: RunSummary | None
+    compare: RunSummary | None
+    runs: list[RunSummary]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1.0
+
+
+def all_runs() -> list[RunSummary]:
+    return list_runs(runs_root())
+
+
+def run_label(run: RunSummary) -> str:
+    method = run.config.get("method", "?")
+    return f"{run.run_id}  [{method} · {run.status.get('state', '?')}]"
+
+
+def sidebar() -> Selection:
+    """Run and comparison-run pickers in the sidebar; the choice lives in session_state."""
+    runs = all_runs()
+    ids = [r.run_id for r in runs]
+    by_id = {r.run_id: r for r in runs}
+    with st.sidebar:
+        st.caption(f"runs folder: `{runs_root()}`")
+        if not runs:
+            st.info("No runs yet: open **Runs** and build the demo.")
+            return Selection(None, None, [])
+        current = st.session_state.get(RUN_KEY)
+        if current not in ids:
+            st.session_state[RUN_KEY] = ids[0]
+        st.selectbox("run", ids, key=RUN_KEY, format_func=lambda i: run_label(by_id[i]))
+        compare_options = [NONE, *[i for i in ids if i != st.session_state[RUN_KEY]]]
+        if st.session_state.get(COMPARE_KEY) not in compare_options:
+            st.session_state[COMPARE_KEY] = NONE
+        st.selectbox("compare with", compare_options, key=COMPARE_KEY)
+    compare_id = st.session_state[COMPARE_KEY]
+    return Selection(by_id[st.session_state[RUN_KEY]], by_id.get(compare_id), runs)
+
+
+def selection() -> Selection:
+    """The shared sidebar picker; call once per page run (every page draws it with the same widget
+    keys, so the choice persists across pages)."""
+    return sidebar()
+
+
+def select_run(run_id: str) -> None:
+    st.session_state[RUN_KEY] = validate_run_id(run_id)
+
+
+def require_run(sel: Selection) -> RunSummary | None:
+    """The selected run, or an info box pointing to Runs when there is none."""
+    run = sel.run
+    if run is None:
+        st.info("No run selected. Open **Runs** to build and run the demo, or **Launch** to start a run.")
+    return run
+
+
+def not_computed(what: str, run: RunSummary) -> None:
+    """The standard notice for a missing artifact."""
+    state = run.status.get("state", "?")
+    hint = " (the run is still going: this appears when its stage finishes)" if state == "running" else ""
+    st.info(f"{what}: not computed for this run ({run.run_id}){hint}.")
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _json_cached(path: str, mtime: float) -> Any:
+    return artifacts.read_json_or_none(Path(path))
+
+
+def load_json(run: RunSummary, name: str) -> Any | None:
+    """A JSON artifact (layout file name), cached on path + mtime."""
+    path = Path(run.path) / name
+    return _json_cached(str(path), _mtime(path))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _graph_cached(run_path: str, stage: str, mtime: float) -> artifacts.GraphData | None:
+    return artifacts.load_graph(Path(run_path), stage)
+
+
+def load_graph(run: RunSummary, stage: str) -> artifacts.GraphData | None:
+    """The attribution graph of a stage, cached (read-only arrays)."""
+    return _graph_cached(str(run.path), stage, _mtime(layout.attribution_json(Path(run.path), stage)))
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _update_cached(run_path: str, mtime: float) -> dict[str, Any] | None:
+    return artifacts.load_update(Path(run_path))
+
+
+def load_update(run: RunSummary) -> dict[str, Any] | None:
+    """update.safetensors tensors (cached; read-only: never modify them)."""
+    return _update_cached(str(run.path), _mtime(Path(run.path) / layout.UPDATE))
+
+
+def fresh(run: RunSummary) -> RunSummary:
+    """Re-read a run (status changes while the backend works)."""
+    return load_run(run.run_id, Path(run.path).parent)
+
+
+def run_display_name(run: RunSummary) -> str:
+    cfg = run.config
+    return str(cfg.get("name") or cfg.get("method") or run.run_id)
