@@ -8,14 +8,16 @@ import streamlit as st
 st.set_page_config(page_title="mansu", page_icon=":material/explore:", layout="wide")
 
 PAGES = [
-    st.Page("pages/runs.py", title="Runs", icon=":material/table_view:", default=True, url_path="runs"),
-    st.Page("pages/circuit.py", title="Circuit", icon=":material/hub:", url_path="circuit"),
-    st.Page("pages/update_nf4.py", title="Update vs NF4", icon=":material/straighten:", url_path="update"),
-    st.Page("pages/before_after.py", title="Before / after", icon=":material/compare:", url_path="before_after"),
-    st.Page("pages/launch.py", title="Launch", icon=":material/rocket_launch:", url_path="launch"),
-    st.Page("pages/report.py", title="Report", icon=":material/description:", url_path="report"),
+    st.Page("views/runs.py", title="Runs", icon=":material/table_view:", default=True, url_path="runs"),
+    st.Page("views/circuit.py", title="Circuit", icon=":material/hub:", url_path="circuit"),
+    st.Page("views/update_nf4.py", title="Update vs NF4", icon=":material/straighten:", url_path="update_nf4"),
+    st.Page("views/before_after.py", title="Before / after", icon=":material/compare:", url_path="before_after"),
+    st.Page("views/launch.py", title="Launch", icon=":material/rocket_launch:", url_path="launch"),
+    st.Page("views/report.py", title="Report", icon=":material/description:", url_path="report"),
 ]
 
+# The views live in views/, not pages/: Streamlit treats a pages/ folder as the legacy multipage app until
+# the entry script has run once, so a deep link to /runs on a fresh server would bypass this frame.
 # every page draws the shared sidebar run picker itself (ui.state.sidebar), so it is always fresh
 nav = st.navigation(PAGES)
 nav.run()

@@ -13,8 +13,8 @@ from mansu.runs.store import create_run, write_status
 from ui.sample import write_sample_run
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
-PAGES = ("pages/runs.py", "pages/circuit.py", "pages/update_nf4.py", "pages/before_after.py", "pages/launch.py",
-         "pages/report.py")
+PAGES = ("views/runs.py", "views/circuit.py", "views/update_nf4.py", "views/before_after.py", "views/launch.py",
+         "views/report.py")
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_empty_install_shows_one_action(home):
 
 
 def test_runs_table(sample_runs):
-    at = _page("pages/runs.py")
+    at = _page("views/runs.py")
     table = at.dataframe[0].value
     assert len(table) == 2
     assert set(table["method"]) == {"mansu", "ga"}
@@ -60,7 +60,7 @@ def test_runs_table(sample_runs):
 
 
 def test_delete_needs_confirmation(sample_runs):
-    at = _page("pages/runs.py")
+    at = _page("views/runs.py")
     victim = at.selectbox(key="runs-delete").value
     at.checkbox(key="runs-delete-confirm").check().run()
     at.button(key="delete-run").click().run()
@@ -71,7 +71,7 @@ def test_delete_needs_confirmation(sample_runs):
 
 
 def test_circuit_page_controls_and_pin(sample_runs):
-    at = _page("pages/circuit.py")
+    at = _page("views/circuit.py")
     assert _charts(at) == 1
     assert at.radio(key="circuit-stage").options == ["before", "after (fp)", "after (NF4)"]
     at.selectbox(key="circuit-pin").select("m0").run()
@@ -82,7 +82,7 @@ def test_circuit_page_controls_and_pin(sample_runs):
 
 
 def test_update_page_floor_preview_moves(sample_runs):
-    at = _page("pages/update_nf4.py")
+    at = _page("views/update_nf4.py")
     assert _charts(at) == 2
     assert any("median update" in m.value for m in at.markdown)
     before = {m.label: m.value for m in at.metric}
@@ -93,12 +93,12 @@ def test_update_page_floor_preview_moves(sample_runs):
 
 
 def test_before_after_page(sample_runs):
-    at = _page("pages/before_after.py")
+    at = _page("views/before_after.py")
     assert _charts(at) >= 5  # before, after, diff, CAD, quadrant, bars
 
 
 def test_launch_rejects_bad_input_before_start(sample_runs):
-    at = _page("pages/launch.py")
+    at = _page("views/launch.py")
     at.checkbox(key="launch-demo").uncheck()
     at.button[0].click().run()  # the form's submit button
     assert not at.exception
@@ -106,7 +106,7 @@ def test_launch_rejects_bad_input_before_start(sample_runs):
 
 
 def test_report_written(sample_runs, home):
-    at = _page("pages/report.py")
+    at = _page("views/report.py")
     at.button(key="report-build").click().run()
     assert not at.exception
     reports = list((home / "exports").glob("*/report.html"))
@@ -118,6 +118,6 @@ def test_run_without_artifacts_says_not_computed(home, page):
     run = create_run({"method": "mansu", "demo": True}, "bare", home / "runs")
     write_status(run, "attribution", 0, 3)
     at = _page(page)
-    if page not in ("pages/runs.py", "pages/launch.py"):
+    if page not in ("views/runs.py", "views/launch.py"):
         texts = [i.value for i in at.info] + [c.value for c in at.caption]
         assert any("not computed for this run" in t for t in texts), texts

@@ -23,7 +23,7 @@ SHOTS = REPO / "tests" / "_screenshots"
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
-PAGES = {"runs": "Runs", "circuit": "Circuit", "update": "Update vs NF4", "before_after": "Before / after",
+PAGES = {"runs": "Runs", "circuit": "Circuit", "update_nf4": "Update vs NF4", "before_after": "Before / after",
          "launch": "Launch a run", "report": "Report"}
 
 try:
@@ -61,7 +61,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, app_runs_home):
     port = _free_port()
-    env = {**os.environ, "MANSU_HOME": str(app_runs_home), "MANSU_RUNS": str(app_runs_home / "runs")}
+    home, runs = app_runs_home
+    env = {**os.environ, "MANSU_HOME": str(home), "MANSU_RUNS": str(runs)}
     log = open(tmp_path_factory.mktemp("st") / "streamlit.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1",
@@ -113,38 +114,60 @@ def _no_exception(page) -> None:
 
 
 @pytest.fixture(scope="module")
-def app_runs_home(tmp_path_factory):
-    """An empty MANSU_HOME for the server; runs are added by the `with_runs` fixture after the empty-state test."""
-    home = tmp_path_factory.mktemp("mansu-home")
-    (home / "runs").mkdir()
-    return home
+def app_runs_home(tmp_path_factory, demo_assets):
+    """A fresh MANSU_HOME whose demo/ links to the shared, already built demo (so a launched demo run starts at
+    once), with an empty runs folder; runs are added by `with_runs` after the empty-state test."""
+    home = tmp_path_factory.mktemp("browser")
+    (home / "demo").symlink_to(demo_assets.root, target_is_directory=True)
+    runs = home / "runs"
+    runs.mkdir()
+    return home, runs
 
 
 @pytest.fixture(scope="module")
 def with_runs(app_runs_home):
     from ui.sample import write_sample_run
 
-    runs = app_runs_home / "runs"
+    _, runs = app_runs_home
     write_sample_run(runs, "mansu", seed=0, forget_after=0.3)
     write_sample_run(runs, "ga", seed=1, forget_after=0.6)
     return runs
 
 
-def test_empty_install_offers_the_demo(server, page):
+def test_empty_install_runs_the_demo_with_progress(server, page, app_runs_home):
     _open(page, server)
     button = page.get_by_role("button", name="Build and run the demo")
     button.wait_for(timeout=20_000)
     page.screenshot(path=str(SHOTS / "00-empty-install.png"), full_page=True)
+    button.click()
+    # the backend creates its run folder and reports its stage in status.json; the panel shows it live
+    bar = page.locator("[data-testid='stProgress']", has_text="stage").first
+    bar.wait_for(timeout=90_000)
+    assert "running · stage" in bar.inner_text()
+    # once the run folder exists the whole page refreshes: the runs table and the sidebar list the new run
+    page.locator("[data-testid='stDataFrame']").wait_for(timeout=30_000)
+    page.locator("[data-testid='stProgress']", has_text="stage").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(SHOTS / "01-demo-progress.png"), full_page=True)
+    page.get_by_role("button", name="Cancel").click()
+    try:
+        page.locator("[data-testid='stProgress']", has_text="cancelled").first.wait_for(timeout=30_000)
+    finally:
+        page.screenshot(path=str(SHOTS / "02-demo-cancelled.png"), full_page=True)
     _no_exception(page)
+    from mansu.runs.store import list_runs
+
+    runs = list_runs(app_runs_home[1])
+    assert len(runs) == 1 and runs[0].status["state"] == "cancelled"
 
 
 @pytest.mark.parametrize("slug", list(PAGES))
 def test_every_page_renders(server, page, with_runs, slug):
-    _open(page, f"{server}/{slug}")
+    _open(page, f"{server}/{slug}" if slug != "runs" else server)  # the home page lives at /
     page.get_by_role("heading", name=PAGES[slug]).first.wait_for(timeout=20_000)
-    expected_charts = {"circuit": 1, "update": 2, "before_after": 5}.get(slug, 0)
+    expected_charts = {"circuit": 1, "update_nf4": 2, "before_after": 5}.get(slug, 0)
     if expected_charts:
-        page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= {expected_charts}",
+        page.wait_for_function("n => [...document.querySelectorAll('.js-plotly-plot')]"
+                               ".filter(p => p.querySelector('.main-svg')).length >= n", arg=expected_charts,
                                timeout=30_000)
     assert page.locator(".js-plotly-plot").count() >= expected_charts
     page.screenshot(path=str(SHOTS / f"page-{slug}.png"), full_page=True)
@@ -162,10 +185,10 @@ def _centre(locator) -> tuple[float, float]:
 
 
 def test_floor_slider_updates_the_preview(server, page, with_runs):
-    _open(page, f"{server}/update")
+    _open(page, f"{server}/update_nf4")
     page.get_by_text("magnitude floor κ: live preview").wait_for(timeout=20_000)
-    page.locator("[data-testid='stMetric']", has_text="fisher cost").first.wait_for(timeout=20_000)
-    before = {label: _metric(page, label) for label in ("kappa", "fisher cost", "median move over bin")}
+    page.locator("[data-testid='stMetric']", has_text="n updated").first.wait_for(timeout=20_000)
+    before = {label: _metric(page, label) for label in ("kappa", "n updated", "n dropped")}
     slider = page.locator("[data-testid='stSlider']", has_text="κ (bin widths)").locator("input[type='range']")
     slider.scroll_into_view_if_needed()
     page.mouse.click(*_centre(slider.locator("xpath=../..")))  # focus the slider's thumb
@@ -175,8 +198,24 @@ def test_floor_slider_updates_the_preview(server, page, with_runs):
                            "m => m.innerText.startsWith('kappa') && m.innerText.includes('1.1'))", timeout=20_000)
     after = {label: _metric(page, label) for label in before}
     assert after["kappa"] != before["kappa"]
-    assert after["fisher cost"] != before["fisher cost"]
+    assert int(after["n updated"].replace(",", "")) < int(before["n updated"].replace(",", ""))  # bigger moves, same budget
     latency = page.get_by_text("preview computed in").first.inner_text()
     assert int(latency.split("in ")[1].split(" ms")[0]) <= 200
     page.screenshot(path=str(SHOTS / "floor-preview.png"), full_page=True)
+    _no_exception(page)
+
+
+def test_report_downloads_a_self_contained_html(server, page, with_runs, tmp_path):
+    _open(page, f"{server}/report")
+    page.get_by_role("button", name="Build HTML report").click()
+    link = page.get_by_role("button", name="Download report.html")
+    link.wait_for(timeout=60_000)
+    with page.expect_download(timeout=60_000) as info:
+        link.click()
+    path = tmp_path / "report.html"
+    info.value.save_as(path)
+    html = path.read_text(encoding="utf-8")
+    assert html.count("Plotly.newPlot") >= 5 and "<script src=" not in html
+    assert "meaningful forgetting" in html
+    page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
     _no_exception(page)

@@ -108,3 +108,12 @@ def test_diff_figure_colours_the_change():
     assert sum(_drawn_edges(t) for t in up) == 1      # m0->logits rose by 0.5
     assert sum(_drawn_edges(t) for t in down) == 1    # input->m0 vanished: -1.0
     assert math.isclose(float(np.nanmax(np.asarray(down[0].x, dtype=float))), 2.0)
+
+
+def test_shared_score_scale_for_side_by_side_stages():
+    g = synthetic_graph(2, 4, seed=3)
+    top = float(np.abs(g.scores).max())
+    own = circuit_figure(g).data[-1].marker
+    shared = circuit_figure(g, score_max=4 * top).data[-1].marker
+    assert own.cmax == pytest.approx(top) and shared.cmax == pytest.approx(4 * top)
+    assert max(shared.size) < max(own.size)  # the same node looks smaller against a larger shared maximum

@@ -59,9 +59,10 @@ def test_scorecard_rows_from_the_real_scorecard():
     assert [r.name for r in rows] == ["forgetting", "retain", "ptq_gap", "structural_erasure"]
     assert [r.passed for r in rows] == [True, False, False, True]
     assert rows[0].value == pytest.approx(0.75) and rows[3].value == 0.4
-    assert report.badge(rows[0]) == "✅ meaningful forgetting" and report.badge(rows[2]) == "❌ non-positive PTQ gap"
+    assert report.badge(rows[0]) == "✓ meaningful forgetting" and report.badge(rows[2]) == "✗ non-positive PTQ gap"
+    assert report.badge_markdown(rows[2]) == ":red-badge[✗ non-positive PTQ gap (margin -0.500)]"
     missing = report.scorecard_rows(build_scorecard(metrics, None))
-    assert missing[3].passed is None and report.badge(missing[3]).startswith("❔")
+    assert missing[3].passed is None and report.badge(missing[3]).startswith("?")
     assert report.scorecard_rows(None) == []
 
 

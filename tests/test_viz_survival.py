@@ -16,7 +16,7 @@ def _entry(median, frac, counts=(1, 3, 0, 6)):
 
 def test_headline_states_the_ratio():
     assert sv.headline({"overall": _entry(0.02, 0.1)}).startswith("the median update is 50x below")
-    assert "1.50x the NF4 bin width" in sv.headline({"overall": _entry(1.5, 0.9)})
+    assert sv.headline({"overall": _entry(1.5, 0.9)}).startswith("the median update is 1.50 NF4 bin widths")
     assert sv.headline({"overall": {"quantiles": {"0.5": 0.25}}}).startswith("the median update is 4x below")
     assert sv.headline({"overall": {}}) is None
     assert sv.headline({"overall": _entry(0.0, 0.0)}) is None
@@ -66,4 +66,5 @@ def test_bare_counts_with_shared_edges_and_overflow_bins():
     assert h.counts.tolist() == [1, 2, 3, 4]
     assert sv.histogram_of({"histogram": [1, 2]}, [1e-2, 1e-1, 1.0]).counts.tolist() == [1, 2]
     assert sv.histogram_of({"histogram": [1, 2, 3, 4, 5]}, [1e-2, 1e-1, 1.0]) is None
-    assert sv.headline(report) == "from the report"
+    assert sv.headline(report) == "from the report"  # no median: the report's own sentence
+    assert sv.headline({**report, "overall": {"median_ratio": 0.01}}).startswith("the median update is 100x below")

@@ -21,6 +21,11 @@ def preview(run: RunSummary, kappa: float) -> tuple[dict[str, Any] | None, float
         from mansu.unlearn.floor import preview_floor
     except ImportError:
         return None, 0.0, "the floor preview is not available in this mansu version (mansu.unlearn.floor missing)"
+    import torch
+
+    # One intra-op thread: the preview is ~10 vectorised passes over 1e5 elements, and on a busy machine (the
+    # backend runs beside the app) OpenMP threads waiting on each other cost 10x more than they save.
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     try:
         result = preview_floor(tensors, kappa)

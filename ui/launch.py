@@ -43,6 +43,8 @@ def demo_command() -> list[str]:
 def _entry_status(entry: dict[str, Any]) -> dict[str, Any] | None:
     if entry["run_id"] is None:
         entry["run_id"] = find_run_for_pid(entry["info"].pid, runs_root())
+        if entry["run_id"] is not None:
+            st.session_state["_new_run"] = True  # the run list changed: refresh the whole page once
     if entry["run_id"] is None:
         return None
     try:
@@ -95,7 +97,7 @@ def _panel() -> None:
     items = launches()
     st.subheader("Backend runs")
     running = [_show_entry(entry, i) for i, entry in enumerate(items)]
-    if not any(running) and st.session_state.get("_had_running"):
-        st.session_state["_had_running"] = False
-        st.rerun(scope="app")  # refresh run lists once everything finished
+    finished_now = not any(running) and st.session_state.get("_had_running")
     st.session_state["_had_running"] = any(running)
+    if finished_now or st.session_state.pop("_new_run", False):
+        st.rerun(scope="app")  # a run appeared or finished: refresh the sidebar and the page

@@ -28,10 +28,10 @@ from typing import Any, Sequence
 
 import torch
 
-from mansu.attribution.data import (Batch, Corruption, Metric, build_examples, check_modes, collate)
+from mansu.attribution.data import Batch, Corruption, Metric, build_examples, check_modes, collate, metric_values
 from mansu.attribution.engine import NodeSpace, capture, corrupted_input, ig_gradients, input_device, run_with_edge_edits
-from mansu.models.components import model_layout
-from mansu.models.hooks import differentiable_4bit
+from mansu.models.components import model_layout, parse_node
+from mansu.models.hooks import NodeCallbacks, differentiable_4bit, node_hooks
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +188,31 @@ def _exact(model: Any, prep: _Prepared, metric: Metric, corruption: Corruption,
     for batch in prep.batches:
         base = baseline(model, space, batch, metric, corruption)
         for u, v in _progress(pairs, progress, "patching"):
-            keep = torch.ones_like(space.valid)
-            keep[u, v] = False
-            patched = run_with_edge_edits(model, space, batch, metric, keep, base.a_corrupt)
+            patched = _patch_one_edge(model, space, batch, metric, u, v, base.a_corrupt[:, :, u] - base.a_clean[:, :, u])
             effects[u, v] += float((patched - base.m_clean).sum())
     return effects / sum(len(b.indices) for b in prep.batches)
+
+
+def _patch_one_edge(model: Any, space: NodeSpace, batch: Batch, metric: Metric, u: int, v: int,
+                    delta: torch.Tensor) -> torch.Tensor:
+    """Metric [b] with in_v += delta (= a_u(corrupted) - a_u(clean)); equivalent to `run_with_edge_edits` with only
+    edge (u, v) dropped, since every other input is clean, but without recording every node's output."""
+    kind, layer, head = parse_node(space.downstream[v])
+    delta = delta.to(batch.clean.device)
+
+    def head_edit(l: int, resid: torch.Tensor) -> torch.Tensor | None:
+        if kind != "head" or l != layer:
+            return None
+        edit = torch.zeros(space.layout.n_heads, *resid.shape, dtype=delta.dtype, device=delta.device)
+        edit[head] = delta
+        return edit
+
+    cb = NodeCallbacks(head_edit=head_edit,
+                       mlp_edit=lambda l, r: delta if kind == "mlp" and l == layer else None,
+                       logits_edit=lambda r: delta if kind == "logits" else None)
+    with torch.no_grad(), node_hooks(model, space.layout, cb):
+        logits = model(input_ids=batch.clean, attention_mask=batch.mask).logits
+    return metric_values(logits, batch, metric)
 
 
 def _edge_indices(space: NodeSpace, edges: Sequence[tuple[str, str]] | None) -> list[tuple[int, int]]:

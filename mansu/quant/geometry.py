@@ -41,25 +41,19 @@ from typing import Literal
 import torch
 
 from mansu.quant.nf4 import (
-    ABSMAX_FLOOR, CHUNK_BLOCKS, DEFAULT_BLOCKSIZE, NF4Quantized, block_absmax, codes_from_scaled, nf4_levels,
-    nf4_thresholds, quantize_nf4, scale_by_block, validate_weight,
+    ABSMAX_FLOOR, DEFAULT_BLOCKSIZE, NF4Quantized, cell_widths_scaled, nf4_levels, nf4_thresholds, quantize_flat,
+    quantize_nf4, validate_weight,
 )
 
 Direction = Literal[1, -1]
 _MAX_REFINE_STEPS = 64  # the fp32 estimate t * a is within a few ulps of the exact boundary
 
 
-def cell_bounds_scaled() -> tuple[torch.Tensor, torch.Tensor]:
+def cell_bounds_scaled(device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T^-, T^+) per code, fp32 [16] each, in scaled units (edge cells end at -1 / +1)."""
-    t = nf4_thresholds()
-    one = torch.ones(1)
+    t = nf4_thresholds(device)
+    one = torch.ones(1, device=device)
     return torch.cat([-one, t]), torch.cat([t, one])
-
-
-def cell_widths_scaled() -> torch.Tensor:
-    """T^+_k - T^-_k per code, fp32 [16]: the bin width in units of the block absmax."""
-    lo, hi = cell_bounds_scaled()
-    return hi - lo
 
 
 @dataclass(frozen=True)
@@ -89,13 +83,14 @@ def nf4_geometry(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, *, name: s
     x = w.detach().reshape(-1).float()
     a = element_absmax(q)
     c = q.codes.long()
-    lo, hi = cell_bounds_scaled()
+    dev = c.device
+    lo, hi = cell_bounds_scaled(dev)
     lower, upper = lo[c] * a, hi[c] * a
     shape = tuple(w.shape)
     return NF4Geometry(
-        codes=q.codes.reshape(shape), absmax=a.reshape(shape), level=(nf4_levels()[c] * a).reshape(shape),
+        codes=q.codes.reshape(shape), absmax=a.reshape(shape), level=(nf4_levels(dev)[c] * a).reshape(shape),
         lower=lower.reshape(shape), upper=upper.reshape(shape),
-        bin_width=(cell_widths_scaled()[c] * a).reshape(shape),
+        bin_width=(cell_widths_scaled(dev)[c] * a).reshape(shape),
         dist_down=(x - lower).reshape(shape), dist_up=(upper - x).reshape(shape),
         is_absmax=(x.abs() == a).reshape(shape), blocksize=blocksize,
     )
@@ -104,33 +99,8 @@ def nf4_geometry(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, *, name: s
 def quantize_with_bin_width(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, *,
                             name: str = "tensor") -> tuple[NF4Quantized, torch.Tensor]:
     """NF4 codes plus each element's bin width (fp32, shaped like w), in one chunked pass (bounded memory)."""
-    validate_weight(w, name, blocksize)
-    x = w.detach().reshape(-1)
-    n = x.numel()
-    absmax = block_absmax(x, blocksize)
-    codes = torch.empty(n, dtype=torch.uint8)
-    width = torch.empty(n, dtype=torch.float32)
-    widths = cell_widths_scaled()
-    step = CHUNK_BLOCKS * blocksize
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        b0, nb = start // blocksize, -(-(stop - start) // blocksize)
-        a = absmax[b0 : b0 + nb]
-        c = codes_from_scaled(scale_by_block(x[start:stop], a, blocksize))
-        codes[start:stop] = c
-        wc = width[start:stop]
-        torch.index_select(widths, 0, c, out=wc)
-        _mul_by_block(wc, a, blocksize)
+    codes, absmax, width = quantize_flat(w, blocksize, name=name, with_width=True)
     return NF4Quantized(codes, absmax, tuple(w.shape), w.dtype, blocksize), width.reshape(w.shape)
-
-
-def _mul_by_block(v: torch.Tensor, a: torch.Tensor, blocksize: int) -> None:
-    """v[i] *= a[i // blocksize] in place (v is a chunk starting on a block boundary)."""
-    full = v.numel() - v.numel() % blocksize
-    if full:
-        v[:full].view(-1, blocksize).mul_(a[: full // blocksize].view(-1, 1))
-    if full < v.numel():
-        v[full:].mul_(a[-1])
 
 
 def bin_width(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, *, name: str = "tensor") -> torch.Tensor:
@@ -143,7 +113,7 @@ def _scaled_fn(q: NF4Quantized):
     a = element_absmax(q)
     recip = 1.0 / a.clamp(min=ABSMAX_FLOOR)
     n_full = q.numel - q.numel % q.blocksize
-    in_partial = torch.arange(q.numel) >= n_full
+    in_partial = torch.arange(q.numel, device=a.device) >= n_full
     a_floor = a.clamp(min=ABSMAX_FLOOR)
 
     def scaled(x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +151,7 @@ def code_change_target(w: torch.Tensor, direction: Direction, blocksize: int = D
     scaled, a = _scaled_fn(q)
     c = q.codes.long()
     feasible = (x.float().abs() != a) & ((c < 15) if direction == 1 else (c > 0))
-    t = nf4_thresholds()[(c if direction == 1 else c - 1).clamp(0, 14)]
+    t = nf4_thresholds(c.device)[(c if direction == 1 else c - 1).clamp(0, 14)]
     target = _first_crossing(x, t, a, scaled, direction, feasible)
     return target.reshape(w.shape), feasible.reshape(w.shape)
 

@@ -15,8 +15,11 @@ Blockwise absmax quantization (Dettmers et al. 2023, QLoRA), exactly as bitsandb
 
 so a value exactly on a midpoint t_k gets code k, the LOWER level.  An argmin over |s - L_k| would also pick the
 lower level at an exact fp32 tie (torch.argmin returns the first minimum), but its distances are rounded:
-``|s - L_k|`` and ``|s - L_{k+1}|`` can compare unequal at s == t_k, or equal near it, so it is not equivalent;
-we follow bitsandbytes' bucketize.
+``|s - L_k|`` and ``|s - L_{k+1}|`` compare unequal at s == t_k for k = 0, 1, 3, 4, 12, 14 (argmin picks the
+upper level there; measured, tested), so it is not equivalent; we follow bitsandbytes' bucketize.
+
+Tensors on an accelerator are processed on their device in one chunk (written for CUDA, tested on CPU only);
+on the CPU the work runs in block-aligned chunks over a thread pool (see `quantize_flat`).
 
 Stored quirks we reproduce: the absmax of an all-zero full block is 0 (its codes are 7, the 0.0 level), but the
 absmax of an all-zero partial last block is stored clamped, as 1e-38.  An odd element count is padded with one
@@ -27,7 +30,10 @@ shape [(n + 1) // 2, 1].
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,18 +45,18 @@ NF4_LEVELS: tuple[float, ...] = (
 )  # bitsandbytes get_4bit_type("nf4"), ascending, so code k <-> level k
 DEFAULT_BLOCKSIZE = 64  # bitsandbytes' and transformers' default
 ABSMAX_FLOOR = 1e-38  # bitsandbytes clamps the absmax to this before taking 1/absmax
-CHUNK_BLOCKS = 16384  # blocks per chunk in the hot loop (1M elements at 64): bounds temporaries to ~17 MB
+CHUNK_ELEMENTS = 32767  # per chunk of the hot loop: below torch's 32768 grain size, so each op runs inline
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def nf4_levels() -> torch.Tensor:
+def nf4_levels(device: torch.device | str | None = None) -> torch.Tensor:
     """The 16 NF4 levels as an fp32 tensor [16], ascending."""
-    return torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
-def nf4_thresholds() -> torch.Tensor:
+def nf4_thresholds(device: torch.device | str | None = None) -> torch.Tensor:
     """The 15 decision thresholds t_k = fl32((L_k + L_{k+1}) / 2) [15], computed in fp32 like bitsandbytes."""
-    levels = nf4_levels()
+    levels = nf4_levels(device)
     return (levels[:-1] + levels[1:]) / 2
 
 
@@ -73,7 +79,8 @@ class NF4Quantized:
         return pack_nf4(self.codes)
 
 
-def validate_weight(x: torch.Tensor, name: str = "tensor", blocksize: int = DEFAULT_BLOCKSIZE) -> None:
+def validate_weight(x: torch.Tensor, name: str = "tensor", blocksize: int = DEFAULT_BLOCKSIZE, *,
+                    check_finite: bool = True) -> None:
     """Raise ValueError (naming `name`) unless `x` is a non-empty finite fp32/bf16/fp16 tensor and blocksize is a
     positive even int."""
     validate_blocksize(blocksize, name)
@@ -83,7 +90,7 @@ def validate_weight(x: torch.Tensor, name: str = "tensor", blocksize: int = DEFA
         raise ValueError(f"{name}: dtype {x.dtype} is not supported; NF4 accepts float32, bfloat16 or float16")
     if x.numel() == 0:
         raise ValueError(f"{name}: tensor is empty; NF4 needs at least one element")
-    if not bool(torch.isfinite(x).all()):
+    if check_finite and not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(f"{name}: contains {n_nan} NaN and {n_inf} Inf values; NF4 needs finite weights")
@@ -113,7 +120,7 @@ def scale_by_block(x_flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -
     x = x_flat.float()
     n = x.numel()
     full = n - n % blocksize
-    out = torch.empty(n, dtype=torch.float32)
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
     if full:
         recip = 1.0 / absmax[: full // blocksize].clamp(min=ABSMAX_FLOOR)
         torch.mul(x[:full].view(-1, blocksize), recip.view(-1, 1), out=out[:full].view(-1, blocksize))
@@ -126,8 +133,8 @@ _LUT_CELLS = 1024  # uniform cells over [-1, 1]; each is 0.002 wide, far narrowe
 _LUT_SLOP = 1e-4  # >> fp32 rounding of the cell index, << the threshold gap
 
 
-@functools.lru_cache(maxsize=1)
-def _code_lut() -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=8)
+def _code_lut(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(base, thr) per cell j of [-1, 1]: base_j = #{k : t_k < lo_j - slop}, thr_j = t_{base_j} (inf past t_14).
 
     For s in cell j, at most t_{base_j} lies in [lo_j - slop, s), because t_{base_j + 1} >= t_{base_j} + 0.08 is
@@ -137,13 +144,13 @@ def _code_lut() -> tuple[torch.Tensor, torch.Tensor]:
     lo = torch.arange(_LUT_CELLS, dtype=torch.float64) * (2 / _LUT_CELLS) - 1
     base = (t.double()[None, :] < (lo[:, None] - _LUT_SLOP)).sum(1)
     thr = torch.cat([t, torch.tensor([float("inf")])])[base]
-    return base.to(torch.int32), thr
+    return base.to(device=device, dtype=torch.int32), thr.to(device)
 
 
 def codes_from_scaled(s: torch.Tensor) -> torch.Tensor:
     """code = #{k : t_k < s} (a tie goes to the lower level), int32 [n]; equal to
     torch.bucketize(s, nf4_thresholds(), right=False) for every finite fp32 s."""
-    base, thr = _code_lut()
+    base, thr = _code_lut(str(s.device))
     half = _LUT_CELLS / 2
     idx = torch.mul(s, half).add_(half).to(torch.int32).clamp_(0, _LUT_CELLS - 1)  # truncation; slop covers it
     code = torch.index_select(base, 0, idx)
@@ -153,29 +160,89 @@ def codes_from_scaled(s: torch.Tensor) -> torch.Tensor:
 
 def quantize_nf4(x: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, *, name: str = "tensor") -> NF4Quantized:
     """Quantize `x` (fp32/bf16/fp16, any shape) to NF4 with blockwise absmax; bit-exact with bitsandbytes."""
-    validate_weight(x, name, blocksize)
-    x_flat = x.detach().reshape(-1)
-    absmax = block_absmax(x_flat, blocksize)
-    codes = torch.empty(x_flat.numel(), dtype=torch.uint8)
-    step = CHUNK_BLOCKS * blocksize
-    for start in range(0, x_flat.numel(), step):
-        stop = min(start + step, x_flat.numel())
-        b0 = start // blocksize
-        s = _scale_chunk(x_flat[start:stop], absmax, b0, blocksize)
-        codes[start:stop] = codes_from_scaled(s)
+    codes, absmax, _ = quantize_flat(x, blocksize, name=name, with_width=False)
     return NF4Quantized(codes, absmax, tuple(x.shape), x.dtype, blocksize)
 
 
-def _scale_chunk(xc: torch.Tensor, absmax: torch.Tensor, b0: int, blocksize: int) -> torch.Tensor:
-    """scale_by_block for a chunk starting at block b0; chunks start on block boundaries and only the last chunk
-    can end in the tensor's partial block, so the per-block rounding rule is unchanged."""
-    n_blocks = -(-xc.numel() // blocksize)
-    return scale_by_block(xc, absmax[b0 : b0 + n_blocks], blocksize)
+def cell_widths_scaled(device: torch.device | str | None = None) -> torch.Tensor:
+    """T^+_k - T^-_k per code, fp32 [16]: the bin width in units of the block absmax (edge cells end at +-1;
+    see mansu.quant.geometry)."""
+    t = nf4_thresholds(device)
+    one = torch.ones(1, device=device)
+    return torch.cat([t, one]) - torch.cat([-one, t])
+
+
+def quantize_flat(x: torch.Tensor, blocksize: int, *, name: str = "tensor",
+                  with_width: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes uint8 [n], absmax fp32 [blocks], bin width fp32 [n] or None) of x, validated.
+
+    The work runs in chunks of whole blocks small enough that every torch op stays single-threaded
+    (below torch's 32768-element grain size) and cache-resident; the chunks are spread over a thread pool of
+    torch.get_num_threads() workers (torch ops release the GIL).  This avoids one OpenMP barrier per op per
+    chunk, which on a loaded machine cost more than the arithmetic, and bounds temporaries to a few chunks.
+    """
+    validate_weight(x, name, blocksize, check_finite=False)
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    dev = flat.device
+    codes = torch.empty(n, dtype=torch.uint8, device=dev)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=dev)
+    width = torch.empty(n, dtype=torch.float32, device=dev) if with_width else None
+    widths = cell_widths_scaled(dev)
+    step = chunk_step(blocksize, n, dev)
+
+    def work(start: int) -> bool:
+        stop = min(start + step, n)
+        xc = flat[start:stop]
+        if not bool(torch.isfinite(xc).all()):
+            return False
+        a = block_absmax(xc, blocksize)  # chunks start on block boundaries; only the last holds a partial block
+        absmax[start // blocksize : start // blocksize + a.numel()] = a
+        c = codes_from_scaled(scale_by_block(xc, a, blocksize))
+        codes[start:stop] = c
+        if width is not None:
+            wc = width[start:stop]
+            torch.index_select(widths, 0, c, out=wc)
+            mul_by_block(wc, a, blocksize)
+        return True
+
+    if not all(run_chunks(work, range(0, n, step))):
+        validate_weight(x, name, blocksize)  # raises with the NaN / Inf counts
+    return codes, absmax, width
+
+
+def chunk_step(blocksize: int, n: int, device: torch.device) -> int:
+    """Elements per chunk: whole blocks below torch's grain size on the CPU; one chunk on an accelerator."""
+    if device.type != "cpu":
+        return max(n, 1)
+    return max(1, CHUNK_ELEMENTS // blocksize) * blocksize
+
+
+def run_chunks(work: Callable[[int], Any], starts: range) -> list[Any]:
+    """[work(s) for s in starts], spread over the thread pool."""
+    workers = torch.get_num_threads()
+    if workers <= 1 or len(starts) <= 1:
+        return [work(s) for s in starts]
+    return list(_pool(workers).map(work, starts))
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mansu-nf4")
+
+
+def mul_by_block(v: torch.Tensor, a: torch.Tensor, blocksize: int) -> None:
+    """v[i] *= a[i // blocksize] in place (v is a chunk starting on a block boundary)."""
+    full = v.numel() - v.numel() % blocksize
+    if full:
+        v[:full].view(-1, blocksize).mul_(a[: full // blocksize].view(-1, 1))
+    if full < v.numel():
+        v[full:].mul_(a[-1])
 
 
 def dequantize_nf4(q: NF4Quantized) -> torch.Tensor:
     """deq_i = fl32(L[code_i] * absmax_b), cast to q.dtype, reshaped to q.shape (bitsandbytes' CPU kernel)."""
-    vals = nf4_levels()[q.codes.long()]
+    vals = nf4_levels(q.codes.device)[q.codes.long()]
     n = q.numel
     full = n - n % q.blocksize
     if full:
@@ -194,14 +261,14 @@ def pack_nf4(codes: torch.Tensor) -> torch.Tensor:
     """Pack flat codes two per byte in bitsandbytes' order; an odd count is padded with code 7 (the 0.0 level)."""
     c = codes.reshape(-1).to(torch.uint8)
     if c.numel() % 2:
-        c = torch.cat([c, torch.full((1,), 7, dtype=torch.uint8)])
+        c = torch.cat([c, torch.full((1,), 7, dtype=torch.uint8, device=c.device)])
     return ((c[0::2] << 4) | c[1::2]).unsqueeze(1)
 
 
 def unpack_nf4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of pack_nf4: flat uint8 codes [numel]."""
     p = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
-    out = torch.empty(p.numel() * 2, dtype=torch.uint8)
+    out = torch.empty(p.numel() * 2, dtype=torch.uint8, device=p.device)
     out[0::2] = p >> 4
     out[1::2] = p & 0xF
     return out[:numel]

@@ -22,8 +22,8 @@ sum d^3 q, sum d^4) are additive, so layer and overall values are exact pools of
 
 All sums run over every element of the tensor, not only U: weights of a block whose absmax changed can change code
 without being updated; `n_code_changed_not_updated` counts them.  Quantiles are exact while the updated weights
-number at most QUANTILE_SAMPLE; beyond that they come from a seeded uniform sample of that many ratios (the same
-thinning rate for every tensor, so layer and overall pools stay uniform); histograms are always exact counts.
+number at most QUANTILE_SAMPLE; beyond that they come from a seeded uniform sample (with replacement) of about that
+many ratios, the same rate for every tensor, so layer and overall pools stay uniform; histograms are always exact counts.
 
 Alignment (how far weights sit from the NF4 grid): a_i = |theta_i - L[code_i] * absmax_b| / bin_i, the distance
 to the level the weight rounds to, in bin widths, over the non-absmax weights of non-zero blocks (the absmax
@@ -42,7 +42,10 @@ from typing import Any
 import torch
 
 from mansu.quant.geometry import element_absmax, quantize_with_bin_width
-from mansu.quant.nf4 import DEFAULT_BLOCKSIZE, dequantize_nf4, nf4_levels, quantize_nf4, validate_blocksize
+from mansu.quant.nf4 import (
+    DEFAULT_BLOCKSIZE, chunk_step, mul_by_block, run_chunks, block_absmax, cell_widths_scaled,
+    codes_from_scaled, nf4_levels, scale_by_block, validate_blocksize, validate_weight,
+)
 
 KIND = "nf4_survival"
 ALIGNMENT_KIND = "nf4_alignment"
@@ -50,7 +53,7 @@ QUANTILES = (5, 25, 50, 75, 95)
 HIST_LOW, HIST_HIGH, HIST_BINS = 1e-4, 1e2, 60  # log-spaced |delta|/bin bins, plus an underflow and overflow bin
 ALIGN_BINS = 50  # linear bins of the alignment distance over [0, 1]
 ON_GRID_TOL = 1e-3  # a weight within 0.001 bin widths of its level counts as on the grid
-QUANTILE_SAMPLE = 1 << 20  # quantiles from at most this many ratios (seeded uniform thinning beyond)
+QUANTILE_SAMPLE = 1 << 18  # quantiles from at most this many ratios (seeded uniform thinning beyond): sort cost
 _LAYER_RE = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
 _SUMS = ("n_weights", "n_updated", "n_code_changed_updated", "n_dequant_changed_updated",
          "n_code_changed_not_updated", "n_sign_agree", "n_sign_both", "qd", "dd", "d2q2", "d3q", "d4")
@@ -68,9 +71,14 @@ def histogram_edges() -> list[float]:
 
 
 def _hist(ratios: torch.Tensor) -> torch.Tensor:
-    """Counts [HIST_BINS + 2]: [< low, the HIST_BINS log bins (left-closed), >= high (inf included)]."""
-    edges = torch.tensor(histogram_edges(), dtype=torch.float32)
-    return torch.bincount(torch.bucketize(ratios, edges, right=True), minlength=HIST_BINS + 2)
+    """Counts [HIST_BINS + 2]: [< low, the HIST_BINS log bins (left-closed), >= high (inf included)].
+
+    Bin index = floor((log10 r - log10 low) * HIST_BINS / decades) + 1, clamped; computed arithmetically (not
+    with torch.bucketize, whose tiny grain size would start OpenMP teams inside the chunk workers)."""
+    decades = math.log10(HIST_HIGH) - math.log10(HIST_LOW)
+    u = (ratios.log10() - math.log10(HIST_LOW)).mul_(HIST_BINS / decades).floor_().add_(1)
+    idx = u.clamp_(0, HIST_BINS + 1).to(torch.int64)
+    return torch.bincount(idx, minlength=HIST_BINS + 2)
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float | None]:
@@ -87,28 +95,79 @@ def _quantiles(x: torch.Tensor) -> dict[str, float | None]:
     return out
 
 
-def _tensor_pass(w0: torch.Tensor, w1: torch.Tensor, name: str, blocksize: int):
-    """Sums, the ratios of updated weights, and per-row SNRs of one tensor."""
-    q0, width = quantize_with_bin_width(w0, blocksize, name=name)
-    q1 = quantize_nf4(w1, blocksize, name=name)
-    d = (w1.detach().float() - w0.detach().float()).reshape(-1)
-    qd = (dequantize_nf4(q1).float() - dequantize_nf4(q0).float()).reshape(-1)
-    upd = d != 0
-    code_changed = q0.codes != q1.codes
-    both = upd & (qd != 0)
+_PRODUCTS = ("qd", "dd", "d2q2", "d3q", "d4")
+
+
+def _chunk_pass(x0: torch.Tensor, x1: torch.Tensor, start: int, cols: int, blocksize: int, dtype: torch.dtype,
+                widths: torch.Tensor, levels: torch.Tensor) -> dict[str, Any] | None:
+    """Statistics of one block-aligned chunk (None if it holds a NaN/Inf).  Every op is below torch's grain size,
+    so it runs inline in the calling pool thread."""
+    if not (bool(torch.isfinite(x0).all()) and bool(torch.isfinite(x1).all())):
+        return None
+    a0, a1 = block_absmax(x0, blocksize), block_absmax(x1, blocksize)
+    c0 = codes_from_scaled(scale_by_block(x0, a0, blocksize))
+    c1 = codes_from_scaled(scale_by_block(x1, a1, blocksize))
+    width = torch.index_select(widths, 0, c0)
+    mul_by_block(width, a0, blocksize)
+    deq0, deq1 = torch.index_select(levels, 0, c0), torch.index_select(levels, 0, c1)
+    mul_by_block(deq0, a0, blocksize)
+    mul_by_block(deq1, a1, blocksize)
+    # float64: the difference is exact and d^4 of a 1e-10 update does not underflow
+    d = x1.double() - x0.double()
+    qd = deq1.to(dtype).double() - deq0.to(dtype).double()  # the model computes with dequantized values in its dtype
+    upd, changed, dq_nz = d != 0, c0 != c1, qd != 0
+    both = upd & dq_nz
     d2, qdd = d * d, qd * d
-    sums = {
-        "n_weights": d.numel(), "n_updated": int(upd.sum()),
-        "n_code_changed_updated": int((code_changed & upd).sum()),
-        "n_dequant_changed_updated": int(both.sum()),
-        "n_code_changed_not_updated": int((code_changed & ~upd).sum()),
+    prods = torch.stack([qdd, d2, qdd * qdd, qdd * d2, d2 * d2])  # [5, chunk]
+    ratios = (d[upd].abs() / width[upd]).float()  # a zero-width cell (all-zero block) gives inf
+    out = {
+        "n_weights": d.numel(), "n_updated": int(upd.sum()), "n_code_changed_updated": int((changed & upd).sum()),
+        "n_dequant_changed_updated": int(both.sum()), "n_code_changed_not_updated": int((changed & ~upd).sum()),
         "n_sign_agree": int((qdd > 0).sum()), "n_sign_both": int(both.sum()),
-        # fp32 products, cascade-summed by torch: relative error ~1e-7, plenty for these statistics
-        "qd": float(qdd.sum()), "dd": float(d2.sum()), "d2q2": float((qdd * qdd).sum()),
-        "d3q": float((qdd * d2).sum()), "d4": float((d2 * d2).sum()),
+        **dict(zip(_PRODUCTS, prods.sum(1).tolist())), "ratios": ratios.cpu(), "hist": _hist(ratios).cpu(),
     }
-    ratios = d[upd].abs() / width.reshape(-1)[upd]  # a zero-width cell (all-zero block) gives inf
-    return sums, ratios, _row_snr(d, qd, w0.shape), _hist(ratios)
+    if cols:  # per-row partial sums of the 5 products for the row SNR
+        local = torch.arange(start, start + d.numel(), device=d.device) // cols - start // cols
+        n_rows = int(local[-1]) + 1
+        out["row0"] = start // cols
+        out["rows"] = torch.zeros(5, n_rows, dtype=torch.float64, device=d.device).index_add_(1, local, prods).cpu()
+    return out
+
+
+def _tensor_pass(w0: torch.Tensor, w1: torch.Tensor, name: str, blocksize: int):
+    """Sums, the ratios of updated weights, per-row SNRs and the histogram of one tensor, in parallel chunks."""
+    validate_weight(w0, name, blocksize, check_finite=False)
+    validate_weight(w1, name, blocksize, check_finite=False)
+    x0, x1 = w0.detach().reshape(-1), w1.detach().reshape(-1)
+    n = x0.numel()
+    cols = int(w0.shape[-1]) if w0.ndim == 2 else 0
+    step = chunk_step(blocksize, n, x0.device)
+    widths, levels = cell_widths_scaled(x0.device), nf4_levels(x0.device)
+
+    def work(start: int):
+        stop = min(start + step, n)
+        return _chunk_pass(x0[start:stop], x1[start:stop], start, cols, blocksize, w0.dtype, widths, levels)
+
+    parts = run_chunks(work, range(0, n, step))
+    if any(p is None for p in parts):
+        validate_weight(w0, name, blocksize)
+        validate_weight(w1, name, blocksize)  # one of them raises with the NaN / Inf counts
+    sums = {key: sum(p[key] for p in parts) for key in _SUMS}
+    ratios = torch.cat([p["ratios"] for p in parts])
+    hist = torch.stack([p["hist"] for p in parts]).sum(0)
+    row_snr = torch.empty(0)
+    if cols:
+        rows = torch.zeros(5, w0.shape[0], dtype=torch.float64)
+        for p in parts:
+            rows[:, p["row0"] : p["row0"] + p["rows"].shape[1]] += p["rows"]
+        row_snr = _row_snr(rows)
+    return sums, ratios, row_snr, hist
+
+
+def _sample(r: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+    """round(rate * len(r)) values drawn uniformly with replacement (cheap; fine for quantile estimates)."""
+    k = round(rate * r.numel())
+    return r[torch.randint(0, r.numel(), (k,), generator=gen)] if k else r[:0]
 
 
 def _snr_from_sums(qd: float, dd: float, d2q2: float, d3q: float, d4: float) -> tuple[float | None, float | None]:
@@ -122,18 +181,13 @@ def _snr_from_sums(qd: float, dd: float, d2q2: float, d3q: float, d4: float) -> 
     return k, k / (math.sqrt(var_num) / dd)
 
 
-def _row_snr(d: torch.Tensor, qd: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Per output row of a 2-D weight: the snr above with n = the row (rows without updates dropped)."""
-    if len(shape) != 2:
-        return torch.empty(0)
-    d, qd = d.reshape(shape), qd.reshape(shape)
-    dd = (d * d).sum(1)
-    keep = dd > 0
-    d, qd, dd = d[keep], qd[keep], dd[keep]
-    k = (qd * d).sum(1) / dd
-    e = qd - k[:, None] * d
-    se = ((d * d * e * e).sum(1)).sqrt() / dd
-    return torch.where(se > 0, k / se, torch.where(k == 0, torch.nan, torch.inf))
+def _row_snr(rows: torch.Tensor) -> torch.Tensor:
+    """Per output row, from its 5 product sums [5, rows] (float64): the snr above with n = the row's weights
+    (rows without updates dropped; nan where there is neither signal nor noise)."""
+    qd, dd, d2q2, d3q, d4 = rows[:, rows[1] > 0]
+    k = qd / dd
+    se = (d2q2 - 2 * k * d3q + k * k * d4).clamp(min=0).sqrt() / dd
+    return torch.where(se > 0, k / se, torch.where(k == 0, torch.nan, torch.inf)).float()
 
 
 def _summarize(sums: dict[str, float], ratios: torch.Tensor, hist: torch.Tensor, row_snr: torch.Tensor,
@@ -189,7 +243,7 @@ def survival_analysis(theta: Mapping[str, torch.Tensor], theta_new: Mapping[str,
     total_upd = sum(s["n_updated"] for s, _, _, _ in per.values())
     rate = min(1.0, QUANTILE_SAMPLE / total_upd) if total_upd else 1.0
     gen = torch.Generator().manual_seed(seed)
-    samples = {n: r if rate >= 1.0 else r[torch.rand(r.numel(), generator=gen) < rate] for n, (_, r, _, _) in per.items()}
+    samples = {n: r if rate >= 1.0 else _sample(r, rate, gen) for n, (_, r, _, _) in per.items()}
     exact = rate >= 1.0
     groups: dict[str, list[str]] = {}
     for n in names:
@@ -230,7 +284,7 @@ def alignment_report(state: Mapping[str, torch.Tensor], names: Sequence[str] | N
     total_sum, total_n, total_on = 0.0, 0, 0
     for n in names:
         dist = _alignment_distances(state[n], n, blocksize)
-        hist = torch.histc(dist.clamp(max=1.0), bins=ALIGN_BINS, min=0.0, max=1.0).long()
+        hist = torch.histc(dist.clamp(max=1.0), bins=ALIGN_BINS, min=0.0, max=1.0).long().cpu()
         on = int((dist < ON_GRID_TOL).sum())
         tensors[n] = _align_record(float(dist.double().sum()), dist.numel(), on, hist)
         total_hist += hist
@@ -245,7 +299,7 @@ def _alignment_distances(w: torch.Tensor, name: str, blocksize: int) -> torch.Te
     a = element_absmax(q)
     x = w.detach().reshape(-1).float()
     keep = (x.abs() != a) & (a > 0)
-    level = nf4_levels()[q.codes.long()] * a
+    level = nf4_levels(a.device)[q.codes.long()] * a
     return ((x - level).abs() / width.reshape(-1))[keep]
 
 

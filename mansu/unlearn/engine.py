@@ -100,6 +100,14 @@ class Method:
         self.priority = torch.zeros(self.n)
         self.fisher: torch.Tensor | None = None
         self.ref: torch.Tensor | None = None
+        self.cache: dict | None = None  # shared across runs on the same base weights (compare), keyed by settings
+
+    def cached(self, key, compute):
+        if self.cache is None:
+            return compute()
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
 
     def prepare(self) -> None:
         pass
@@ -198,11 +206,13 @@ class Mansu(Method):
         self.epsilon = math.inf if c.method == "mansu_no_fisher" else c.epsilon
         if c.objective == "npo":
             self.ensure_ref()
-        stats = retain_statistics(self.model, self.retain.to(self.device), self.index, k=c.k, n_fisher=c.n_fisher,
-                                  seed=c.seed)
+        key = (self.index.names, self.index.numel)
+        stats = self.cached(("retain", key, c.k, c.n_fisher, c.seed), lambda: retain_statistics(
+            self.model, self.retain.to(self.device), self.index, k=c.k, n_fisher=c.n_fisher, seed=c.seed))
         self.fisher, self.basis = stats.fisher, stats.basis
         params = {n: p.detach().cpu() for n, p in self.model.named_parameters() if n in self.index.names}
-        self.geo = floor_geometry(params, self.index, c.blocksize) if self.floor else None
+        self.geo = self.cached(("geometry", key, c.blocksize),
+                               lambda: floor_geometry(params, self.index, c.blocksize)) if self.floor else None
         self.touched = torch.zeros(self.n, dtype=torch.bool)
         self.cum = torch.zeros(self.n)
         self.spent = 0.0
@@ -221,7 +231,7 @@ class Mansu(Method):
 
     def floored_step(self, p: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         c = self.config
-        score = p.abs().masked_fill(self.touched, 0)
+        score = self.score(p).masked_fill(self.touched, 0)
         k = min(self.n_candidates, int((score > 0).sum()))
         cand = torch.topk(score, k).indices if k else torch.zeros(0, dtype=torch.long)
         prop = -c.lr * p[cand]
@@ -240,6 +250,13 @@ class Mansu(Method):
         return delta, {"n_candidates": int(k), "n_floored": int(kept.sum()), "n_unfloorable": n_unfloorable,
                        "n_dropped": bound.n_dropped, "n_touched": int(self.touched.sum()),
                        "fisher_cost": self.spent, "budget_used": self._used(self.spent)}
+
+    def score(self, p: torch.Tensor) -> torch.Tensor:
+        """Candidate priority: |p_i|, or |p_i| / sqrt(F_i + damping * mean F) (forget vs retain sensitivity)."""
+        if self.config.selection == "gradient":
+            return p.abs()
+        damp = self.config.fisher_damping * float(self.fisher.mean()) + 1e-30
+        return p.abs() / (self.fisher + damp).sqrt()
 
     def floor_not_met(self, cand: torch.Tensor, floored: torch.Tensor, feasible: torch.Tensor) -> None:
         if not bool(feasible.any()):
@@ -362,11 +379,15 @@ def build_method(model, forget, retain, config, index) -> Method:
 
 def run_unlearning(model, forget: TokenBatch, retain: TokenBatch, config: UnlearnConfig,
                    masks: dict[str, torch.Tensor] | None = None,
-                   on_step: Callable[[dict], None] | None = None) -> UnlearnResult:
-    """Unlearn in place (callers pass a copy); returns the cumulative update and per-step stats."""
+                   on_step: Callable[[dict], None] | None = None, cache: dict | None = None) -> UnlearnResult:
+    """Unlearn in place (callers pass a copy); returns the cumulative update and per-step stats.
+
+    `cache` (optional) shares base-weight statistics (retain Fisher/basis, NF4 geometry) between runs that start
+    from the same base weights; pass a fresh dict per base."""
     index = method_index(model, config, masks)
     torch.manual_seed(config.seed)
     method = build_method(model, forget, retain, config, index)
+    method.cache = cache
     t0 = time.perf_counter()
     method.prepare()
     prep = time.perf_counter() - t0

@@ -34,9 +34,13 @@ class BoundResult:
 def bound_scale(delta: torch.Tensor, fisher: torch.Tensor, epsilon: float) -> BoundResult:
     """Scale delta down uniformly so that D(delta) <= epsilon (unchanged when already inside)."""
     cost = fisher_cost(delta, fisher)
-    scale = 1.0 if cost <= epsilon else (epsilon / cost) ** 0.5 * (1 - 1e-9)
+    scale = 1.0 if cost <= epsilon else (epsilon / cost) ** 0.5 * (1 - 1e-6)  # slack for fp32 rounding
     out = delta * scale
     new_cost = fisher_cost(out, fisher)
+    while new_cost > epsilon:  # rounding left it a hair over: shrink until the bound really holds
+        scale *= 1 - 1e-6
+        out = delta * scale
+        new_cost = fisher_cost(out, fisher)
     return BoundResult(out, new_cost, new_cost / epsilon, 0, scale)
 
 

@@ -4,8 +4,9 @@ code changes -- so the update survives 4-bit quantization by construction.
 For coordinate i with base weight x_i (block absmax a_b, not the absmax element), proposed update p_i and
 direction s_i = sign(p_i):
 
-    m_i = min( max(|p_i|, kappa * w_i, mu_i(s_i)),  c_i(s_i) )        floored magnitude
-    delta_i = s_i * m_i
+    n_i = max(kappa * w_i, mu_i(s_i))                                  the floor
+    m_i = min( max(|p_i|, n_i),  c_i(s_i) )                            floored magnitude
+    delta_i = s_i * m_i,   feasible iff mu_i finite and n_i <= c_i
 
   w_i      NF4 bin width of x_i's cell in weight units (mansu.quant.geometry)
   mu_i(s)  the exact smallest move in direction s that changes the code with the absmax fixed
@@ -14,7 +15,7 @@ direction s_i = sign(p_i):
            weight never becomes its block's new absmax, so the block's scale -- and every other code of the
            block -- stays put.
 
-Coordinates with mu_i = inf or mu_i > c_i cannot be floored (counted as `unfloorable`).  Block absmax elements
+Coordinates with mu_i = inf or n_i > c_i cannot be floored (counted as `unfloorable`).  Block absmax elements
 are never moved, and no other coordinate moves (the update is exactly the floored set), so each floored code
 change holds under the real bitsandbytes quantizer; `verify_code_changes` checks it.
 
@@ -81,9 +82,9 @@ def floor_moves(proposal: torch.Tensor, bin_width: torch.Tensor, move_up: torch.
     up = proposal > 0
     mu = torch.where(up, move_up, move_down)
     cap = torch.where(up, cap_up, cap_down)
-    m = torch.maximum(torch.maximum(proposal.abs(), kappa * bin_width), mu)
-    m = torch.minimum(m, cap)
-    feasible = (proposal != 0) & torch.isfinite(mu) & (mu <= cap)
+    need = torch.maximum(kappa * bin_width, mu)  # the floor proper: kappa bins AND a code change
+    m = torch.minimum(torch.maximum(proposal.abs(), need), cap)  # a larger proposal is kept, up to the cap
+    feasible = (proposal != 0) & torch.isfinite(mu) & (need <= cap)
     return torch.where(feasible, torch.sign(proposal) * m, torch.zeros_like(m)), feasible
 
 

@@ -111,15 +111,19 @@ def _short_params(names: list[str]) -> str:
     return ", ".join(short[:6]) + (f" (+{len(short) - 6})" if len(short) > 6 else "")
 
 
-def node_trace(graph: GraphData, pos: np.ndarray, pinned: str | None = None) -> go.Scattergl:
-    """All nodes as one trace; marker size grows with |score|; the pinned node is outlined."""
+def node_trace(graph: GraphData, pos: np.ndarray, pinned: str | None = None,
+               score_max: float | None = None) -> go.Scattergl:
+    """All nodes as one trace; size and colour by score (on a shared scale when `score_max` is given, so
+    side-by-side stages compare); circuit nodes are outlined, the pinned node strongly."""
     mag = np.abs(graph.scores)
-    size = 8 + 14 * (mag / mag.max() if mag.size and mag.max() > 0 else mag)
+    top = score_max if score_max else (float(mag.max()) if mag.size else 0.0)
+    size = 8 + 14 * np.clip(mag / top, 0, 1) if top > 0 else np.full(mag.shape, 8.0)
     line_w = [3.0 if name == pinned else (1.5 if graph.in_circuit[i] else 0.5) for i, name in enumerate(graph.names)]
     return go.Scattergl(
         x=pos[:, 0], y=pos[:, 1], mode="markers+text", text=graph.names, textposition="top center",
         textfont={"size": 9}, customdata=graph.names, hovertext=node_hover(graph), hoverinfo="text",
-        marker={"size": size, "color": graph.scores, "colorscale": "RdBu", "cmid": 0.0,
+        marker={"size": size, "color": graph.scores, "colorscale": "RdBu", "cmin": -top if top > 0 else None,
+                "cmax": top if top > 0 else None,
                 "line": {"width": line_w, "color": "black"}, "showscale": True,
                 "colorbar": {"title": {"text": "node score"}, "thickness": 10}},
         name="nodes", showlegend=False,
@@ -127,11 +131,12 @@ def node_trace(graph: GraphData, pos: np.ndarray, pinned: str | None = None) -> 
 
 
 def circuit_figure(graph: GraphData, *, top_n: int | None = 300, threshold: float = 0.0,
-                   max_edges: int = MAX_EDGES, pinned: str | None = None, title: str = "") -> go.Figure:
+                   max_edges: int = MAX_EDGES, pinned: str | None = None, title: str = "",
+                   score_max: float | None = None) -> go.Figure:
     """The layered circuit: pruned edge traces (sign x width) under one node trace."""
     pos = layout_positions(graph)
     kept = select_edges(graph.weight, top_n=top_n, threshold=threshold, max_edges=max_edges)
-    fig = go.Figure([*edge_traces(graph, kept, pos), node_trace(graph, pos, pinned)])
+    fig = go.Figure([*edge_traces(graph, kept, pos), node_trace(graph, pos, pinned, score_max)])
     fig.update_layout(
         title=title or f"{kept.shape[0]} of {graph.n_edges} edges", height=560, hovermode="closest",
         xaxis={"title": "layer (input → heads · MLP → logits)", "showgrid": False, "zeroline": False},

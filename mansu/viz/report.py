@@ -59,10 +59,21 @@ def scorecard_rows(scorecard: dict[str, Any] | None) -> list[ScoreRow]:
     return sorted(rows, key=lambda r: order.get(r.name, len(order)))
 
 
+def mark(row: ScoreRow) -> str:
+    """✓ pass, ✗ fail, ? not available (plain symbols: they render without an emoji font)."""
+    return "?" if row.passed is None else ("✓" if row.passed else "✗")
+
+
 def badge(row: ScoreRow) -> str:
-    """A short text badge: ✅ / ❌ / ❔ with the property name."""
-    mark = "❔" if row.passed is None else ("✅" if row.passed else "❌")
-    return f"{mark} {title(row.name)}"
+    """A short text badge: mark and property name."""
+    return f"{mark(row)} {title(row.name)}"
+
+
+def badge_markdown(row: ScoreRow) -> str:
+    """A Streamlit markdown badge, green/red/grey, with the margin when known."""
+    color = "gray" if row.passed is None else ("green" if row.passed else "red")
+    margin = "" if row.margin is None else f" (margin {row.margin:+.3f})"
+    return f":{color}-badge[{badge(row)}{margin}]"
 
 
 def title(name: str) -> str:

@@ -97,15 +97,14 @@ def per_tensor(survival: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def headline(survival: dict[str, Any]) -> str | None:
-    """The report's own headline, else 'the median update is N x below the NF4 bin width'; None without a median."""
-    if isinstance(survival.get("headline"), str):
-        return survival["headline"]
+    """'the median update is N x below the NF4 bin width' (or 'X bin widths' at or above 0.5); the
+    report's own headline when there is no median; None without either."""
     med = median_ratio(overall(survival))
     if med is None or not math.isfinite(med) or med <= 0:
-        return None
-    if med < 1:
+        return survival.get("headline") if isinstance(survival.get("headline"), str) else None
+    if med < 0.5:
         return f"the median update is {1 / med:,.0f}x below the NF4 bin width (median |delta|/bin = {med:.3g})"
-    return f"the median update is {med:,.2f}x the NF4 bin width: most updated parameters change code"
+    return f"the median update is {med:,.2f} NF4 bin widths (median |delta|/bin = {med:.3g})"
 
 
 def histogram_figure(series: dict[str, Histogram], *, title: str = "|delta| / NF4 bin width") -> go.Figure:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from mansu.viz.compare import accuracy, cad_value, forget_drop, ptq_gap
-from mansu.viz.report import badge, scorecard_rows
+from mansu.viz.report import mark, scorecard_rows
 
 
 def _name(value: Any) -> str:
@@ -39,7 +39,7 @@ def run_row(run_id: str, config: dict[str, Any], status: dict[str, Any], metrics
         "model": "demo" if demo and not spec.get("model") else _name(spec.get("model")),
         "data": "demo world" if demo and not spec.get("forget") else _name(spec.get("forget")),
         "alignment": spec.get("base_alignment", "-"),
-        "scorecard": " ".join(badge(r).split(" ")[0] for r in rows) if rows else "-",
+        "scorecard": " ".join(mark(r) for r in rows) if rows else "-",
         "passed": f"{sum(bool(r.passed) for r in rows)}/{len(rows)}" if rows else "-",
         "forget fp": _r(forget_fp.value if forget_fp else None),
         "forget NF4": _r(forget_nf4.value if forget_nf4 else None),

@@ -7,7 +7,7 @@ import streamlit as st
 from mansu.paths import runs_root
 from mansu.runs import layout
 from mansu.runs.store import delete_run
-from mansu.viz.report import badge, scorecard_rows
+from mansu.viz.report import badge_markdown, scorecard_rows
 from mansu.viz.tables import run_row
 from ui import launch as ui_launch
 from ui.state import COMPARE_KEY, RUN_KEY, load_json, selection
@@ -30,7 +30,7 @@ rows = [run_row(r.run_id, r.config, r.status, r.metrics, r.scorecard, load_json(
 table = pd.DataFrame(rows)
 st.dataframe(table, hide_index=True, width="stretch", key="runs-table")
 st.caption("scorecard: meaningful forgetting · retain preservation · non-positive PTQ gap · structural erasure "
-           "(✅ pass, ❌ fail); accuracies are cloze MCQ after unlearning; PTQ gap = forget NF4 − forget fp.")
+           "(✓ pass, ✗ fail, ? not available); accuracies are cloze MCQ after unlearning; PTQ gap = forget NF4 − forget fp.")
 
 ids = [r.run_id for r in sel.runs]
 col1, col2, col3 = st.columns(3)
@@ -45,7 +45,7 @@ with col2:
         other = st.selectbox("compare the selected run with", others, key="runs-compare")
         if st.button("Compare", key="compare-run"):
             st.session_state[COMPARE_KEY] = other
-            st.switch_page("pages/before_after.py")
+            st.switch_page("views/before_after.py")
 with col3:
     victim = st.selectbox("delete run", ids, key="runs-delete")
     confirm = st.checkbox("yes, delete this run folder", key="runs-delete-confirm")
@@ -63,7 +63,7 @@ if sel.run is not None:
     st.subheader(f"Selected: {run.run_id}")
     rows = scorecard_rows(run.scorecard)
     if rows:
-        st.markdown("  ".join(f"`{badge(r)}`" for r in rows))
+        st.markdown(" ".join(badge_markdown(r) for r in rows))
     else:
         st.info("scorecard: not computed for this run.")
     if run.status.get("error"):

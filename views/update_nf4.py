@@ -17,8 +17,11 @@ sel = selection()
 run = require_run(sel)
 if run is None:
     st.stop()
-runs = [r for r in (run, sel.compare) if r is not None]
-surv = {run_display_name(r) + ("" if r is run else " (compare)"): load_json(r, layout.SURVIVAL) for r in runs}
+others = [r for r in sel.runs if r.run_id != run.run_id and (r.path / layout.SURVIVAL).is_file()]
+overlay_ids = st.multiselect("overlay runs (one line per run)", [r.run_id for r in others],
+                             default=[sel.compare.run_id] if sel.compare in others else [], key="survival-overlay")
+runs = [run, *[r for r in others if r.run_id in overlay_ids]]
+surv = {f"{run_display_name(r)} · {r.run_id[9:15]}": load_json(r, layout.SURVIVAL) for r in runs}
 
 main = surv[next(iter(surv))]
 if main is None:
@@ -27,6 +30,8 @@ else:
     line = sv.headline(main)
     if line:
         st.markdown(f"### {line}")
+    if isinstance(main.get("headline"), str) and main["headline"] != line:
+        st.caption(f"survival analysis: {main['headline']}")
     layers = sorted(sv.per_layer(main), key=sv._natural_key)
     scope = st.selectbox("scope", ["overall", *layers], key="survival-scope",
                          format_func=lambda s: s if s == "overall" else f"layer {s}")

@@ -50,8 +50,8 @@ if st.button("Export figures as PNG and SVG", key="report-images", disabled=not 
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for p in result.written:
                 zf.write(p, p.name)
-        st.session_state["report-zip"] = buf.getvalue()
+        st.session_state[f"report-zip-{run.run_id}"] = buf.getvalue()
         st.success(f"{len(result.written)} images written to {out / 'figures'}")
-if st.session_state.get("report-zip"):
-    st.download_button("Download figures (zip of PNG and SVG)", st.session_state["report-zip"],
+if st.session_state.get(f"report-zip-{run.run_id}"):
+    st.download_button("Download figures (zip of PNG and SVG)", st.session_state[f"report-zip-{run.run_id}"],
                        file_name=f"{run.run_id}-figures.zip", mime="application/zip", key="report-zip-dl")

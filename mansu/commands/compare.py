@@ -1,0 +1,227 @@
+"""`python -m mansu compare`: MANSU and every baseline on the demo world, several seeds, both base alignments;
+writes the generated table docs/results.md (and a JSON twin next to the runs).
+
+Each (base, method, seed) is a normal run folder (the app lists them).  Runs on the same base share the base
+evaluation, the circuit and the engine's base statistics (BaseCache); models are not saved (store_update off)
+to keep the comparison within minutes.  Retain accuracy is scored on the first `--retain-eval-limit` retain
+records (the same records for every method and the base).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+# Demo-world settings per method (Adam learning rates from SPEC.md's measurements; MANSU moves whole bins).
+DEMO_SETTINGS: dict[str, dict] = {
+    "mansu": {"steps": 4},
+    "mansu_no_floor": {"steps": 20, "lr": 3e-5},
+    "mansu_no_circuit": {"steps": 4},
+    "mansu_no_fisher": {"steps": 4},
+    "ga": {"steps": 20, "lr": 1e-5},
+    "graddiff": {"steps": 20, "lr": 3e-5},
+    "npo": {"steps": 20, "lr": 3e-5},
+    "simnpo": {"steps": 20, "lr": 3e-5},
+    "rmu": {"steps": 20, "lr": 5e-5},
+    "sure": {"steps": 20, "sure_lr": 1e-4, "retain_weight": 2.0},
+    "gu": {"steps": 20, "lr": 3e-5},
+    "ssd": {"steps": 1},
+}
+COMMON = {"n_fisher": 32, "k": 8, "batch_size": 32}
+NATURAL_METHODS = ("mansu", "graddiff")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("compare", help="MANSU vs every baseline on the demo world (writes docs/results.md)",
+                              description="Run MANSU, its ablations and the baselines on the demo world over several "
+                                          "seeds, on the NF4-grid-aligned base (all methods) and the natural base "
+                                          "(a subset), and write a generated results table.")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    p.add_argument("--methods", default=",".join(DEMO_SETTINGS), help="comma-separated methods on the grid base")
+    p.add_argument("--natural-methods", default=",".join(NATURAL_METHODS),
+                   help="comma-separated methods also run on the natural base ('' for none)")
+    p.add_argument("--retain-eval-limit", type=int, default=200, help="retain records scored (default 200)")
+    p.add_argument("--attribution-records", type=int, default=8, help="forget records attributed for CAD")
+    p.add_argument("--ig-steps", type=int, default=2, help="EAP-IG steps for CAD (default 2)")
+    p.add_argument("--output", default="docs/results.md", help="where to write the table (default docs/results.md)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override a demo setting, e.g. --set mansu.update_fraction=0.001")
+    p.set_defaults(func=handle)
+
+
+def _settings(args) -> dict[str, dict]:
+    settings = {m: {**COMMON, **s} for m, s in DEMO_SETTINGS.items()}
+    for item in args.set:
+        try:
+            lhs, raw = item.split("=", 1)
+            method, key = lhs.split(".", 1)
+        except ValueError:
+            raise ValueError(f"--set expects METHOD.KEY=VALUE, got {item!r}") from None
+        if method not in settings:
+            raise ValueError(f"--set names unknown method {method!r}; accepted are {', '.join(settings)}")
+        settings[method][key] = json.loads(raw)
+    return settings
+
+
+def _methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in DEMO_SETTINGS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; accepted are {', '.join(DEMO_SETTINGS)}")
+    return names
+
+
+def plan(args) -> list[tuple[str, str, int]]:
+    if not 1 <= args.seeds <= 20:
+        raise ValueError(f"--seeds must be in [1, 20], got {args.seeds}")
+    grid, natural = _methods(args.methods), _methods(args.natural_methods)
+    # seed-major order: a partial table (written after every run) already covers every method
+    return [job for s in range(args.seeds)
+            for job in [("nf4-grid", m, s) for m in grid] + [("natural", m, s) for m in natural]]
+
+
+def handle(args: argparse.Namespace) -> int:
+    from mansu.models.demo import ensure_demo
+    from mansu.pipeline import BaseCache, RunSpec
+
+    settings = _settings(args)
+    jobs = plan(args)
+    specs = []
+    assets = ensure_demo()
+    for base, method, seed in jobs:  # validate everything before any work
+        cfg = {**settings[method], "method": method, "seed": seed}
+        specs.append(RunSpec(model=str(assets.model_dir), forget=str(assets.forget_path),
+                             retain=str(assets.retain_path), unlearn=cfg, base_alignment=base,
+                             retain_eval_limit=args.retain_eval_limit, save_model=False, store_update=False,
+                             attribution_records=args.attribution_records, ig_steps=args.ig_steps))
+    t0 = time.perf_counter()
+    caches = {"nf4-grid": BaseCache(), "natural": BaseCache()}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for i, spec in enumerate(specs):
+        rows.append(_run_one(spec, caches[spec.base_alignment], i, len(specs)))
+        partial = f"PARTIAL: {len(rows)} of {len(specs)} runs finished so far." if len(rows) < len(specs) else ""
+        out.write_text(render(rows, caches, settings, time.perf_counter() - t0, args, partial))
+    total = time.perf_counter() - t0
+    from mansu.io import write_json_atomic
+    from mansu.paths import runs_root
+
+    write_json_atomic(runs_root() / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json",
+                      {"rows": rows, "wall_seconds": total, "settings": settings,
+                       "base_metrics": {k: c.metrics for k, c in caches.items()}}, add_stamp=True)
+    out.write_text(render(rows, caches, settings, total, args))
+    print(f"wrote {out} ({len(rows)} runs, {total / 60:.1f} min)")
+    return 0
+
+
+def _run_one(spec, cache, i: int, n: int) -> dict:
+    import logging
+
+    from mansu.io import read_json
+    from mansu.pipeline import RunFailed, run_pipeline, start_run
+    from mansu.runs import layout
+
+    run = start_run(spec)
+    cfg = spec.config
+    logging.getLogger(__name__).warning("compare %d/%d: %s seed %d on %s base", i + 1, n, cfg.method, cfg.seed,
+                                        spec.base_alignment)
+    row = {"run_id": run.name, "method": cfg.method, "seed": cfg.seed, "base": spec.base_alignment}
+    try:
+        card = run_pipeline(run, cache)
+    except Exception as exc:  # one failed run must not lose the others: it is reported in the table
+        return {**row, "error": f"{type(exc).__name__}: {exc}"}
+    m = read_json(run / layout.METRICS)
+    cad = read_json(run / layout.CAD) if (run / layout.CAD).is_file() else {}
+    return {**row, "forget_fp": m["unlearned_fp"]["forget"]["accuracy"],
+            "forget_nf4": m["unlearned_nf4"]["forget"]["accuracy"], "ptq_gap": m["ptq_gap"]["forget"]["gap"],
+            "ptq_gap_ci": [m["ptq_gap"]["forget"]["ci_low"], m["ptq_gap"]["forget"]["ci_high"]],
+            "retain_fp": m["unlearned_fp"]["retain"]["accuracy"], "retain_nf4": m["unlearned_nf4"]["retain"]["accuracy"],
+            "cad_nf4": (cad.get("after_nf4") or {}).get("value"), "cad_fp": (cad.get("after_fp") or {}).get("value"),
+            "median_ratio": m.get("survival", {}).get("median_ratio"),
+            "frac_code_changed": m.get("survival", {}).get("frac_code_changed"),
+            "params_touched": m["unlearn"]["n_params_touched"], "wall_seconds": m["unlearn"]["wall_seconds"],
+            "n_pass": card["n_pass"], "all_pass": card["all_pass"],
+            "pass": {k: v["pass"] for k, v in card["properties"].items()}}
+
+
+def _ms(values: list, fmt: str = "{:.3f}") -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return fmt.format(vals[0])
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
+
+
+COLUMNS = [("forget fp", "forget_fp", "{:.3f}"), ("forget NF4", "forget_nf4", "{:.3f}"),
+           ("PTQ gap", "ptq_gap", "{:+.3f}"), ("retain fp", "retain_fp", "{:.3f}"), ("CAD (NF4)", "cad_nf4", "{:.3f}"),
+           ("median abs(delta)/bin", "median_ratio", "{:.3g}"), ("params touched", "params_touched", "{:.0f}"),
+           ("wall s", "wall_seconds", "{:.1f}")]
+
+
+def table(rows: list[dict], base: str) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["base"] == base))
+    head = "| method | " + " | ".join(c[0] for c in COLUMNS) + " | scorecard (seeds passing all 4) |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for method in methods:
+        rs = [r for r in rows if r["base"] == base and r["method"] == method and "error" not in r]
+        errs = [r for r in rows if r["base"] == base and r["method"] == method and "error" in r]
+        cells = [_ms([r[key] for r in rs], fmt) for _, key, fmt in COLUMNS]
+        passing = f"{sum(r['all_pass'] for r in rs)}/{len(rs) + len(errs)}"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {passing} |")
+    return "\n".join(lines)
+
+
+def per_property(rows: list[dict], base: str) -> str:
+    props = ("forgetting", "retain", "ptq_gap", "structural_erasure")
+    lines = ["| method | " + " | ".join(props) + " |", "|" + "---|" * (len(props) + 1)]
+    for method in dict.fromkeys(r["method"] for r in rows if r["base"] == base):
+        rs = [r for r in rows if r["base"] == base and r["method"] == method and "error" not in r]
+        lines.append(f"| {method} | " + " | ".join(f"{sum(r['pass'][p] for r in rs)}/{len(rs)}" for p in props) + " |")
+    return "\n".join(lines)
+
+
+def render(rows: list[dict], caches: dict, settings: dict, total: float, args, partial: str = "") -> str:
+    from mansu.pipeline import RunSpec  # noqa: F401  (import check: the table is generated by the code)
+    from mansu.scorecard import ScorecardConfig
+
+    card = ScorecardConfig()
+    parts = ["# Results on the demo world (generated by `python -m mansu compare`; do not edit by hand)", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(rows)} runs in "
+             f"{total / 60:.1f} min on this machine; seeds 0..{args.seeds - 1}. Mean ± standard deviation over seeds.",
+             *([f"**{partial}**", ""] if partial else []),
+             "", "Columns: cloze MCQ accuracy on the 120 forget questions in full precision (fp) and after NF4 "
+             "(simulated, bit-exact bitsandbytes dequantization, blocksize 64); PTQ gap = forget NF4 - forget fp "
+             "(positive: NF4 brought forgotten answers back); retain accuracy on the first "
+             f"{args.retain_eval_limit} retain questions; CAD of the forget circuit before vs after unlearning + NF4 "
+             f"({args.attribution_records} forget records, {args.ig_steps} EAP-IG steps); median |delta| / NF4 bin "
+             "width over updated Linear weights; Linear weights changed; unlearning wall time (s).", "",
+             f"Scorecard thresholds (defaults): forgetting drop >= {card.forget_margin}, retain loss <= "
+             f"{card.retain_margin}, PTQ gap <= {card.max_ptq_gap}, CAD (NF4) >= {card.cad_threshold}.", ""]
+    for base, title in (("nf4-grid", "NF4-grid-aligned base"), ("natural", "Natural fp32 base")):
+        if not any(r["base"] == base for r in rows):
+            continue
+        m = caches[base].metrics
+        acc = lambda k, s: m.get(k, {}).get(s, {}).get("accuracy")  # noqa: E731
+        parts += [f"## {title}", ""]
+        if base == "nf4-grid":
+            parts += ["Every non-head Linear weight was replaced by its NF4 round trip before unlearning (a checkpoint "
+                      "distributed as dequantized NF4, a QLoRA merge, or QAT output). **These results depend on that "
+                      "alignment**: on this base any update below half a bin rounds back to the base's code.", ""]
+        else:
+            parts += ["The demo model as trained (weights at random places inside their NF4 cells): NF4 dithers "
+                      "sub-bin updates and keeps their mean (SPEC.md), so no PTQ recovery is expected here.", ""]
+        parts += [f"Base model: forget fp {acc('base_fp', 'forget')}, NF4 {acc('base_nf4', 'forget')}; retain fp "
+                  f"{acc('base_fp', 'retain')}, NF4 {acc('base_nf4', 'retain')}.", "", table(rows, base), "",
+                  "Seeds passing each property:", "", per_property(rows, base), ""]
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        parts += ["## Runs that failed", ""] + [f"- {r['method']} seed {r['seed']} ({r['base']}): {r['error']}"
+                                               for r in errors] + [""]
+    parts += ["## Settings", "", "```json", json.dumps(settings, indent=1, sort_keys=True), "```", "",
+              "Run ids: " + ", ".join(r["run_id"] for r in rows), ""]
+    return "\n".join(parts)
