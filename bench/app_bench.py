@@ -5,7 +5,7 @@ circuit figure build time on a 30k-edge synthetic graph.
                                                      # runs, else synthetic sample runs in a temp folder)
 
 References, measured in the same run:
-  * page render: the Runs page (the lightest page) -> ratio = heaviest page / Runs page (informational);
+  * page render: the first (cold) render of each page against the same page re-rendered with warm caches;
   * floor preview: reading update.safetensors from disk (what any preview must at least pay) -> target <= 200 ms;
   * circuit figure: the same 2,000 drawn edges as one go.Scatter trace per edge (the naive figure) -> target
     build <= 0.5 s and faster than the naive figure.
@@ -60,10 +60,11 @@ def bench_pages(repeats: int) -> None:
             raise RuntimeError(f"{page}: {at.exception[0].value}")
         return elapsed
 
-    times = {page: statistics.median(render(page) for _ in range(repeats)) for page in PAGES}
-    ref = times["views/runs.py"]
-    for page, t in times.items():
-        emit(f"page_render_{Path(page).stem}", t, "s", "Runs page render", ref, t / ref, "<= 2 s", t <= 2.0)
+    for page in PAGES:
+        cold = render(page)  # first render: artifacts read from disk, figures built
+        warm = statistics.median(render(page) for _ in range(repeats))  # st.cache_* hits
+        emit(f"page_render_{Path(page).stem}", cold, "s", "the same page re-rendered with warm caches (median)",
+             warm, cold / warm, "cold render <= 2 s", cold <= 2.0)
 
 
 def bench_preview(runs_root: Path, repeats: int) -> None:
@@ -73,7 +74,9 @@ def bench_preview(runs_root: Path, repeats: int) -> None:
     from mansu.runs.store import list_runs
     from mansu.unlearn.floor import preview_floor
 
-    run = next((r for r in list_runs(runs_root) if (r.path / layout.UPDATE).is_file()), None)
+    with_update = [r for r in list_runs(runs_root) if (r.path / layout.UPDATE).is_file()]
+    # the largest update (a default-settings demo run) is the case the <= 200 ms target is about
+    run = max(with_update, key=lambda r: (r.path / layout.UPDATE).stat().st_size, default=None)
     if run is None:
         print(json.dumps({"bench": "app", "skipped": "floor preview: no run with update.safetensors"}))
         return

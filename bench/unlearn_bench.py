@@ -53,7 +53,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--retain-weight", type=float, default=0.0, help="MANSU's mansu_retain_weight (compare: 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 when the cores are shared)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     assets = ensure_demo()
     lm = load_model(assets.model_dir)
     f_recs = load_demo_split(assets, "forget")
@@ -63,7 +67,7 @@ def main() -> None:
     common = {"steps": args.steps, "batch_size": 32, "k": 8, "n_fisher": 32}
     gd_step, _, _ = step_seconds(lm.model, forget, retain, UnlearnConfig(method="graddiff", lr=3e-5, **common))
     t0 = time.perf_counter()
-    mansu_step, prep, res = step_seconds(lm.model, forget, retain, UnlearnConfig(method="mansu", **common), masks)
+    mansu_step, prep, res = step_seconds(lm.model, forget, retain, UnlearnConfig(method="mansu", mansu_retain_weight=args.retain_weight, **common), masks)
     n_all = sum(p.numel() for p in lm.model.parameters())
     k = common["k"]
     basis_mb = k * res.index.numel * 4 / 2**20

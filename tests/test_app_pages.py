@@ -121,3 +121,37 @@ def test_run_without_artifacts_says_not_computed(home, page):
     if page not in ("views/runs.py", "views/launch.py"):
         texts = [i.value for i in at.info] + [c.value for c in at.caption]
         assert any("not computed for this run" in t for t in texts), texts
+
+
+def _chain_script():
+    import sys
+
+    import streamlit as st
+
+    from ui import launch as ui_launch
+
+    if st.button("go"):
+        ui_launch.launch([sys.executable, "-c", "pass"], "first",
+                         then=[([sys.executable, "-c", "import time; time.sleep(60)"], "second")])
+    ui_launch.progress_panel()
+
+
+def test_chained_launch_starts_the_next_run_and_cancel_stops_it(home):
+    import time
+
+    at = AppTest.from_function(_chain_script, default_timeout=60).run()
+    at.button[0].click().run()
+    first = at.session_state["_launches"][0]
+    first["proc"].wait(30)
+    at.run()  # the panel sees the first process finished and starts the second
+    items = at.session_state["_launches"]
+    assert [e["label"] for e in items] == ["second", "first"]
+    second = items[0]
+    assert second["proc"].poll() is None
+    at.run()  # the next rerun shows the second run with its Cancel button
+    assert not any("next:" in c.value for c in at.caption)  # nothing queued after the second
+    at.button(key=f"cancel-{second['info'].pid}-0").click().run()
+    assert second["proc"].wait(30) != 0 and second["cancelled"]
+    time.sleep(0.1)
+    at.run()
+    assert not at.exception and any("cancelled" in w.value for w in at.warning)

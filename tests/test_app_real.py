@@ -49,7 +49,37 @@ def test_every_page_on_a_real_run(app_env, page):
     if page == "views/update_nf4.py":
         metrics = {m.label: m.value for m in at.metric}
         assert int(metrics["n candidates"].replace(",", "")) > 0
-        assert any(m.value.startswith("the median update is") for m in at.markdown)
+        assert any(m.value.startswith("### the median update is") for m in at.markdown)
     if page == "views/runs.py":
         row = at.dataframe[0].value.iloc[0]
         assert row["state"] == "finished" and row["alignment"] == "nf4-grid" and row["passed"] != "-"
+
+
+def test_apply_kappa_starts_a_child_run_of_the_backend(app_env):
+    """"Apply and evaluate" starts `python -m mansu run --from-run ID --kappa K`; the backend accepts it and
+    creates a child run that reuses the parent's circuit (then we cancel it)."""
+    import time
+
+    from mansu.appstate import cancel_run, find_run_for_pid
+    from mansu.runs.store import load_run
+
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/update_nf4.py").run()
+    at.slider(key="floor-kappa").set_value(1.5).run()
+    at.button(key="floor-apply").click().run()
+    assert not at.exception
+    entry = at.session_state["_launches"][0]
+    info = entry["info"]
+    assert info.command[3:] == ["run", "--from-run", app_env.name, "--kappa", "1.5"]
+    child = None
+    deadline = time.time() + 120
+    while child is None and time.time() < deadline and entry["proc"].poll() is None:
+        child = find_run_for_pid(info.pid, app_env.parent)
+        time.sleep(0.5)
+    try:
+        assert child is not None, info.log_path.read_text()[-2000:]
+        spec = load_run(child, app_env.parent).config["spec"]
+        assert spec["parent_run"] == app_env.name and spec["unlearn"]["kappa"] == 1.5
+    finally:
+        cancel_run(info.pid, child, app_env.parent)
+        entry["proc"].wait(30)

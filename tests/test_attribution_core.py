@@ -21,6 +21,15 @@ from mansu.models.hooks import NodeCallbacks, count_hooks, node_hooks
 FAMILIES = [("llama", None), ("qwen2", 2), ("gpt2", None)]
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core CPU, 2 OpenMP threads ran these passes up to 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(scope="module")
 def tok():
     return toy_tokenizer()
@@ -162,6 +171,9 @@ def test_bad_input_errors(tok, recs):
     with pytest.raises(ValueError, match="use corruption='mean' or 'zero'"):
         attribute(model, tok, no_subject)
     attribute(model, tok, no_subject, corruption="zero", ig_steps=2)           # accepted without a subject
+    same_subject = [MCQRecord(r.question.replace(r.subject, "Zorb"), r.choices, r.answer, "Zorb") for r in recs]
+    with pytest.raises(ValueError, match="no record has a counterfactual partner"):
+        attribute(model, tok, same_subject)
     long = [MCQRecord("Which colour does Zorb wear ? " + "wear " * 80, ("red", "blue"), 0, "Zorb")] + recs[1:]
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
         attribute(model, tok, long)
@@ -276,3 +288,32 @@ def test_runs_on_bitsandbytes_nf4_model(tok, recs, tmp_path):
     masks = circuit_parameter_masks(nf4, Circuit([("input", "a0.h1"), ("a0.h1", "logits")]))
     assert masks["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)             # logical, not packed
     assert count_hooks(nf4) == 0
+
+
+def test_records_without_equal_length_partner_are_dropped(tok, recs):
+    model = _model("llama", None, tok)
+    odd = MCQRecord("Which colour does Zorb Quil wear ?", recs[0].choices, recs[0].answer, "Zorb Quil")
+    graph = attribute(model, tok, [odd] + recs[1:], ig_steps=2)
+    assert graph.metadata["n_dropped"] == 1 and graph.metadata["record_indices"] == list(range(1, 12))
+    assert graph.metric_clean.shape == (11,)
+
+
+def test_head_outputs_fast_path_matches_module_path():
+    """Per-head residual outputs from the weight (nn.Linear / Conv1D) equal the generic masked o_proj call."""
+    from transformers.pytorch_utils import Conv1D
+
+    from mansu.models.hooks import head_residual_outputs
+
+    class Wrapped(torch.nn.Linear):          # a subclass takes the generic path (as Linear4bit does)
+        pass
+    torch.manual_seed(0)
+    z4 = torch.randn(2, 5, 4, 8)
+    linear = torch.nn.Linear(32, 16, bias=True)
+    wrapped = Wrapped(32, 16, bias=True)
+    wrapped.load_state_dict(linear.state_dict())
+    fast, slow = head_residual_outputs(linear, z4), head_residual_outputs(wrapped, z4)
+    assert fast.shape == (2, 5, 4, 16) and torch.allclose(fast, slow, atol=1e-5)
+    assert torch.allclose(fast.sum(2) + linear.bias, linear(z4.reshape(2, 5, 32)), atol=1e-5)
+    conv = Conv1D(16, 32)
+    torch.nn.init.normal_(conv.weight)
+    assert torch.allclose(head_residual_outputs(conv, z4).sum(2) + conv.bias, conv(z4.reshape(2, 5, 32)), atol=1e-4)

@@ -8,7 +8,6 @@ With CI=true these tests never skip; elsewhere they skip only when chromium or p
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +31,8 @@ except ImportError:  # pragma: no cover - the dev requirements pin playwright
     sync_playwright = None
 
 _missing = sync_playwright is None or not Path(CHROMIUM).is_file()
-if _missing and os.environ.get("CI", "").lower() != "true":
+_ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
+if _missing and not _ci:
     pytest.skip("chromium or playwright missing (CI is not set)", allow_module_level=True)
 
 pytestmark = pytest.mark.timeout(240)
@@ -218,4 +218,36 @@ def test_report_downloads_a_self_contained_html(server, page, with_runs, tmp_pat
     assert html.count("Plotly.newPlot") >= 5 and "<script src=" not in html
     assert "meaningful forgetting" in html
     page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
+    _no_exception(page)
+
+
+def test_click_a_node_pins_it_and_lists_its_edges(server, page, with_runs):
+    _open(page, f"{server}/circuit")
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+    # pixel position of node m0 from plotly's own axes (nodes are the last trace)
+    x, y = page.evaluate("""() => { const gd = document.querySelector('.js-plotly-plot'); const fl = gd._fullLayout;
+        const tr = gd._fullData[gd._fullData.length - 1]; const i = tr.customdata.indexOf('m0');
+        const r = gd.getBoundingClientRect();
+        return [r.left + fl._size.l + fl.xaxis.l2p(tr.x[i]), r.top + fl._size.t + fl.yaxis.l2p(tr.y[i])]; }""")
+    page.mouse.click(x, y)
+    page.get_by_text("edges of m0").wait_for(timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stDataFrame\"]').length == 2",
+                           timeout=30_000)  # incoming and outgoing edges of the pinned node
+    page.screenshot(path=str(SHOTS / "circuit-pinned.png"), full_page=True)
+    _no_exception(page)
+
+
+def test_launch_shows_a_backend_error_readably(server, page, app_runs_home):
+    home, _ = app_runs_home
+    _open(page, f"{server}/launch")
+    page.get_by_text("use the embedded demo world and model").click()  # untick: use own model and data
+    page.get_by_label("model path or hub id (ignored for the demo)").fill(str(home / "no-such-model"))
+    page.get_by_label("forget file path").fill(str(home / "demo" / "forget.jsonl"))
+    page.get_by_label("retain file path").fill(str(home / "demo" / "retain.jsonl"))
+    page.get_by_role("button", name="Start run").click()
+    page.get_by_text("started:").first.wait_for(timeout=30_000)
+    alert = page.locator("[data-testid='stAlert']", has_text="backend error:").first
+    alert.wait_for(timeout=90_000)
+    assert "no-such-model" in alert.inner_text() and "Traceback" not in alert.inner_text()
+    page.screenshot(path=str(SHOTS / "launch-backend-error.png"), full_page=True)
     _no_exception(page)

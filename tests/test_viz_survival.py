@@ -3,7 +3,6 @@ line, and the code-change heatmap matrix (NaN where a layer is missing)."""
 
 import math
 
-import numpy as np
 import pytest
 
 from mansu.viz import survival as sv
@@ -68,3 +67,13 @@ def test_bare_counts_with_shared_edges_and_overflow_bins():
     assert sv.histogram_of({"histogram": [1, 2, 3, 4, 5]}, [1e-2, 1e-1, 1.0]) is None
     assert sv.headline(report) == "from the report"  # no median: the report's own sentence
     assert sv.headline({**report, "overall": {"median_ratio": 0.01}}).startswith("the median update is 100x below")
+
+
+def test_alignment_summary_and_figure():
+    metrics = {"base_alignment": {"setting": "nf4-grid", "mean_distance": 0.0, "frac_on_grid": 1.0,
+                                  "histogram": [8, 0, 0, 0]}}
+    assert sv.alignment_summary(metrics)["setting"] == "nf4-grid"
+    assert sv.alignment_summary({}) is None and sv.alignment_summary({"base_alignment": {"x": 1}}) is None
+    fig = sv.alignment_figure({"grid": [8, 0, 0, 0], "natural": [1, 1, 1, 1]})
+    assert max(fig.data[0].y) == 1.0 and max(fig.data[1].y) == 0.25
+    assert fig.data[0].x[0] == 0.0 and fig.data[0].x[-1] == 1.0

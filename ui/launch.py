@@ -6,6 +6,7 @@ rerun) and remembered in session_state; a fragment polls status.json once a seco
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import streamlit as st
@@ -22,10 +23,12 @@ def launches() -> list[dict[str, Any]]:
     return st.session_state.setdefault(LAUNCHES, [])
 
 
-def launch(command: list[str], label: str) -> Launched:
-    """Start a backend command and remember it for the progress panel."""
+def launch(command: list[str], label: str, then: list[tuple[list[str], str]] | None = None) -> Launched:
+    """Start a backend command and remember it for the progress panel; `then` are (command, label) pairs
+    started one after another when this one finishes successfully (one process at a time on a laptop)."""
     proc, info = start_backend(command, label=label)
-    launches().insert(0, {"proc": proc, "info": info, "label": label, "run_id": None, "cancelled": False})
+    launches().insert(0, {"proc": proc, "info": info, "label": label, "run_id": None, "cancelled": False,
+                          "then": list(then or [])})
     return info
 
 
@@ -35,9 +38,16 @@ def launch_spec(spec: LaunchSpec) -> Launched:
     return launch(build_command(spec), label=spec.method)
 
 
-def demo_command() -> list[str]:
-    """Build the demo world and model if missing, then run MANSU on it (one backend process)."""
-    return build_command(LaunchSpec(method="mansu", demo=True, base_alignment="nf4-grid"))
+def demo_commands() -> list[tuple[list[str], str]]:
+    """The demo comparison: GradDiff then MANSU on the NF4-grid-aligned demo base (where SPEC.md measured the
+    dual failure of gradient methods and the floor's fix); the first run also builds the demo if missing."""
+    return [(build_command(LaunchSpec(method=m, demo=True, base_alignment="nf4-grid")), f"demo: {m}")
+            for m in ("graddiff", "mansu")]
+
+
+def launch_demo() -> Launched:
+    (first, label), *rest = demo_commands()
+    return launch(first, label, then=rest)
 
 
 def _entry_status(entry: dict[str, Any]) -> dict[str, Any] | None:
@@ -61,7 +71,12 @@ def _show_entry(entry: dict[str, Any], i: int) -> bool:
     title = f"**{entry['label']}** · pid {info.pid}" + (f" · run `{entry['run_id']}`" if entry["run_id"] else "")
     st.markdown(title)
     if status is not None:
-        prog = progress_of(status)
+        # the ETA extrapolates the current stage from when this panel first saw it (status.json's started_at
+        # is the run's start, and step/total restart with every stage)
+        stage_key = (status.get("stage"), status.get("total"))
+        if entry.get("stage_key") != stage_key:
+            entry["stage_key"], entry["stage_seen"] = stage_key, dt.datetime.now(dt.timezone.utc).isoformat()
+        prog = progress_of({**status, "stage_started_at": status.get("stage_started_at") or entry["stage_seen"]})
         st.progress(prog.fraction, text=prog.text)
     elif code is None:
         st.progress(0.0, text="starting (building the demo world and model when missing, about a minute)…")
@@ -69,13 +84,21 @@ def _show_entry(entry: dict[str, Any], i: int) -> bool:
     if code is None:
         if tail:
             st.code(tail, language=None)
+        if entry["then"]:
+            st.caption("next: " + ", ".join(label for _, label in entry["then"]))
         if st.button("Cancel", key=f"cancel-{info.pid}-{i}"):
             cancel_run(info.pid, entry["run_id"], runs_root())
-            entry["cancelled"] = True
+            entry["cancelled"], entry["then"] = True, []
             st.rerun()
         return True
     if entry["cancelled"]:
         st.warning("cancelled")
+    elif code == 0 and entry["then"]:
+        (command, label), *rest = entry["then"]
+        entry["then"] = []
+        st.success("finished; starting the next run")
+        launch(command, label, then=rest)
+        return True
     elif code == 0:
         st.success("finished" + (f": select `{entry['run_id']}` in the sidebar" if entry["run_id"] else ""))
     else:
@@ -96,7 +119,7 @@ def progress_panel() -> None:
 def _panel() -> None:
     items = launches()
     st.subheader("Backend runs")
-    running = [_show_entry(entry, i) for i, entry in enumerate(items)]
+    running = [_show_entry(entry, i) for i, entry in enumerate(list(items))]  # a chained run may be added
     finished_now = not any(running) and st.session_state.get("_had_running")
     st.session_state["_had_running"] = any(running)
     if finished_now or st.session_state.pop("_new_run", False):

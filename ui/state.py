@@ -11,7 +11,7 @@ import streamlit as st
 
 from mansu.paths import runs_root
 from mansu.runs import layout
-from mansu.runs.store import RunSummary, list_runs, load_run, validate_run_id
+from mansu.runs.store import RunSummary, list_runs
 from mansu.viz import artifacts
 
 RUN_KEY = "run_id"
@@ -70,10 +70,6 @@ def selection() -> Selection:
     return sidebar()
 
 
-def select_run(run_id: str) -> None:
-    st.session_state[RUN_KEY] = validate_run_id(run_id)
-
-
 def require_run(sel: Selection) -> RunSummary | None:
     """The selected run, or an info box pointing to Runs when there is none."""
     run = sel.run
@@ -118,11 +114,6 @@ def _update_cached(run_path: str, mtime: float) -> dict[str, Any] | None:
 def load_update(run: RunSummary) -> dict[str, Any] | None:
     """update.safetensors tensors (cached; read-only: never modify them)."""
     return _update_cached(str(run.path), _mtime(Path(run.path) / layout.UPDATE))
-
-
-def fresh(run: RunSummary) -> RunSummary:
-    """Re-read a run (status changes while the backend works)."""
-    return load_run(run.run_id, Path(run.path).parent)
 
 
 def run_display_name(run: RunSummary) -> str:

@@ -33,13 +33,20 @@ pinned = c3.selectbox("pin node (or click one)", pin_options, key="circuit-pin")
 
 fig = circuit_figure(graph, top_n=top_n, threshold=threshold, pinned=None if pinned == "(none)" else pinned,
                      title=f"{STAGE_LABELS[stage]}: top {top_n} of {graph.n_edges} edges")
-event = st.plotly_chart(fig, key=f"circuit-chart-{stage}", on_select="rerun", selection_mode="points",
-                        width="stretch", config={"scrollZoom": True})
-points = (event or {}).get("selection", {}).get("points", []) if event else []
-clicked = next((p.get("customdata") for p in points if isinstance(p.get("customdata"), str)), None)
-if clicked and clicked != pinned and clicked in graph.names:
-    st.session_state["circuit-pin"] = clicked
-    st.rerun()
+chart_key = f"circuit-chart-{stage}"
+
+
+def _pin_clicked_node() -> None:
+    """on_select callback (runs before the rerun, so it may set the pin selectbox's state)."""
+    event = st.session_state.get(chart_key)
+    points = event.get("selection", {}).get("points", []) if event else []
+    clicked = next((p.get("customdata") for p in points if isinstance(p.get("customdata"), str)), None)
+    if clicked in graph.names:
+        st.session_state["circuit-pin"] = clicked
+
+
+st.plotly_chart(fig, key=chart_key, on_select=_pin_clicked_node, selection_mode="points", width="stretch",
+                config={"scrollZoom": True})
 
 if pinned != "(none)":
     st.subheader(f"edges of {pinned}")

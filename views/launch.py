@@ -51,8 +51,10 @@ def _validate_hparams(hparams: dict) -> None:
 defaults = _defaults()
 try:
     from mansu.unlearn.config import METHODS as methods
+    from mansu.unlearn.config import OBJECTIVES, OPTIMIZERS
+    CHOICES = {"objective": OBJECTIVES, "optimizer": OPTIMIZERS}
 except ImportError:
-    methods = METHODS
+    methods, CHOICES = METHODS, {}
 
 with st.form("launch-form"):
     demo = st.checkbox("use the embedded demo world and model", value=True, key="launch-demo")
@@ -79,6 +81,10 @@ with st.form("launch-form"):
             hparams[key] = int(col.number_input(key, value=default, step=1, key=f"hp-{key}"))
         elif isinstance(default, float):
             hparams[key] = float(col.number_input(key, value=default, format="%.6g", key=f"hp-{key}"))
+        elif key in CHOICES:
+            options = list(CHOICES[key])
+            hparams[key] = col.selectbox(key, options, index=options.index(default) if default in options else 0,
+                                         key=f"hp-{key}")
         else:
             hparams[key] = col.text_input(key, value=str(default), key=f"hp-{key}")
     submitted = st.form_submit_button("Start run", type="primary")

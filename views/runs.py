@@ -17,11 +17,14 @@ sel = selection()
 
 if not sel.runs:
     st.markdown("### Welcome to mansu\nNo runs yet. One click builds the embedded demo world (a fictitious "
-                "knowledge base and a small Llama trained on it on the CPU, about a minute), then runs MANSU on it: "
-                "evaluation in full precision and NF4, circuit attribution, unlearning, CAD and the scorecard.")
+                "knowledge base and a small Llama trained on it on the CPU, about a minute), then runs two methods "
+                "on it, one after the other: GradDiff (a gradient baseline) and MANSU. Each run evaluates in full "
+                "precision and NF4, finds the circuit, unlearns, measures CAD and fills in the scorecard. Both use "
+                "the NF4-grid-aligned base, where gradient unlearning was measured to come back after 4-bit "
+                "quantization (the outcome depends on the alignment: pick *natural* on Launch to compare).")
     if not ui_launch.launches():
         if st.button("Build and run the demo", type="primary", key="demo-button"):
-            ui_launch.launch(ui_launch.demo_command(), label="demo")
+            ui_launch.launch_demo()
             st.rerun()
     ui_launch.progress_panel()
     st.stop()

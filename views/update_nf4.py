@@ -53,6 +53,19 @@ else:
     if any(rows.values()):
         st.plotly_chart(sv.code_change_heatmap(rows), key="survival-heatmap", width="stretch")
 
+align = {f"{run_display_name(r)} · {r.run_id[9:15]}": sv.alignment_summary(r.metrics) for r in runs}
+align = {k: v for k, v in align.items() if v is not None}
+if align:
+    first = next(iter(align.values()))
+    st.markdown(f"**base alignment** (`{first.get('setting', '?')}`): mean distance to the NF4 level "
+                f"{first.get('mean_distance', float('nan')):.3f} bin widths; "
+                f"{100 * (first.get('frac_on_grid') or 0):.1f}% of weights on the grid. A base that sits on the grid "
+                "rounds every sub-half-bin update back to its old code; a natural base dithers it.")
+    st.plotly_chart(sv.alignment_figure({k: v["histogram"] for k, v in align.items()}), key="alignment-hist",
+                    width="stretch")
+else:
+    not_computed("base alignment diagnostic (metrics.json base_alignment)", run)
+
 st.subheader("magnitude floor κ: live preview")
 st.caption("Every updated parameter must move at least κ NF4 bin widths so its 4-bit code changes. "
            "The preview recomputes, from this run's saved update, how many parameters would change code, "

@@ -156,7 +156,6 @@ class FaithfulnessEvaluator:
         self.m_corrupt = float(sum(b.m_corrupt.sum() for b in self.bases)) / self.n
 
     def metric_with(self, keep: torch.Tensor) -> float:
-        total = 0.0
         with differentiable_4bit(self.model):
             total = self._sum_metric(keep)
         return total / self.n

@@ -166,8 +166,9 @@ def build_examples(model: Any, tokenizer: Any, records: Sequence[Any], *, metric
         targets = list(range(len(ctx) - 1, len(ctx) - 1 + len(tokens)))
         examples.append(Example(i, clean, corrupt, positions, targets, tokens, others))
     if not examples:
-        raise ValueError("no record has a counterfactual partner of equal token length; use corruption='mean' "
-                         "or 'zero', or give records whose subjects tokenize to the same length")
+        raise ValueError("no record has a counterfactual partner (another record with a different subject whose "
+                         "swapped prompt has the same token length); use corruption='mean' or 'zero', or give more "
+                         "records")
     if dropped:
         log.warning("dropped %d of %d records without an equal-length counterfactual partner", dropped, len(records))
     return examples, dropped
@@ -194,9 +195,11 @@ def collate(examples: Sequence[Example]) -> Batch:
     return Batch(
         clean=_pad([e.clean for e in examples], width), corrupt=_pad([e.corrupt for e in examples], width),
         mask=_row_mask([e.clean for e in examples], width).long(), corrupt_mask=corrupt_mask,
-        target_pos=_pad([e.target_positions for e in examples], n_t), target_tok=_pad([e.target_tokens for e in examples], n_t),
+        target_pos=_pad([e.target_positions for e in examples], n_t),
+        target_tok=_pad([e.target_tokens for e in examples], n_t),
         target_mask=_row_mask([e.target_tokens for e in examples], n_t),
-        other_tok=_pad([e.other_tokens for e in examples], n_o), other_mask=_row_mask([e.other_tokens for e in examples], n_o),
+        other_tok=_pad([e.other_tokens for e in examples], n_o),
+        other_mask=_row_mask([e.other_tokens for e in examples], n_o),
         indices=[e.index for e in examples])
 
 

@@ -132,3 +132,16 @@ def to_circuit_tracer(graph: AttributionGraph, *, circuit: Circuit | None = None
                          "prompt_tokens": [], "prompt": prompt, "node_threshold": node_threshold, "schema_version": 1},
             "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
             "nodes": nodes, "links": [{"source": ids[u], "target": ids[v], "weight": -s} for u, v, s in edges]}
+
+
+def save_cad(results: dict[str, Any], run_dir: Path) -> Path:
+    """Write cad.json: {stage: CADResult} (e.g. {"after_fp": ..., "after_nf4": ...}) with formula and intervals."""
+    path = Path(run_dir) / run_layout.CAD
+    write_json_atomic(path, {stage: r.to_dict() for stage, r in results.items()}, add_stamp=True)
+    return path
+
+
+def load_cad(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """cad.json as plain dicts keyed by stage (the provenance stamp dropped)."""
+    data = read_json(Path(run_dir) / run_layout.CAD)
+    return {k: v for k, v in data.items() if k != "_stamp"}

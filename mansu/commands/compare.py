@@ -17,10 +17,10 @@ from pathlib import Path
 
 # Demo-world settings per method (Adam learning rates from SPEC.md's measurements; MANSU moves whole bins).
 DEMO_SETTINGS: dict[str, dict] = {
-    "mansu": {"steps": 4},
-    "mansu_no_floor": {"steps": 20, "lr": 3e-5},
-    "mansu_no_circuit": {"steps": 4},
-    "mansu_no_fisher": {"steps": 4},
+    "mansu": {"steps": 12, "mansu_retain_weight": 1.0},      # docs/demo_search.md: the retain term keeps retain
+    "mansu_no_floor": {"steps": 20, "lr": 3e-5, "mansu_retain_weight": 1.0},
+    "mansu_no_circuit": {"steps": 12, "mansu_retain_weight": 1.0},
+    "mansu_no_fisher": {"steps": 12, "mansu_retain_weight": 1.0},
     "ga": {"steps": 20, "lr": 1e-5},
     "graddiff": {"steps": 20, "lr": 3e-5},
     "npo": {"steps": 20, "lr": 3e-5},
@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--attribution-records", type=int, default=8, help="forget records attributed for CAD")
     p.add_argument("--ig-steps", type=int, default=2, help="EAP-IG steps for CAD (default 2)")
     p.add_argument("--output", default="docs/results.md", help="where to write the table (default docs/results.md)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is much faster when other processes share the cores)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a demo setting, e.g. --set mansu.update_fraction=0.001")
     p.set_defaults(func=handle)
@@ -87,6 +89,12 @@ def handle(args: argparse.Namespace) -> int:
     from mansu.models.demo import ensure_demo
     from mansu.pipeline import BaseCache, RunSpec
 
+    import torch
+
+    if args.threads is not None:
+        if not 1 <= args.threads <= 256:
+            raise ValueError(f"--threads must be in [1, 256], got {args.threads}")
+        torch.set_num_threads(args.threads)
     settings = _settings(args)
     jobs = plan(args)
     specs = []
@@ -154,7 +162,7 @@ def _ms(values: list, fmt: str = "{:.3f}") -> str:
         return "n/a"
     if len(vals) == 1:
         return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
 
 
 COLUMNS = [("forget fp", "forget_fp", "{:.3f}"), ("forget NF4", "forget_nf4", "{:.3f}"),

@@ -207,10 +207,15 @@ def node_hooks(model: Any, layout: ModelLayout, callbacks: NodeCallbacks) -> Ite
 def head_residual_outputs(o_proj: Any, z4: torch.Tensor) -> torch.Tensor:
     """Each head's output in the residual stream, [b, s, H, d]: z_h @ W_o[:, h-block].T (o_proj's bias removed).
 
-    Calls the stock o_proj module on a block-masked copy of z, so it works for nn.Linear, GPT-2's Conv1D and
-    bitsandbytes Linear4bit alike.
+    nn.Linear and GPT-2's Conv1D use their weight directly; any other module (bitsandbytes Linear4bit, ...) is
+    called on a block-masked copy of z (H times the matmul, but no access to its weight format needed).
     """
     b, s, n_heads, hd = z4.shape
+    weight = getattr(o_proj, "weight", None)
+    if type(o_proj) is torch.nn.Linear:                                # W [d, H*hd]: one einsum, no H-fold matmul
+        return torch.einsum("bshk,dhk->bshd", z4, weight.view(weight.shape[0], n_heads, hd).to(z4.dtype))
+    if type(o_proj).__name__ == "Conv1D" and weight is not None:       # GPT-2: W [H*hd, d]
+        return torch.einsum("bshk,hkd->bshd", z4, weight.view(n_heads, hd, weight.shape[1]).to(z4.dtype))
     eye = torch.eye(n_heads, dtype=z4.dtype, device=z4.device)
     masked = (z4.unsqueeze(0) * eye[:, None, None, :, None]).reshape(n_heads * b, s, n_heads * hd)
     with bypass():

@@ -39,6 +39,7 @@ class UnlearnConfig:
     kappa: float = 1.0              # floor: |delta_i| >= kappa * NF4 bin width (1.0 = one whole cell)
     update_fraction: float = 0.002  # MANSU: candidates per step, as a fraction of the circuit's parameters
     blocksize: int = 64             # NF4 block size the floor targets (bitsandbytes' default)
+    mansu_retain_weight: float = 0.0  # MANSU: add w * retain-NLL gradient (a retain batch) before projecting
     selection: str = "gradient"     # MANSU candidate score: gradient |p_i| or fisher_ratio |p_i| / sqrt(F_i + damping)
     fisher_damping: float = 1.0     # fisher_ratio damping, in units of mean(F) (near 0 picks dead weights: SPEC.md)
     fisher_mode: str = "scale"      # how the bound is enforced on dense updates (no-floor ablation, GU): scale|clip
@@ -58,6 +59,7 @@ class UnlearnConfig:
         _one_of("objective", self.objective, OBJECTIVES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("selection", self.selection, ("gradient", "fisher_ratio"))
+        _float_range("mansu_retain_weight", self.mansu_retain_weight, 0.0, 1e6)
         _float_range("fisher_damping", self.fisher_damping, 0.0, 1e6, lo_open=True)
         _one_of("fisher_mode", self.fisher_mode, ("scale", "clip"))
         _int_range("steps", self.steps, 1, 100_000)

@@ -82,11 +82,19 @@ class Adam:
         return -self.lr * mhat / (vhat.sqrt() + self.eps)
 
 
-def make_optimizer(config: UnlearnConfig, n: int, lr: float | None = None):
+class Sgd:
+    """delta = -lr * g."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def step(self, g: torch.Tensor) -> torch.Tensor:
+        return -self.lr * g
+
+
+def make_optimizer(config: UnlearnConfig, n: int, lr: float | None = None) -> Adam | Sgd:
     lr = config.lr if lr is None else lr
-    if config.optimizer == "adam":
-        return Adam(n, lr)
-    return type("SGD", (), {"step": staticmethod(lambda g: -lr * g)})()
+    return Adam(n, lr) if config.optimizer == "adam" else Sgd(lr)
 
 
 class Method:
@@ -222,6 +230,11 @@ class Mansu(Method):
     def step(self, step: int) -> tuple[torch.Tensor, dict]:
         loss = self.forget_loss(step, self.config.objective)
         g = masked_grad(self.model, loss, self.index)
+        if self.config.mansu_retain_weight > 0:  # retain damage accrued so far steers selection and direction
+            rb, _ = self.batch("retain", step)
+            loss_r = obj.nll_loss(self.model, rb)
+            g = g + self.config.mansu_retain_weight * masked_grad(self.model, loss_r, self.index)
+            loss = loss + self.config.mansu_retain_weight * loss_r
         _check_finite(loss, g, step)
         p = project_off(g, self.basis)
         stats = {"loss": float(loss.detach()), "grad_norm": float(g.norm()), "proj_removed_norm": float((g - p).norm())}

@@ -173,3 +173,26 @@ def by_kind_and_layer(tensors: dict[str, dict[str, Any]]) -> dict[str, dict[str,
     for name, entry in tensors.items():
         out.setdefault(tensor_kind(name), {})[layer_of(name)] = entry
     return out
+
+
+def alignment_summary(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """metrics.json's `base_alignment` (mansu.quant.survival.alignment_report's overall record plus the
+    setting), or None when the run did not record it."""
+    entry = metrics.get("base_alignment") if isinstance(metrics, dict) else None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("histogram"), list) else None
+
+
+def alignment_figure(series: dict[str, list[float]]) -> go.Figure:
+    """How far base weights sit from their NF4 level, in bin widths (linear bins over [0, 1]); a base stored
+    as dequantized NF4 piles up at 0, a natural fp32 base spreads over [0, ~0.6]."""
+    fig = go.Figure()
+    for label, counts in series.items():
+        c = np.asarray(counts, dtype=float)
+        edges = np.linspace(0.0, 1.0, c.size + 1)
+        fig.add_trace(go.Scatter(x=np.repeat(edges, 2)[1:-1], y=np.repeat(c / (c.sum() or 1.0), 2), mode="lines",
+                                 name=label))
+    fig.update_layout(title="base alignment: distance of each weight to its NF4 level",
+                      xaxis={"title": "|theta - level| / bin width", "range": [0, 1]},
+                      yaxis={"title": "fraction of weights"}, height=320,
+                      margin={"l": 50, "r": 10, "t": 50, "b": 40}, legend={"orientation": "h", "y": -0.25})
+    return fig
