@@ -3,9 +3,12 @@
 Run with `streamlit run app.py` (served on 127.0.0.1 by .streamlit/config.toml).
 """
 
+from pathlib import Path
+
 import streamlit as st
 
 st.set_page_config(page_title="mansu", page_icon=":material/explore:", layout="wide")
+st.logo(str(Path(__file__).parent / "assets" / "logo.svg"))
 
 PAGES = [
     st.Page("views/runs.py", title="Runs", icon=":material/table_view:", default=True, url_path="runs"),

@@ -170,6 +170,9 @@ def test_every_page_renders(server, page, with_runs, slug):
                                ".filter(p => p.querySelector('.main-svg')).length >= n", arg=expected_charts,
                                timeout=30_000)
     assert page.locator(".js-plotly-plot").count() >= expected_charts
+    logo = page.locator("[data-testid='stSidebarLogo'], [data-testid='stLogo']").first
+    logo.wait_for(timeout=10_000)
+    assert page.evaluate("img => img.naturalWidth", logo.element_handle()) > 0  # assets/logo.svg was served
     page.screenshot(path=str(SHOTS / f"page-{slug}.png"), full_page=True)
     _no_exception(page)
 
