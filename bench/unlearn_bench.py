@@ -13,8 +13,12 @@ import argparse
 import copy
 import json
 import resource
+import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 
 def step_seconds(model, forget, retain, config, masks=None) -> tuple[float, float, object]:

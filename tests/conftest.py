@@ -66,3 +66,15 @@ def tiny_llama(vocab_size: int = 64, *, layers: int = 2, hidden: int = 32, heads
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv_heads or heads, intermediate_size=2 * hidden, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on the shared 2-core CPU, 2 OpenMP threads ran attribution passes up to
+    20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
