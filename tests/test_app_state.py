@@ -51,6 +51,20 @@ def test_command_is_accepted_by_the_backend_parser(tmp_path):
     assert (args.method, args.steps, args.lr, args.demo, args.set) == ("ga", 3, 1e-5, True, ["retain_weight=2.0"])
 
 
+
+def test_demo_button_runs_the_results_settings():
+    """The app's demo comparison uses the settings of docs/results.md, and the backend builds exactly them."""
+    from mansu.cli import build_parser
+    from mansu.commands.run import _unlearn_overrides
+    from mansu.unlearn.demo_settings import demo_settings
+    from ui.launch import demo_commands
+
+    (graddiff, _), (mansu, _) = demo_commands()
+    for cmd, method in ((graddiff, "graddiff"), (mansu, "mansu")):
+        args = build_parser().parse_args(cmd[3:])
+        assert args.method == method and args.demo and args.base_alignment == "nf4-grid"
+        assert _unlearn_overrides(args) == {"method": method, **demo_settings(method)}
+
 def test_progress_and_eta():
     start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     prog = progress_of({"stage": "unlearn", "step": 25, "total": 100, "state": "running",

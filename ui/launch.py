@@ -14,6 +14,7 @@ import streamlit as st
 from mansu.appstate import (Launched, LaunchSpec, backend_error, build_command, cancel_run, find_run_for_pid,
                             log_tail, progress_of, start_backend, validate_spec)
 from mansu.paths import runs_root
+from mansu.unlearn.demo_settings import demo_settings
 from mansu.runs.store import read_status, run_dir
 
 LAUNCHES = "_launches"
@@ -40,9 +41,10 @@ def launch_spec(spec: LaunchSpec) -> Launched:
 
 def demo_commands() -> list[tuple[list[str], str]]:
     """The demo comparison: GradDiff then MANSU on the NF4-grid-aligned demo base (where SPEC.md measured the
-    dual failure of gradient methods and the floor's fix); the first run also builds the demo if missing."""
-    return [(build_command(LaunchSpec(method=m, demo=True, base_alignment="nf4-grid")), f"demo: {m}")
-            for m in ("graddiff", "mansu")]
+    dual failure of gradient methods and the floor's fix), with the settings of docs/results.md; the first run
+    also builds the demo if missing."""
+    return [(build_command(LaunchSpec(method=m, demo=True, base_alignment="nf4-grid", hparams=demo_settings(m))),
+             f"demo: {m}") for m in ("graddiff", "mansu")]
 
 
 def launch_demo() -> Launched:

@@ -15,22 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
-# Demo-world settings per method (Adam learning rates from SPEC.md's measurements; MANSU moves whole bins).
-DEMO_SETTINGS: dict[str, dict] = {
-    "mansu": {"steps": 12, "mansu_retain_weight": 1.0},      # docs/demo_search.md: the retain term keeps retain
-    "mansu_no_floor": {"steps": 20, "lr": 3e-5, "mansu_retain_weight": 1.0},
-    "mansu_no_circuit": {"steps": 12, "mansu_retain_weight": 1.0},
-    "mansu_no_fisher": {"steps": 12, "mansu_retain_weight": 1.0},
-    "ga": {"steps": 20, "lr": 1e-5},
-    "graddiff": {"steps": 20, "lr": 3e-5},
-    "npo": {"steps": 20, "lr": 3e-5},
-    "simnpo": {"steps": 20, "lr": 3e-5},
-    "rmu": {"steps": 20, "lr": 5e-5},
-    "sure": {"steps": 20, "sure_lr": 1e-4, "retain_weight": 2.0},
-    "gu": {"steps": 20, "lr": 3e-5},
-    "ssd": {"steps": 1},
-}
-COMMON = {"n_fisher": 32, "k": 8, "batch_size": 32}
+from mansu.unlearn.demo_settings import DEMO_SETTINGS, demo_settings
+
 NATURAL_METHODS = ("mansu", "graddiff")
 
 
@@ -55,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def _settings(args) -> dict[str, dict]:
-    settings = {m: {**COMMON, **s} for m, s in DEMO_SETTINGS.items()}
+    settings = {m: demo_settings(m) for m in DEMO_SETTINGS}
     for item in args.set:
         try:
             lhs, raw = item.split("=", 1)
