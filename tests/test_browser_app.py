@@ -7,7 +7,10 @@ With CI=true these tests never skip; elsewhere they skip only when chromium or p
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -58,12 +61,12 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> No
     raise TimeoutError("streamlit did not become healthy")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, app_runs_home):
+@contextlib.contextmanager
+def _serve(home: Path, runs: Path):
+    """`streamlit run app.py` on a free localhost port with this MANSU_HOME / MANSU_RUNS; yields its URL."""
     port = _free_port()
-    home, runs = app_runs_home
     env = {**os.environ, "MANSU_HOME": str(home), "MANSU_RUNS": str(runs)}
-    log = open(tmp_path_factory.mktemp("st") / "streamlit.log", "wb")
+    log = open(home / "streamlit.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1",
                              "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
@@ -79,6 +82,12 @@ def server(tmp_path_factory, app_runs_home):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(app_runs_home):
+    with _serve(*app_runs_home) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +126,10 @@ def _no_exception(page) -> None:
 def app_runs_home(tmp_path_factory, demo_assets):
     """A fresh MANSU_HOME whose demo/ links to the shared, already built demo (so a launched demo run starts at
     once), with an empty runs folder; runs are added by `with_runs` after the empty-state test."""
-    home = tmp_path_factory.mktemp("browser")
+    return _fresh_home(tmp_path_factory.mktemp("browser"), demo_assets)
+
+
+def _fresh_home(home: Path, demo_assets) -> tuple[Path, Path]:
     (home / "demo").symlink_to(demo_assets.root, target_is_directory=True)
     runs = home / "runs"
     runs.mkdir()
@@ -208,16 +220,19 @@ def test_floor_slider_updates_the_preview(server, page, with_runs):
     _no_exception(page)
 
 
-def test_report_downloads_a_self_contained_html(server, page, with_runs, tmp_path):
-    _open(page, f"{server}/report")
+def _download_report(page, url: str) -> str:
+    """Open Report, build the HTML report and download it; returns its text."""
+    _open(page, f"{url}/report")
     page.get_by_role("button", name="Build HTML report").click()
     link = page.get_by_role("button", name="Download report.html")
-    link.wait_for(timeout=60_000)
+    link.wait_for(timeout=120_000)
     with page.expect_download(timeout=60_000) as info:
         link.click()
-    path = tmp_path / "report.html"
-    info.value.save_as(path)
-    html = path.read_text(encoding="utf-8")
+    return Path(info.value.path()).read_text(encoding="utf-8")
+
+
+def test_report_downloads_a_self_contained_html(server, page, with_runs):
+    html = _download_report(page, server)
     assert html.count("Plotly.newPlot") >= 5 and "<script src=" not in html
     assert "meaningful forgetting" in html
     page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
@@ -254,3 +269,56 @@ def test_launch_shows_a_backend_error_readably(server, page, app_runs_home):
     assert "no-such-model" in alert.inner_text() and "Traceback" not in alert.inner_text()
     page.screenshot(path=str(SHOTS / "launch-backend-error.png"), full_page=True)
     _no_exception(page)
+
+
+def test_circuit_exports_json_png_and_svg(server, page, with_runs, tmp_path):
+    _open(page, f"{server}/circuit")
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+    with page.expect_download(timeout=30_000) as info:
+        page.get_by_role("button", name="graph JSON").click()
+    graph = json.loads(Path(info.value.path()).read_text())
+    assert graph["nodes"] and graph["links"]
+    page.get_by_role("button", name="prepare PNG and SVG").click()
+    saved = {}
+    for ext in ("png", "svg"):
+        button = page.get_by_role("button", name=re.compile(rf"download circuit-.*\.{ext}"))
+        button.wait_for(timeout=90_000)
+        with page.expect_download(timeout=30_000) as info:
+            button.click()
+        saved[ext] = Path(info.value.path()).read_bytes()
+    assert saved["png"][:8] == b"\x89PNG\r\n\x1a\n" and len(saved["png"]) > 10_000
+    assert b"<svg" in saved["svg"][:500] and b"</svg>" in saved["svg"][-200:]
+    _no_exception(page)
+
+
+@pytest.mark.timeout(1800)
+def test_first_time_user_gets_a_demo_comparison_and_a_report(tmp_path_factory, demo_assets, browser):
+    """Issue 6's 'done when': from an empty install, one button gives a finished GradDiff vs MANSU comparison
+    (real backend runs, the demo world's settings), and the Report page downloads the reviewer report."""
+    from mansu.runs.store import list_runs
+
+    home, runs = _fresh_home(tmp_path_factory.mktemp("first-time"), demo_assets)
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = ctx.new_page()
+    try:
+        with _serve(home, runs) as url:
+            _open(page, url)
+            page.get_by_role("button", name="Build and run the demo").click()
+            deadline = time.time() + 1500
+            done = []
+            while time.time() < deadline and len(done) < 2:
+                states = [r.status.get("state") for r in list_runs(runs)]
+                assert "failed" not in states and "cancelled" not in states, states
+                done = [s for s in states if s == "finished"]
+                time.sleep(5)
+            assert len(done) == 2, f"demo comparison did not finish in time: {states}"
+            page.get_by_text("finished", exact=False).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(SHOTS / "03-demo-finished.png"), full_page=True)
+            methods = sorted(r.config["spec"]["unlearn"]["method"] for r in list_runs(runs))
+            assert methods == ["graddiff", "mansu"]
+            html = _download_report(page, url)
+            assert "meaningful forgetting" in html and html.count("Plotly.newPlot") >= 5
+            page.screenshot(path=str(SHOTS / "04-demo-report.png"), full_page=True)
+            _no_exception(page)
+    finally:
+        ctx.close()

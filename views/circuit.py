@@ -68,10 +68,12 @@ e1, e2 = st.columns(2)
 json_path = layout.attribution_json(Path(run.path), stage)
 e1.download_button("graph JSON", json_path.read_bytes(), file_name=f"{run.run_id}-{stage}.json",
                    mime="application/json", key="circuit-json")
+images_key = f"circuit-images-{run.run_id}-{stage}"  # kept across the rerun a download click triggers
 if e2.button("prepare PNG and SVG", key="circuit-images"):
-    out = exports_dir(run.run_id)
-    result = export_images({f"circuit-{stage}": fig}, out)
+    result = export_images({f"circuit-{stage}": fig}, exports_dir(run.run_id))
     if result.error:
         st.warning(result.error)
-    for path in result.written:
+    st.session_state[images_key] = [str(path) for path in result.written]
+for path in map(Path, st.session_state.get(images_key, [])):
+    if path.is_file():
         st.download_button(f"download {path.name}", path.read_bytes(), file_name=path.name, key=f"dl-{path.name}")
