@@ -312,7 +312,7 @@ def test_first_time_user_gets_a_demo_comparison_and_a_report(tmp_path_factory, d
                 done = [s for s in states if s == "finished"]
                 time.sleep(5)
             assert len(done) == 2, f"demo comparison did not finish in time: {states}"
-            page.get_by_text("finished", exact=False).first.wait_for(timeout=60_000)
+            page.locator("[data-testid='stAlert']", has_text="finished").first.wait_for(timeout=60_000)
             page.screenshot(path=str(SHOTS / "03-demo-finished.png"), full_page=True)
             methods = sorted(r.config["spec"]["unlearn"]["method"] for r in list_runs(runs))
             assert methods == ["graddiff", "mansu"]
