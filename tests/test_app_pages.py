@@ -59,6 +59,22 @@ def test_runs_table(sample_runs):
     assert {b.label for b in at.button} >= {"Open", "Compare", "Delete"}
 
 
+def test_run_link_selects_the_run_and_follows_the_picker(sample_runs):
+    """?run=<id> opens the app on that run; picking another run rewrites the link; an unknown id is ignored."""
+    default = AppTest.from_file(APP, default_timeout=60).run().session_state["run_id"]
+    (linked,) = [r.name for r in sample_runs if r.name != default]
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = linked
+    at.run()
+    assert not at.exception and at.session_state["run_id"] == linked
+    at.selectbox(key="run_id").set_value(default).run()
+    assert at.session_state["run_id"] == default and at.query_params["run"] == default
+    stale = AppTest.from_file(APP, default_timeout=60)
+    stale.query_params["run"] = "20990101-000000-no-such-run"
+    stale.run()
+    assert not stale.exception and stale.session_state["run_id"] == default
+
+
 def test_delete_needs_confirmation(sample_runs):
     at = _page("views/runs.py")
     victim = at.selectbox(key="runs-delete").value

@@ -271,8 +271,10 @@ def test_launch_shows_a_backend_error_readably(server, page, app_runs_home):
     _no_exception(page)
 
 
-def test_circuit_exports_json_png_and_svg(server, page, with_runs, tmp_path):
-    _open(page, f"{server}/circuit")
+def test_circuit_exports_json_png_and_svg(server, page, with_runs):
+    # a link to the sample MANSU run: earlier tests in this module add runs without a graph
+    (run_id,) = [p.name for p in with_runs.iterdir() if p.name.endswith("sample-mansu")]
+    _open(page, f"{server}/circuit?run={run_id}")
     page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
     with page.expect_download(timeout=30_000) as info:
         page.get_by_role("button", name="graph JSON").click()

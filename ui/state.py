@@ -42,6 +42,23 @@ def run_label(run: RunSummary) -> str:
     return f"{run.run_id}  [{method} · {run.status.get('state', '?')}]"
 
 
+URL_RUN = "run"            # ?run=<run id>: a link that opens the app on one run (for sharing with reviewers)
+_URL_SEEN = "_url_run"     # the ?run= value last applied or written, so a new link wins and a stale one does not
+
+
+def _apply_url_run(ids: list[str]) -> None:
+    """Select the run named by ?run= when the link is new (an unknown or invalid id is ignored)."""
+    wanted = st.query_params.get(URL_RUN)
+    if wanted in ids and wanted != st.session_state.get(_URL_SEEN):
+        st.session_state[RUN_KEY] = st.session_state[_URL_SEEN] = wanted
+
+
+def _write_url_run(run_id: str) -> None:
+    if st.query_params.get(URL_RUN) != run_id:
+        st.query_params[URL_RUN] = run_id
+    st.session_state[_URL_SEEN] = run_id
+
+
 def sidebar() -> Selection:
     """Run and comparison-run pickers in the sidebar; the choice lives in session_state."""
     runs = all_runs()
@@ -52,10 +69,11 @@ def sidebar() -> Selection:
         if not runs:
             st.info("No runs yet: open **Runs** and build the demo.")
             return Selection(None, None, [])
-        current = st.session_state.get(RUN_KEY)
-        if current not in ids:
+        _apply_url_run(ids)
+        if st.session_state.get(RUN_KEY) not in ids:
             st.session_state[RUN_KEY] = ids[0]
         st.selectbox("run", ids, key=RUN_KEY, format_func=lambda i: run_label(by_id[i]))
+        _write_url_run(st.session_state[RUN_KEY])
         compare_options = [NONE, *[i for i in ids if i != st.session_state[RUN_KEY]]]
         if st.session_state.get(COMPARE_KEY) not in compare_options:
             st.session_state[COMPARE_KEY] = NONE
