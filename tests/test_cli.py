@@ -32,6 +32,19 @@ def test_eval_demo_prints_accuracies(demo_assets, demo_home):
     assert out.returncode == 0 and row["n"] == 120 and row["accuracy"] >= 0.99
 
 
+@pytest.mark.parametrize("mode", ["simulated", "real"])
+def test_eval_nf4_prints_the_ptq_gap(demo_assets, mode):
+    out = mansu("eval", "--model", str(demo_assets.model_dir), "--data", str(demo_assets.forget_path), "--nf4", mode,
+                "--json")
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    nf4 = row["nf4"]
+    assert out.returncode == 0 and nf4["mode"] == mode and nf4["n_quantized_modules"] == 14  # 2 layers x 7 Linear
+    assert nf4["acc_full"] == row["accuracy"] and nf4["gap"] == pytest.approx(nf4["acc_nf4"] - nf4["acc_full"])
+    assert nf4["acc_nf4"] >= 0.95 and nf4["ci_low"] <= nf4["gap"] <= nf4["ci_high"]
+    text = mansu("eval", "--model", str(demo_assets.model_dir), "--data", str(demo_assets.forget_path), "--nf4", mode)
+    assert "14 modules quantized" in text.stdout and "PTQ gap" in text.stdout
+
+
 def test_demo_command_reports_base_accuracies(demo_assets, demo_home):
     out = mansu("demo", "--json", env_extra={"MANSU_HOME": str(demo_home)})
     accs = json.loads(out.stdout.strip().splitlines()[-1])
