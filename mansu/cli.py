@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("demo", "eval", "runs", "run", "compare")
+COMMANDS = ("demo", "eval", "attribute", "runs", "run", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,10 @@ def test_every_page_on_a_real_run(app_env, page):
     assert len(at.get("plotly_chart")) >= EXPECTED_CHARTS[page]
     notices = [i.value for i in at.info]
     assert not any("not computed" in n for n in notices), notices
+    if page == "views/circuit.py":
+        # the real pipeline writes every stage's circuit-tracer export, and the page offers it
+        assert (app_env / "attribution" / "before.circuit-tracer.json").is_file()
+        assert "circuit-tracer JSON" in [b.proto.label for b in at.get("download_button")]
     if page == "views/update_nf4.py":
         metrics = {m.label: m.value for m in at.metric}
         assert int(metrics["n candidates"].replace(",", "")) > 0

@@ -64,10 +64,15 @@ else:
     st.caption("selected circuit: " + ", ".join(f"{k} = {v}" for k, v in sorted(summary.items()) if k != "_stamp"))
 
 st.subheader("export")
-e1, e2 = st.columns(2)
+e1, e3, e2 = st.columns(3)
 json_path = layout.attribution_json(Path(run.path), stage)
 e1.download_button("graph JSON", json_path.read_bytes(), file_name=f"{run.run_id}-{stage}.json",
                    mime="application/json", key="circuit-json")
+tracer_path = layout.attribution_tracer_json(Path(run.path), stage)
+if tracer_path.is_file():  # runs made before this export existed have none
+    e3.download_button("circuit-tracer JSON", tracer_path.read_bytes(), key="circuit-tracer-json",
+                       file_name=f"{run.run_id}-{stage}.circuit-tracer.json", mime="application/json",
+                       help="the circuit's edges in circuit-tracer's graph shape (metadata, nodes, links)")
 images_key = f"circuit-images-{run.run_id}-{stage}"  # kept across the rerun a download click triggers
 if e2.button("prepare PNG and SVG", key="circuit-images"):
     result = export_images({f"circuit-{stage}": fig}, exports_dir(run.run_id))

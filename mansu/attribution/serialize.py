@@ -55,7 +55,8 @@ def graph_to_json(graph: AttributionGraph, *, model: Any = None, circuit: Circui
 
 def save_graph(graph: AttributionGraph, run_dir: Path, stage: str, *, model: Any = None,
                circuit: Circuit | None = None, max_links: int | None = None) -> tuple[Path, Path]:
-    """Write attribution/<stage>.json and attribution/<stage>.safetensors atomically; returns both paths."""
+    """Write attribution/<stage>.json and attribution/<stage>.safetensors atomically, plus the circuit-tracer
+    export attribution/<stage>.circuit-tracer.json (the circuit's edges when given); returns the first two."""
     if stage not in run_layout.ATTRIBUTION_STAGES:
         raise ValueError(f"unknown attribution stage {stage!r}: accepted are {', '.join(run_layout.ATTRIBUTION_STAGES)}")
     json_path, tensor_path = run_layout.attribution_json(run_dir, stage), run_layout.attribution_tensors(run_dir, stage)
@@ -66,6 +67,8 @@ def save_graph(graph: AttributionGraph, run_dir: Path, stage: str, *, model: Any
     write_safetensors_atomic(tensor_path, tensors, {"stage": stage, "n_upstream": str(len(graph.upstream)),
                                                     "n_downstream": str(len(graph.downstream))})
     write_json_atomic(json_path, graph_to_json(graph, model=model, circuit=circuit, max_links=max_links), add_stamp=True)
+    write_json_atomic(run_layout.attribution_tracer_json(run_dir, stage),
+                      to_circuit_tracer(graph, circuit=circuit, slug=f"{Path(run_dir).name}-{stage}"))
     return json_path, tensor_path
 
 

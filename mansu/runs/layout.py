@@ -9,6 +9,7 @@
         steps.jsonl            per-step unlearning stats, one JSON object a line
         stages.json            finished stages (resume starts after the last one)
         attribution/<stage>.json, <stage>.safetensors   graph per stage (before, after_fp, after_nf4)
+        attribution/<stage>.circuit-tracer.json          the same in circuit-tracer's shape (circuit edges)
         circuit.json, circuit_masks.safetensors          the selected circuit and the parameter masks it owns
         cad.json               CAD before vs after (fp and NF4), with intervals and per-edge contributions
         survival.json          survival of the update under NF4 (histograms, per layer)
@@ -39,6 +40,11 @@ ATTRIBUTION_STAGES = ("before", "after_fp", "after_nf4")
 def attribution_json(run_dir: Path, stage: str) -> Path:
     """The graph JSON of one attribution stage."""
     return Path(run_dir) / ATTRIBUTION_DIR / f"{stage}.json"
+
+
+def attribution_tracer_json(run_dir: Path, stage: str) -> Path:
+    """The graph of one stage (its circuit's edges when it has one) in circuit-tracer's graph JSON shape."""
+    return Path(run_dir) / ATTRIBUTION_DIR / f"{stage}.circuit-tracer.json"
 
 
 def attribution_tensors(run_dir: Path, stage: str) -> Path:
