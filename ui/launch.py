@@ -14,8 +14,9 @@ import streamlit as st
 from mansu.appstate import (Launched, LaunchSpec, backend_error, build_command, cancel_run, find_run_for_pid,
                             log_tail, progress_of, start_backend, validate_spec)
 from mansu.paths import runs_root
-from mansu.unlearn.demo_settings import demo_settings
 from mansu.runs.store import read_status, run_dir
+from mansu.unlearn.demo_settings import demo_settings
+from ui.state import request_selection
 
 LAUNCHES = "_launches"
 
@@ -100,7 +101,15 @@ def _show_entry(entry: dict[str, Any], i: int) -> bool:
         entry["then"] = []
         st.success("finished; starting the next run")
         launch(command, label, then=rest)
+        launches()[0]["previous_run"] = entry["run_id"]
         return True
+    elif code == 0 and entry.get("previous_run") and entry["run_id"]:
+        # the end of a chain (the demo comparison): open its last run, compared with the one before
+        if not entry.get("selected"):
+            entry["selected"] = True
+            request_selection(entry["run_id"], entry["previous_run"])
+        st.success(f"finished: `{entry['run_id']}` is selected, compared with `{entry['previous_run']}`; "
+                   "open Before / after or Report")
     elif code == 0:
         st.success("finished" + (f": select `{entry['run_id']}` in the sidebar" if entry["run_id"] else ""))
     else:

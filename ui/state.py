@@ -46,6 +46,22 @@ URL_RUN = "run"            # ?run=<run id>: a link that opens the app on one run
 _URL_SEEN = "_url_run"     # the ?run= value last applied or written, so a new link wins and a stale one does not
 
 
+PENDING = "_select_next"   # (run, compare) chosen by code, applied before the pickers exist on the next rerun
+
+
+def request_selection(run_id: str, compare_id: str | None = None) -> None:
+    """Select a run (and a comparison run) on the next rerun; a widget's state cannot change once it is drawn."""
+    st.session_state[PENDING] = (run_id, compare_id)
+
+
+def _apply_pending(ids: list[str]) -> None:
+    run_id, compare_id = st.session_state.pop(PENDING, (None, None))
+    if run_id in ids:
+        st.session_state[RUN_KEY] = run_id
+        if compare_id in ids and compare_id != run_id:
+            st.session_state[COMPARE_KEY] = compare_id
+
+
 def _apply_url_run(ids: list[str]) -> None:
     """Select the run named by ?run= when the link is new (an unknown or invalid id is ignored)."""
     wanted = st.query_params.get(URL_RUN)
@@ -69,6 +85,7 @@ def sidebar() -> Selection:
         if not runs:
             st.info("No runs yet: open **Runs** and build the demo.")
             return Selection(None, None, [])
+        _apply_pending(ids)
         _apply_url_run(ids)
         if st.session_state.get(RUN_KEY) not in ids:
             st.session_state[RUN_KEY] = ids[0]
