@@ -44,8 +44,6 @@ def run_label(run: RunSummary) -> str:
 
 URL_RUN = "run"            # ?run=<run id>: a link that opens the app on one run (for sharing with reviewers)
 _URL_SEEN = "_url_run"     # the ?run= value last applied or written, so a new link wins and a stale one does not
-
-
 PENDING = "_select_next"   # (run, compare) chosen by code, applied before the pickers exist on the next rerun
 
 

@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("attribute", help="EAP-IG graph and smallest faithful circuit of a model (no unlearning)",
                               description="Attribute the forget behaviour of a causal LM on MCQ records with EAP-IG, "

@@ -9,8 +9,9 @@ import json
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="MCQ accuracy of a model on a data file",
                               description="Score a causal LM on WMDP-format MCQ records (JSONL, CSV or Parquet) in the "
-                                          "cloze or letter format, with a 95% bootstrap confidence interval; with --nf4, also its NF4 "
-                                          "twin and the PTQ gap (NF4 - full precision, paired bootstrap CI).")
+                                          "cloze or letter format, with a 95% bootstrap confidence interval; "
+                                          "with --nf4, also its NF4 twin and the PTQ gap (NF4 - full precision, "
+                                          "paired bootstrap CI).")
     p.add_argument("--model", required=True, help="local HF model folder or hub id ('demo' for the demo model)")
     p.add_argument("--data", required=True, nargs="+", help="one or more MCQ files (question, choices, answer)")
     p.add_argument("--format", default="cloze", choices=["cloze", "letter"], help="scoring format (default cloze)")
