@@ -29,6 +29,9 @@ Alignment (how far weights sit from the NF4 grid): a_i = |theta_i - L[code_i] * 
 to the level the weight rounds to, in bin widths, over the non-absmax weights of non-zero blocks (the absmax
 element always sits on level +-1).  A natural fp32 base has a_i spread over [0, ~0.6] (mean about 0.25); a
 base stored as dequantized NF4 has a_i ~ 0 (fp32 rounding); `frac_on_grid` counts a_i < ON_GRID_TOL.
+
+Blocks (and output rows) are those of the quantizer's view of each tensor, `layout` (mansu.quant.targets): GPT-2's
+Conv1D weights are stored [in, out] but quantized as W.T, [out, in], like every nn.Linear.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Any
 import torch
 
 from mansu.quant.geometry import element_absmax, quantize_with_bin_width
+from mansu.quant.targets import NATURAL, QuantLayout
 from mansu.quant.nf4 import (
     DEFAULT_BLOCKSIZE, chunk_step, mul_by_block, run_chunks, block_absmax, cell_widths_scaled,
     codes_from_scaled, nf4_levels, scale_by_block, validate_blocksize, validate_weight,
@@ -230,16 +234,18 @@ def _resolve_names(theta: Mapping[str, torch.Tensor], theta_new: Mapping[str, to
 
 def survival_analysis(theta: Mapping[str, torch.Tensor], theta_new: Mapping[str, torch.Tensor],
                       names: Sequence[str] | None = None, *, blocksize: int = DEFAULT_BLOCKSIZE,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, layout: QuantLayout = NATURAL) -> dict[str, Any]:
     """Survival of theta_new - theta under NF4, per tensor, per layer and overall (see the module docstring).
 
     `names` are the quantized tensors (use `quantizable_parameter_names(model)`); None takes every 2-D float
-    tensor present in both.  Returns a JSON-ready dict: {"kind", "blocksize", "histogram_edges", "quantiles",
-    "overall", "layers": {layer: record}, "tensors": {name: record}, "headline"}.
+    tensor present in both.  `layout` (`quant_layout(model)`) gives the quantizer's view of each tensor: blocks
+    and rows are those of bitsandbytes' [out, in] layout (GPT-2's Conv1D weights are quantized transposed).
+    Returns a JSON-ready dict: {"kind", "blocksize", "transposed", "histogram_edges", "quantiles", "overall",
+    "layers": {layer: record}, "tensors": {name: record}, "headline"}.
     """
     validate_blocksize(blocksize, "survival_analysis")
     names = _resolve_names(theta, theta_new, names)
-    per = {n: _tensor_pass(theta[n], theta_new[n], n, blocksize) for n in names}
+    per = {n: _tensor_pass(layout.view(n, theta[n]), layout.view(n, theta_new[n]), n, blocksize) for n in names}
     total_upd = sum(s["n_updated"] for s, _, _, _ in per.values())
     rate = min(1.0, QUANTILE_SAMPLE / total_upd) if total_upd else 1.0
     gen = torch.Generator().manual_seed(seed)
@@ -256,7 +262,8 @@ def survival_analysis(theta: Mapping[str, torch.Tensor], theta_new: Mapping[str,
         return _summarize(sums, ratios, hist, torch.cat([per[m][2] for m in members]), exact)
 
     report = {
-        "kind": KIND, "blocksize": blocksize, "histogram_edges": histogram_edges(), "quantiles": list(QUANTILES),
+        "kind": KIND, "blocksize": blocksize, "transposed": sorted(n for n in names if layout.is_transposed(n)),
+        "histogram_edges": histogram_edges(), "quantiles": list(QUANTILES),
         "tensors": {n: pooled([n]) for n in names},
         "layers": {layer: pooled(members) for layer, members in groups.items()},
         "overall": pooled(names),
@@ -276,20 +283,22 @@ def headline(record: Mapping[str, Any]) -> str:
 
 
 def alignment_report(state: Mapping[str, torch.Tensor], names: Sequence[str] | None = None, *,
-                     blocksize: int = DEFAULT_BLOCKSIZE) -> dict[str, Any]:
-    """Distance of each weight to its NF4 level in bin widths: per tensor and overall (see module docstring)."""
+                     blocksize: int = DEFAULT_BLOCKSIZE, layout: QuantLayout = NATURAL) -> dict[str, Any]:
+    """Distance of each weight to its NF4 level in bin widths: per tensor and overall (see module docstring),
+    on the quantizer's view of each tensor (`layout` = `quant_layout(model)`; GPT-2's Conv1D weights transposed)."""
     validate_blocksize(blocksize, "alignment_report")
     names = _resolve_names(state, state, names)
     tensors, total_hist = {}, torch.zeros(ALIGN_BINS, dtype=torch.int64)
     total_sum, total_n, total_on = 0.0, 0, 0
     for n in names:
-        dist = _alignment_distances(state[n], n, blocksize)
+        dist = _alignment_distances(layout.view(n, state[n]), n, blocksize)
         hist = torch.histc(dist.clamp(max=1.0), bins=ALIGN_BINS, min=0.0, max=1.0).long().cpu()
         on = int((dist < ON_GRID_TOL).sum())
         tensors[n] = _align_record(float(dist.double().sum()), dist.numel(), on, hist)
         total_hist += hist
         total_sum, total_n, total_on = total_sum + float(dist.double().sum()), total_n + dist.numel(), total_on + on
-    return {"kind": ALIGNMENT_KIND, "blocksize": blocksize, "bin_edges": torch.linspace(0, 1, ALIGN_BINS + 1).tolist(),
+    return {"kind": ALIGNMENT_KIND, "blocksize": blocksize,
+            "transposed": sorted(n for n in names if layout.is_transposed(n)), "bin_edges": torch.linspace(0, 1, ALIGN_BINS + 1).tolist(),
             "on_grid_tol": ON_GRID_TOL, "tensors": tensors,
             "overall": _align_record(total_sum, total_n, total_on, total_hist)}
 

@@ -4,7 +4,8 @@ Two modes:
 
 * "simulated": a deep copy whose quantizable weights (mansu.quant.targets) are replaced by their NF4 round trip
   W -> dequantize(quantize(W)) (mansu.quant.nf4, bit-exact with bitsandbytes); compute stays in the model's
-  dtype (fp32 for an fp32 model).  Conv1D weights (GPT-2) are quantized transposed, as bitsandbytes stores them.
+  dtype (fp32 for an fp32 model).  Conv1D weights (GPT-2) are quantized transposed, as bitsandbytes stores them
+  (mansu.quant.targets.QuantLayout).
 * "real": the model saved with save_pretrained and reloaded through transformers with
   BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=float32) on the CPU:
   real bitsandbytes Linear4bit modules.  Their weights dequantize exactly to the simulated round trip, but
@@ -31,7 +32,7 @@ from typing import Any, Literal
 import torch
 
 from mansu.quant.nf4 import DEFAULT_BLOCKSIZE, nf4_round_trip, validate_blocksize
-from mansu.quant.targets import quantizable_modules
+from mansu.quant.targets import quant_layout, quantizable_modules
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,10 @@ def nf4_twin(model: Any, mode: TwinMode = "simulated", *, blocksize: int = DEFAU
 def _simulated_twin(model: Any, blocksize: int) -> NF4Twin:
     twin = copy.deepcopy(model).eval()
     modules = quantizable_modules(twin)
-    for name, is_conv1d in modules.items():
-        weight = twin.get_submodule(name).weight
-        w = weight.detach()
-        rt = nf4_round_trip(w.t().contiguous(), blocksize, name=f"{name}.weight").t() if is_conv1d else \
-            nf4_round_trip(w, blocksize, name=f"{name}.weight")
+    layout = quant_layout(twin)
+    for name in modules:
+        weight, pname = twin.get_submodule(name).weight, f"{name}.weight"
+        rt = layout.unview(pname, nf4_round_trip(layout.view(pname, weight.detach()), blocksize, name=pname))
         weight.copy_(rt)  # the twin's only parameter write: the copy, never the caller's model
     log.info("simulated NF4 twin: %d modules quantized (blocksize %d)", len(modules), blocksize)
     return NF4Twin(model=twin, mode="simulated", quantized_modules=list(modules), blocksize=blocksize)

@@ -17,7 +17,10 @@ direction s_i = sign(p_i):
 
 Coordinates with mu_i = inf or n_i > c_i cannot be floored (counted as `unfloorable`).  Block absmax elements
 are never moved, and no other coordinate moves (the update is exactly the floored set), so each floored code
-change holds under the real bitsandbytes quantizer; `verify_code_changes` checks it.
+change holds under the real bitsandbytes quantizer; `verify_code_changes` checks it.  Blocks are those of the
+quantizer's view of each weight (mansu.quant.targets.QuantLayout: a GPT-2 Conv1D weight is quantized transposed,
+so its blocks run down the columns of the stored [in, out] parameter); the geometry comes back indexed in the
+parameter's own layout.
 
 Under the Fisher budget (mansu.unlearn.fisher.bound_clip) a floored move cannot be scaled down: coordinates are
 kept in priority order while 1/2 sum F_i delta_i^2 <= epsilon, the rest are dropped and counted.  That is the
@@ -34,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mansu.quant.targets import NATURAL, QuantLayout
 from mansu.unlearn.fisher import bound_clip
 from mansu.unlearn.params import ParamIndex
 
@@ -56,20 +60,29 @@ class FloorGeometry:
                                                                "cap_down")))
 
 
-def floor_geometry(params: dict[str, torch.Tensor], index: ParamIndex, blocksize: int = 64) -> FloorGeometry:
-    """Geometry of the base weights `params` (name -> tensor) at the coordinates of `index`."""
+def floor_geometry(params: dict[str, torch.Tensor], index: ParamIndex, blocksize: int = 64, *,
+                   layout: QuantLayout = NATURAL) -> FloorGeometry:
+    """Geometry of the base weights `params` (name -> tensor) at the coordinates of `index`.
+
+    NF4 blocks are formed on the quantizer's view of each weight (`layout`, from `quant_layout(model)`: GPT-2's
+    Conv1D weights are quantized transposed); the result is indexed in the parameter's own layout, like `index`."""
     from mansu.quant.geometry import min_move_to_change_code, nf4_geometry
 
     fields: dict[str, list[torch.Tensor]] = {k: [] for k in ("x0", "bin", "up", "down", "cap_up", "cap_down")}
     for name, idx in zip(index.names, index.flat_idx):
         w = params[name].detach().cpu()
-        geo = nf4_geometry(w, blocksize, name=name)
+        v = layout.view(name, w)  # [out, in]: bitsandbytes' blocks
+
+        def at(t: torch.Tensor) -> torch.Tensor:  # per-element field of the view -> the coordinates of idx
+            return layout.unview(name, t.reshape(v.shape)).reshape(-1)[idx]
+
+        geo = nf4_geometry(v, blocksize, name=name)
         x = w.reshape(-1).float()[idx]
-        a = geo.absmax.reshape(-1)[idx]
+        a = at(geo.absmax)
         fields["x0"].append(x)
-        fields["bin"].append(geo.bin_width.reshape(-1)[idx])
-        fields["up"].append(min_move_to_change_code(w, 1, blocksize, name=name).reshape(-1)[idx])
-        fields["down"].append(min_move_to_change_code(w, -1, blocksize, name=name).reshape(-1)[idx])
+        fields["bin"].append(at(geo.bin_width))
+        fields["up"].append(at(min_move_to_change_code(v, 1, blocksize, name=name)))
+        fields["down"].append(at(min_move_to_change_code(v, -1, blocksize, name=name)))
         fields["cap_up"].append(((a - x) * _CAP_SHRINK).clamp(min=0))
         fields["cap_down"].append(((x + a) * _CAP_SHRINK).clamp(min=0))
     cat = {k: torch.cat(v) if v else torch.zeros(0) for k, v in fields.items()}
@@ -94,17 +107,18 @@ def floor_update(proposal: torch.Tensor, geo: FloorGeometry, kappa: float) -> tu
 
 
 def verify_code_changes(base: dict[str, torch.Tensor], updated: dict[str, torch.Tensor],
-                        touched: dict[str, torch.Tensor], blocksize: int = 64) -> dict[str, int]:
-    """Count touched coordinates whose NF4 code (pure-torch, bit-exact with bitsandbytes) changed / did not,
-    and untouched coordinates whose code changed (must be 0 for a floored update)."""
+                        touched: dict[str, torch.Tensor], blocksize: int = 64, *,
+                        layout: QuantLayout = NATURAL) -> dict[str, int]:
+    """Count touched coordinates whose NF4 code (pure-torch, bit-exact with bitsandbytes, on the quantizer's view
+    `layout`) changed / did not, and untouched coordinates whose code changed (must be 0 for a floored update)."""
     from mansu.quant.nf4 import quantize_nf4
 
     changed = unchanged = collateral = 0
     for name, mask in touched.items():
-        c0 = quantize_nf4(base[name].detach().cpu(), blocksize).codes
-        c1 = quantize_nf4(updated[name].detach().cpu(), blocksize).codes
+        c0 = quantize_nf4(layout.view(name, base[name].detach().cpu()), blocksize).codes
+        c1 = quantize_nf4(layout.view(name, updated[name].detach().cpu()), blocksize).codes
         diff = c0 != c1
-        m = mask.reshape(-1).cpu().bool()
+        m = layout.view(name, mask.cpu().bool()).reshape(-1)
         changed += int((diff & m).sum())
         unchanged += int((~diff & m).sum())
         collateral += int((diff & ~m).sum())
