@@ -59,12 +59,79 @@ def write_json_atomic(path: Path, obj: Any, *, add_stamp: bool = False) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
 
+def decode_utf8(data: bytes, where: str) -> str:
+    """UTF-8 text of `data` (a leading byte-order mark dropped); anything else is a ValueError naming `where`."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "accepted is UTF-8 encoded JSON") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:  # json.loads would keep the last value silently: ambiguous, so refuse
+            raise ValueError(f"duplicated key {key!r} in one JSON object; each key may appear once")
+        out[key] = value
+    return out
+
+
+def loads_strict(text: str) -> Any:
+    """json.loads that rejects an object with a duplicated key (ValueError; JSONDecodeError for bad syntax)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def read_json(path: Path) -> Any:
-    """Read a JSON file; a missing file raises FileNotFoundError naming it."""
+    """Read a UTF-8 JSON file; missing: FileNotFoundError; undecodable, malformed or ambiguous: ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    return json.loads(path.read_text())
+    text = decode_utf8(path.read_bytes(), str(path))
+    try:
+        return loads_strict(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """`read_json` for files that must hold one JSON object (every run-folder JSON file)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {_json_type(data)}")
+    return data
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def portable_path(value: str) -> str:
+    """An absolute path as "$MANSU_HOME/...", "$MANSU_RUNS/..." or its file name, so that exported artifacts never
+    carry the machine's absolute paths (user names, mount points); other strings are returned unchanged."""
+    from mansu.paths import mansu_home, runs_root
+
+    if not (isinstance(value, str) and value.startswith(("/", "~")) and "\n" not in value):
+        return value
+    path = Path(value).expanduser()
+    for name, root in (("$MANSU_RUNS", runs_root()), ("$MANSU_HOME", mansu_home())):
+        try:
+            return f"{name}/{path.resolve().relative_to(root.resolve()).as_posix()}"
+        except ValueError:
+            continue
+    return path.name
+
+
+def portable_paths(obj: Any) -> Any:
+    """`obj` (JSON-like) with every absolute-path string replaced by `portable_path`."""
+    if isinstance(obj, dict):
+        return {k: portable_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable_paths(v) for v in obj]
+    return portable_path(obj) if isinstance(obj, str) else obj
 
 
 def write_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:

@@ -12,12 +12,41 @@ With accuracies on the forget (f) and retain (r) MCQ splits, "fp" the unlearned 
 
 `margin` is how far inside (+) or outside (-) the threshold the value lies.  A property whose inputs are
 missing (e.g. attribution not available) is reported as status "not available", never as a pass.
+
+Ties pass: accuracies are ratios of counts, so 1.0 - 0.95 is 0.050000000000000044 in floating point and
+1.0 - 0.8 is 0.19999999999999996.  Values and margins are therefore rounded to DECIMALS places before they are
+stored, and a property passes when its margin >= -TOLERANCE (1e-9, far below one example in a billion-example
+split, far above float64 rounding of differences of numbers in [0, 1]).
+
+scorecard.json has one writer (`write_scorecard`) and one typed reader (`read_scorecard`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+from mansu.io import read_json_object, write_json_atomic
+from mansu.runs import layout
+
+PropertyName = Literal["forgetting", "retain", "ptq_gap", "structural_erasure"]
+PROPERTIES: tuple[PropertyName, ...] = ("forgetting", "retain", "ptq_gap", "structural_erasure")
+STATUSES = ("pass", "fail", "not available")
+TOLERANCE = 1e-9   # a margin this far below zero is a tie, and ties pass
+DECIMALS = 12      # stored values and margins: float noise of differences of ratios rounded away
+
+# One property's entry; "pass" is a Python keyword, hence the functional form.
+Property = TypedDict("Property", {"status": str, "pass": bool, "value": "float | None", "threshold": float,
+                                  "margin": "float | None", "rule": str}, total=False)
+
+
+class Scorecard(TypedDict):
+    """scorecard.json (without its provenance stamp)."""
+    properties: dict[str, Property]
+    all_pass: bool
+    n_pass: int
+    config: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -39,8 +68,10 @@ class ScorecardConfig:
 def _prop(value: float | None, threshold: float, higher_is_better: bool, **extra: Any) -> dict[str, Any]:
     if value is None:
         return {"status": "not available", "pass": False, "value": None, "threshold": threshold, "margin": None, **extra}
-    margin = value - threshold if higher_is_better else threshold - value
-    return {"status": "pass" if margin >= 0 else "fail", "pass": margin >= 0, "value": value,
+    value = round(value, DECIMALS)
+    margin = round(value - threshold if higher_is_better else threshold - value, DECIMALS)
+    passed = margin >= -TOLERANCE
+    return {"status": "pass" if passed else "fail", "pass": passed, "value": value,
             "threshold": threshold, "margin": margin, **extra}
 
 
@@ -73,6 +104,60 @@ def build_scorecard(metrics: dict[str, Any], cad: dict[str, Any] | None, config:
     }
     return {"properties": props, "all_pass": all(p["pass"] for p in props.values()),
             "n_pass": sum(p["pass"] for p in props.values()), "config": asdict(config)}
+
+
+def _bad(where: str, what: str, value: Any) -> ValueError:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return ValueError(f"{where} must be {what}, got {shown}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_property(entry: Any, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise _bad(where, "a JSON object", entry)
+    if entry.get("status") not in STATUSES:
+        raise _bad(f"{where}.status", f"one of {', '.join(STATUSES)}", entry.get("status"))
+    if not isinstance(entry.get("pass"), bool):
+        raise _bad(f"{where}.pass", "true or false", entry.get("pass"))
+    for name in ("value", "margin"):
+        if entry.get(name) is not None and not _is_number(entry[name]):
+            raise _bad(f"{where}.{name}", "a number or null", entry[name])
+    if not _is_number(entry.get("threshold")):
+        raise _bad(f"{where}.threshold", "a number", entry.get("threshold"))
+
+
+def check_scorecard(data: Any, where: str = layout.SCORECARD) -> Scorecard:
+    """`data` as a Scorecard, or a ValueError naming the first field of the wrong shape."""
+    if not isinstance(data, dict):
+        raise _bad(where, "a JSON object", data)
+    props = data.get("properties")
+    if not isinstance(props, dict):
+        raise _bad(f"{where}: properties", f"an object keyed by {', '.join(PROPERTIES)}", props)
+    for name, entry in props.items():
+        if name not in PROPERTIES:
+            raise ValueError(f"{where}: unknown property {name!r}; accepted are {', '.join(PROPERTIES)}")
+        _check_property(entry, f"{where}: properties.{name}")
+    if not isinstance(data.get("all_pass"), bool):
+        raise _bad(f"{where}: all_pass", "true or false", data.get("all_pass"))
+    return data  # type: ignore[return-value]
+
+
+def write_scorecard(run: Path, card: dict[str, Any]) -> Path:
+    """Write scorecard.json (stamped) after checking its shape; returns the path."""
+    path = Path(run) / layout.SCORECARD
+    write_json_atomic(path, dict(check_scorecard(card, f"{path} (writing)")), add_stamp=True)
+    return path
+
+
+def read_scorecard(run: Path) -> Scorecard | None:
+    """scorecard.json of a run (None when not written yet); a wrong shape raises ValueError naming the field."""
+    path = Path(run) / layout.SCORECARD
+    if not path.is_file():
+        return None
+    return check_scorecard(read_json_object(path), str(path))
 
 
 def format_scorecard(card: dict) -> str:

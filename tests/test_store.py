@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from mansu.runs import layout
-from mansu.runs.store import (create_run, delete_run, list_runs, load_run, read_status, update_metrics,
-                              validate_run_id, write_status)
+from mansu.runs.store import (create_run, delete_run, list_runs, load_run, read_cad, read_metrics, read_status,
+                              update_metrics, validate_run_id, write_cad, write_status)
 
 
 def test_create_run_stamps_config_and_status(tmp_runs):
@@ -25,7 +25,8 @@ def test_same_second_runs_get_distinct_ids(tmp_runs):
     assert len(ids) == 3 and all(validate_run_id(i) for i in ids)
 
 
-@pytest.mark.parametrize("bad", ["../etc", "20260101-000000-../../x", "20260101-000000-A", "x", "", "20260101-000000-a/b"])
+@pytest.mark.parametrize("bad", ["../etc", "20260101-000000-../../x", "20260101-000000-A", "x", "", "20260101-000000-a/b",
+                                 "20260101-000000-ab\n", "20260101-000000-ab\r", "20260101-000000-1-ab\n"])
 def test_run_ids_are_validated(bad, tmp_runs):
     with pytest.raises(ValueError, match="invalid run id"):
         load_run(bad)
@@ -52,15 +53,36 @@ def test_list_load_metrics_delete(tmp_runs):
     first = create_run({"method": "ga"}, "a")
     second = create_run({"method": "npo"}, "b")
     (tmp_runs / ".tmp-half-written").mkdir()
-    update_metrics(second, "base_fp", {"forget": 1.0})
-    update_metrics(second, "unlearned_fp", {"forget": 0.2})
+    update_metrics(second, "base_fp", {"forget": {"accuracy": 1.0}})
+    update_metrics(second, "unlearned_fp", {"forget": {"accuracy": 0.2}})
     runs = list_runs()
     assert [r.run_id for r in runs] == sorted([first.name, second.name], reverse=True)
     loaded = load_run(second.name)
-    assert loaded.metrics == {"base_fp": {"forget": 1.0}, "unlearned_fp": {"forget": 0.2}}
+    assert loaded.metrics == {"base_fp": {"forget": {"accuracy": 1.0}}, "unlearned_fp": {"forget": {"accuracy": 0.2}}}
+    assert loaded.corrupt is None and loaded.scorecard == {} and loaded.cad is None
     write_status(second, "done", state="finished")
     assert load_run(second.name).status["state"] == "finished"
     delete_run(first.name)
     assert [r.run_id for r in list_runs()] == [second.name]
     with pytest.raises(FileNotFoundError, match="not found"):
         load_run(first.name)
+
+
+def test_metrics_writer_refuses_a_wrong_shape_and_leaves_the_file(tmp_runs):
+    run = create_run({}, "m")
+    update_metrics(run, "base_fp", {"forget": {"accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6}})
+    with pytest.raises(ValueError, match=r"metrics.json \(writing 'ptq_gap'\): ptq_gap.forget.gap must be a number, got 'x'"):
+        update_metrics(run, "ptq_gap", {"forget": {"gap": "x"}})
+    assert read_metrics(run) == {"base_fp": {"forget": {"accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6}}}
+
+
+def test_cad_writer_and_reader(tmp_runs):
+    run = create_run({}, "c")
+    assert read_cad(run) is None
+    write_cad(run, {"status": "ok", "after_nf4": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5, "per_edge": {"a->b": 0.1}}})
+    assert read_cad(run)["after_nf4"]["value"] == 0.4
+    with pytest.raises(ValueError, match=r"cad.json \(writing\): after_fp.per_edge must be an object of edge -> number"):
+        write_cad(run, {"after_fp": {"value": 0.1, "per_edge": [["a", "b"]]}})
+    (run / layout.CAD).write_text('{"after_fp": {"value": "high"}}')
+    with pytest.raises(ValueError, match=r"cad.json: after_fp.value must be a number, got 'high'"):
+        read_cad(run)

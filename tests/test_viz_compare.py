@@ -33,11 +33,12 @@ def test_accuracy_gap_and_drop():
 def test_cad_values_and_contributions():
     assert cad_value(CAD, "fp") == (0.6, 0.5, 0.7)
     assert cad_value(CAD, "nf4") == (0.4, 0.3, 0.5)
-    assert cad_value({"fp": 0.2}, "fp") == (0.2, None, None)
+    assert cad_value({"status": "not available", "reason": "no circuit"}, "fp") is None
     assert cad_value(None) is None
     assert edge_contributions(CAD) == [("c->d", 0.3), ("a->b", 0.1)]
     assert edge_contributions(CAD, "fp") == [("a->b", 0.1)]
-    assert edge_contributions({"per_edge": [{"source": "u", "target": "v", "contribution": -0.5}]}) == [("u->v", -0.5)]
+    assert edge_contributions({"after_nf4": {"value": 0.5, "per_edge": {"u->v": -0.5, "x->y": 0.1}}}) == [
+        ("u->v", -0.5), ("x->y", 0.1)]
     fig = cad_figure(CAD)
     assert [t.name for t in fig.data] == ["CAD fp", "CAD nf4", "contribution"]
 
@@ -68,8 +69,9 @@ def test_scorecard_rows_from_the_real_scorecard():
 
 def test_report_html_is_self_contained():
     figs = {"bars": fp_nf4_bars({"m": METRICS}), "cad": cad_figure(CAD)}
-    html = report.build_report_html("r <1>", figs, {"forgetting": {"pass": True, "value": 0.7}}, {"lr": 1e-5},
-                                    {"torch": "2.13"})
+    from mansu.scorecard import build_scorecard
+
+    html = report.build_report_html("r <1>", figs, build_scorecard(METRICS, CAD), {"lr": 1e-5}, {"torch": "2.13"})
     assert "r &lt;1&gt;" in html
     assert html.count("<script src=") == 0          # no CDN: plotly.js is inlined
     assert html.count("Plotly.newPlot") == 2

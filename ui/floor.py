@@ -13,15 +13,13 @@ from ui.state import load_update
 
 
 def preview(run: RunSummary, kappa: float) -> tuple[dict[str, Any] | None, float, str | None]:
-    """(preview fields, seconds, message) for the run's update at this kappa."""
+    """(FloorPreview's fields, seconds, message) for the run's update at this kappa."""
     tensors = load_update(run)
     if tensors is None:
         return None, 0.0, "update.safetensors: not computed for this run"
-    try:
-        from mansu.unlearn.floor import preview_floor
-    except ImportError:
-        return None, 0.0, "the floor preview is not available in this mansu version (mansu.unlearn.floor missing)"
     import torch
+
+    from mansu.unlearn.floor import preview_floor
 
     # One intra-op thread: the preview is ~10 vectorised passes over 1e5 elements, and on a busy machine (the
     # backend runs beside the app) OpenMP threads waiting on each other cost 10x more than they save.
@@ -32,8 +30,7 @@ def preview(run: RunSummary, kappa: float) -> tuple[dict[str, Any] | None, float
     except ValueError as exc:
         return None, 0.0, f"floor preview: {exc}"
     elapsed = time.perf_counter() - t0
-    fields = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(getattr(result, "_asdict", lambda: vars(result))())
-    return fields, elapsed, None
+    return dataclasses.asdict(result), elapsed, None  # a FloorPreview, the one shape preview_floor returns
 
 
 def _fmt(value: Any) -> str:

@@ -5,12 +5,11 @@ import pandas as pd
 import streamlit as st
 
 from mansu.paths import runs_root
-from mansu.runs import layout
 from mansu.runs.store import delete_run
 from mansu.viz.report import badge_markdown, scorecard_rows
 from mansu.viz.tables import run_row
 from ui import launch as ui_launch
-from ui.state import COMPARE_KEY, RUN_KEY, load_json, selection
+from ui.state import COMPARE_KEY, RUN_KEY, selection
 
 st.title("Runs")
 sel = selection()
@@ -29,9 +28,13 @@ if not sel.runs:
     ui_launch.progress_panel()
     st.stop()
 
-rows = [run_row(r.run_id, r.config, r.status, r.metrics, r.scorecard, load_json(r, layout.CAD)) for r in sel.runs]
+rows = [run_row(r.run_id, r.config, r.status, r.metrics, r.scorecard, r.cad) for r in sel.runs]
 table = pd.DataFrame(rows)
 st.dataframe(table, hide_index=True, width="stretch", key="runs-table")
+corrupt = [r for r in sel.runs if r.corrupt]
+if corrupt:
+    st.warning(f"{len(corrupt)} run folder(s) cannot be read and are listed as corrupt: "
+               + "; ".join(f"`{r.run_id}`: {r.corrupt}" for r in corrupt), icon="⚠️")
 st.caption("scorecard: meaningful forgetting · retain preservation · non-positive PTQ gap · structural erasure "
            "(✓ pass, ✗ fail, ? not available); accuracies are cloze MCQ after unlearning; PTQ gap = forget NF4 − forget fp.")
 

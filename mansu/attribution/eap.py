@@ -29,7 +29,8 @@ from typing import Any, Sequence
 import torch
 
 from mansu.attribution.data import Batch, Corruption, Metric, build_examples, check_modes, collate, metric_values
-from mansu.attribution.engine import NodeSpace, capture, corrupted_input, ig_gradients, input_device
+from mansu.attribution.engine import NodeSpace, capture, corrupted_input, ig_gradients
+from mansu.devices import input_device
 from mansu.models.components import model_layout, parse_node
 from mansu.models.hooks import NodeCallbacks, differentiable_4bit, node_hooks
 

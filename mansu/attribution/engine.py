@@ -50,10 +50,6 @@ class NodeSpace:
         return len(self.downstream) - 1
 
 
-def input_device(model: Any) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 class _Recorder:
     """Collects node outputs of one pass into per-layer slots (float32)."""
 

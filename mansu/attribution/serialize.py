@@ -22,7 +22,8 @@ import torch
 
 from mansu.attribution.circuit import Circuit, circuit_parameter_masks
 from mansu.attribution.eap import AttributionGraph
-from mansu.io import read_json, read_safetensors, write_json_atomic, write_safetensors_atomic
+from mansu.io import (portable_path, portable_paths, read_json, read_safetensors, write_json_atomic,
+                      write_safetensors_atomic)
 from mansu.models.components import model_layout, node_parameters, parse_node
 from mansu.runs import layout as run_layout
 
@@ -49,7 +50,7 @@ def graph_to_json(graph: AttributionGraph, *, model: Any = None, circuit: Circui
     edges = sorted(graph.edges(), key=lambda e: -abs(e[2]))
     edges = edges[:max_links] if max_links else edges
     links = [{"source": u, "target": v, "weight": s} for u, v, s in edges]
-    return {"metadata": graph.metadata, "upstream": graph.upstream, "downstream": graph.downstream,
+    return {"metadata": portable_paths(graph.metadata), "upstream": graph.upstream, "downstream": graph.downstream,
             "nodes": nodes, "links": links, "circuit": circuit.to_dict() if circuit else None}
 
 
@@ -131,7 +132,7 @@ def to_circuit_tracer(graph: AttributionGraph, *, circuit: Circuit | None = None
     names = list(dict.fromkeys([u for u, _, _ in edges] + [v for _, v, _ in edges]))
     nodes = [_tracer_node(n, n_layers, n_heads, scores.get(n, 0.0)) for n in names]
     ids = {n: node["node_id"] for n, node in zip(names, nodes)}
-    return {"metadata": {"slug": slug, "scan": str(graph.metadata.get("model", "")), "transcoder_list": [],
+    return {"metadata": {"slug": slug, "scan": portable_path(str(graph.metadata.get("model", ""))), "transcoder_list": [],
                          "prompt_tokens": [], "prompt": prompt, "node_threshold": node_threshold, "schema_version": 1},
             "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
             "nodes": nodes, "links": [{"source": ids[u], "target": ids[v], "weight": -s} for u, v, s in edges]}

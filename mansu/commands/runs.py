@@ -9,7 +9,8 @@ import json
 def register(subparsers) -> None:
     p = subparsers.add_parser("runs", help="list runs (newest first)",
                               description="List the run folders under $MANSU_RUNS (default $MANSU_HOME/runs) with "
-                                          "method, state and stage. A run whose process died shows as failed.")
+                                          "method, state and stage. A run whose process died shows as failed; a "
+                                          "folder whose files cannot be read shows as corrupt, with the reason.")
     p.add_argument("--json", action="store_true", help="print one JSON object per run")
     p.set_defaults(func=run)
 
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"no runs under {runs_root()}")
         return 0
     for r in runs:
-        row = {"run_id": r.run_id, "method": r.config.get("method", "-"), "state": r.status.get("state"),
+        row = {"run_id": r.run_id, "method": str(r.config.get("method", "-")), "state": r.status.get("state"),
                "stage": r.status.get("stage"), "error": r.status.get("error")}
         if args.json:
             print(json.dumps(row))

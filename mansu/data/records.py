@@ -7,6 +7,12 @@ Shapes (WMDP / TOFU / MUSE conventions):
 Every record is validated; the first bad one raises a ValueError naming file, line (1-based) and field.
 Extra fields are ignored, except an optional "subject" on MCQ records (the entity the question is
 about, used to build counterfactual prompts for attribution).
+
+Files are UTF-8 (a leading byte-order mark is accepted); an object with a duplicated key is rejected
+(which value was meant is ambiguous).  Every string field holds at most MAX_FIELD_CHARS characters and
+every JSONL line at most MAX_LINE_CHARS, checked while reading: far beyond any model's context, so a
+record this long is a mistake, and refusing it early beats minutes of tokenizing before the context check
+(mansu.metrics.accuracy.check_context) that every forward pass is preceded by.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Union
 
+from mansu.io import loads_strict
+
 Shape = Literal["mcq", "qa", "text", "auto"]
 SHAPES = ("mcq", "qa", "text")
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+MAX_FIELD_CHARS = 100_000   # ~25k tokens of English: longer than the context of the models mansu targets (4k-8k)
+MAX_LINE_CHARS = 1_000_000  # a JSONL line: room for the longest fields and many choices
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,8 @@ def load_records(path: str | Path, shape: Shape = "auto") -> list[Record]:
     path = Path(path)
     if shape not in (*SHAPES, "auto"):
         raise ValueError(f"unknown data shape {shape!r}: accepted are {', '.join(SHAPES)} or auto")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a data file ({', '.join(FORMATS)})")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
     rows = list(_read_rows(path))
@@ -80,26 +92,50 @@ def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            line = _decode_line(raw, path, line_no)
             if not line.strip():
                 continue
+            if len(line) > MAX_LINE_CHARS:
+                raise ValueError(f"{path}:{line_no}: line is {len(line):,} characters long; the limit is "
+                                 f"{MAX_LINE_CHARS:,} per record (a record must fit a model's context)")
             try:
-                row = json.loads(line)
+                row = loads_strict(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
+            except ValueError as exc:  # a duplicated key
+                raise ValueError(f"{path}:{line_no}: {exc}") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
             yield line_no, row
+
+
+def _decode_line(raw: bytes, path: Path, line_no: int) -> str:
+    """One line as text: UTF-8, with a byte-order mark allowed at the start of the file."""
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                         f"accepted are UTF-8 text files ({', '.join(FORMATS[:3])}) or Parquet") from None
 
 
 def _read_table(path: Path, suffix: str) -> Iterator[tuple[int, dict[str, Any]]]:
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        frame = pd.read_csv(path, encoding="utf-8-sig") if suffix == ".csv" else pd.read_parquet(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                         f"accepted are UTF-8 text files ({', '.join(FORMATS[:3])}) or Parquet") from None
     except Exception as exc:  # pandas raises many types for unreadable files
-        raise ValueError(f"{path}: cannot read as {suffix[1:]} ({exc})") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path}: cannot read as {suffix[1:]} ({first}); accepted are {', '.join(FORMATS)}") from None
+    if suffix == ".csv" and frame.columns.duplicated().any():  # pandas renames the second "a" to "a.1" silently
+        raise ValueError(f"{path}: duplicated column {frame.columns[frame.columns.duplicated()][0]!r}; "
+                         "each column name may appear once")
     # Line numbers count the CSV header as line 1, so data row i is line i + 2.
     offset = 2 if suffix == ".csv" else 1
     for i, row in enumerate(frame.to_dict(orient="records")):
@@ -118,8 +154,20 @@ def _parse(row: dict[str, Any], shape: str, path: Path, line: int) -> Record:
 def _text_field(row: dict[str, Any], name: str, where: str) -> str:
     value = row.get(name)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
+        raise ValueError(f"{where}: field {name!r} must be a non-empty string, got {_short(value)}")
+    return _check_length(value, name, where)
+
+
+def _check_length(value: str, name: str, where: str) -> str:
+    if len(value) > MAX_FIELD_CHARS:
+        raise ValueError(f"{where}: field {name!r} is {len(value):,} characters long; the limit is "
+                         f"{MAX_FIELD_CHARS:,} (a record must fit a model's context)")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _parse_mcq(row: dict[str, Any], where: str) -> MCQRecord:
@@ -133,12 +181,14 @@ def _parse_mcq(row: dict[str, Any], where: str) -> MCQRecord:
     if hasattr(choices, "tolist"):  # parquet gives numpy arrays
         choices = choices.tolist()
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
-        raise ValueError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings, got {choices!r}")
+        raise ValueError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings, got {_short(choices)}")
+    for choice in choices:
+        _check_length(choice, "choices", where)
     answer = row.get("answer")
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-        raise ValueError(f"{where}: field 'answer' must be an integer index in 0..{len(choices) - 1}, got {answer!r}")
+        raise ValueError(f"{where}: field 'answer' must be an integer index in 0..{len(choices) - 1}, got {_short(answer)}")
     subject = row.get("subject")
     return MCQRecord(question=question, choices=tuple(choices), answer=answer,
                      subject=subject if isinstance(subject, str) and subject else None)

@@ -6,7 +6,9 @@
             over the tokens of " <choice_k>" (multi-token choices summed, not length-normalised)
 
 Context and continuation are tokenized separately and concatenated (as lm-eval does), so the
-continuation's tokens are the same whatever the context.
+continuation's tokens are the same whatever the context.  Every sequence is checked against the model's
+context length (config.max_position_embeddings) before the first forward pass: a longer one is an error
+naming the record, never a silent truncation or an hour-long pass.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from mansu.data.records import MCQRecord
+from mansu.devices import input_device
 
 Format = Literal["cloze", "letter"]
 FORMATS = ("cloze", "letter")
@@ -63,13 +66,33 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, cont
 
 
-def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64) -> list[float]:
-    """sum_t log p(cont_t | context, cont_<t) for each (context, continuation) pair, batched with right padding."""
+def context_length(model) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings or n_positions), None if unknown."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def check_context(model, lengths: Sequence[int], *, owners: Sequence[int] | None = None) -> None:
+    """ValueError naming the first sequence (its record with `owners`) longer than the model's context."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    for i, n in enumerate(lengths):
+        if n > limit:
+            which = f"record {owners[i] + 1}" if owners is not None else f"sequence {i + 1}"
+            raise ValueError(f"{which}: question and choice take {n:,} tokens, longer than the model's context of "
+                             f"{limit:,} tokens; shorten the record (records longer than the context are not scored)")
+
+
+def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64,
+                          owners: Sequence[int] | None = None) -> list[float]:
+    """sum_t log p(cont_t | context, cont_<t) for each (context, continuation) pair, batched with right padding;
+    `owners` (the record index of each pair) only names the record in a too-long error."""
     import torch
 
-    from mansu.models.loading import input_device
-
     encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
+    check_context(model, [len(ctx) + len(cont) for ctx, cont in encoded], owners=owners)
     scores: list[float] = []
     device = input_device(model)
     for start in range(0, len(encoded), batch_size):
@@ -97,7 +120,7 @@ def predict(model, tokenizer, records: Sequence[MCQRecord], *, fmt: Format = "cl
         context, continuations = format_texts(record, fmt)
         pairs += [(context, c) for c in continuations]
         owners += [r_i] * len(continuations)
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, owners=owners)
     best: dict[int, tuple[float, int]] = {}
     counters: dict[int, int] = {}
     for owner, score in zip(owners, scores):

@@ -3,12 +3,17 @@
 A run folder appears under its final name only once its config.json and status.json are complete
 (it is built under a hidden temp name and renamed), so a failed start leaves nothing half-written.
 A run whose status says "running" but whose process is gone is reported as failed.
+
+Readers are total: a folder whose config.json or status.json is missing, unreadable, not UTF-8 JSON or of the
+wrong shape, or whose metrics.json, cad.json or scorecard.json has the wrong shape, loads as state "corrupt" with
+the reason, and every other run still lists. metrics.json and cad.json have one writer and one typed reader each
+here (`update_metrics`/`read_metrics`, `write_cad`/`read_cad`); scorecard.json's pair lives in mansu.scorecard.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
+import errno
 import os
 import re
 import shutil
@@ -16,14 +21,16 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal, TypedDict, get_args
 
-from mansu.io import read_json, stamp, write_json_atomic
+from mansu.io import read_json_object, stamp, write_json_atomic
 from mansu.paths import runs_root
 from mansu.runs import layout
+from mansu.scorecard import read_scorecard
 
-RunState = Literal["running", "finished", "failed", "cancelled"]
-_RUN_ID = re.compile(r"^[0-9]{8}-[0-9]{6}(-[0-9]{1,3})?-[a-z0-9][a-z0-9_-]{0,63}$")
+RunState = Literal["queued", "running", "finished", "failed", "cancelled"]
+CORRUPT = "corrupt"  # the state shown for a folder whose files cannot be read (never written to status.json)
+_RUN_ID = re.compile(r"[0-9]{8}-[0-9]{6}(-[0-9]{1,3})?-[a-z0-9][a-z0-9_-]{0,63}")  # always fullmatch: "$" lets "\n" in
 
 
 def now_iso() -> str:
@@ -38,7 +45,7 @@ def slugify(text: str) -> str:
 
 def validate_run_id(run_id: str) -> str:
     """Accept only ids of the form YYYYMMDD-HHMMSS[-n]-slug: no path separators, no traversal."""
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
         raise ValueError(f"invalid run id {run_id!r}: expected YYYYMMDD-HHMMSS-slug with [a-z0-9_-] only")
     return run_id
 
@@ -73,31 +80,49 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _new_run_id(slug: str, root: Path) -> str:
+def _candidate_ids(slug: str) -> Iterator[str]:
+    """YYYYMMDD-HHMMSS-slug, then -1-slug ... -999-slug within the same second."""
     base = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        run_id = f"{base}-{slugify(slug)}" if n == 0 else f"{base}-{n}-{slugify(slug)}"
-        if not (root / run_id).exists():
-            return run_id
-    raise RuntimeError("could not allocate a run id")
+    yield f"{base}-{slugify(slug)}"
+    for n in range(1, 1000):
+        yield f"{base}-{n}-{slugify(slug)}"
 
 
 def create_run(config: dict[str, Any], slug: str, root: Path | None = None) -> Path:
-    """Create a run folder holding config.json (stamped) and a fresh status.json; return its path."""
+    """Create a run folder holding config.json (stamped) and a fresh status.json; return its path.
+
+    The folder is built under a hidden temp name and renamed into place.  Processes racing for the same id
+    (same second, same slug) are told apart by the rename: a non-empty target makes it fail, and the loser
+    retries with the next suffix, so concurrent creation never fails and never overwrites a run."""
     root = Path(root or runs_root())
     root.mkdir(parents=True, exist_ok=True)
-    run_id = _new_run_id(slug, root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=root))
+    base = {**config, "created_at": now_iso(), "versions": library_versions(), "device_info": device_description(),
+            "_stamp": stamp()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{slugify(slug)}.", dir=root))
     try:
-        full = {**config, "run_id": run_id, "created_at": now_iso(), "versions": library_versions(),
-                "device_info": device_description(), "_stamp": stamp()}
-        write_json_atomic(tmp / layout.CONFIG, full)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; a run folder is meant to be readable like any folder
         write_json_atomic(tmp / layout.STATUS, _status_dict("created", 0, 0, "running", None))
-        os.replace(tmp, root / run_id)
+        for run_id in _candidate_ids(slug):
+            if (root / run_id).exists():
+                continue
+            write_json_atomic(tmp / layout.CONFIG, {**base, "run_id": run_id})
+            if _rename_into_place(tmp, root / run_id):
+                return root / run_id
+        raise RuntimeError(f"could not allocate a run id for {slug!r}: 1000 runs with this name in one second")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return root / run_id
+
+
+def _rename_into_place(tmp: Path, target: Path) -> bool:
+    """Rename `tmp` to `target`; False when another process took `target` first (non-empty folder there)."""
+    try:
+        os.rename(tmp, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR):
+            return False
+        raise
+    return True
 
 
 def _status_dict(stage: str, step: int, total: int, state: RunState, error: str | None) -> dict[str, Any]:
@@ -109,16 +134,17 @@ def write_status(run: Path, stage: str, step: int = 0, total: int = 0, *,
                  state: RunState = "running", error: str | None = None, **extra: Any) -> None:
     """Record the run's stage and progress; `started_at` is kept from the first write."""
     run = Path(run)
-    previous = _read_json_or_empty(run / layout.STATUS)
+    previous = _read_object_or_empty(run / layout.STATUS)
     status = {**_status_dict(stage, step, total, state, error), **extra}
     status["started_at"] = previous.get("started_at", status["updated_at"])
     write_json_atomic(run / layout.STATUS, status)
 
 
-def _read_json_or_empty(path: Path) -> dict[str, Any]:
+def _read_object_or_empty(path: Path) -> dict[str, Any]:
+    """A JSON object, or {} when the file is missing or unreadable (for writers that merge into a file)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json_object(path)
+    except (OSError, ValueError):
         return {}
 
 
@@ -132,18 +158,195 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _check_status(status: dict[str, Any], path: Path) -> dict[str, Any]:
+    states = get_args(RunState)
+    if status.get("state") not in states:
+        raise ValueError(f"{path}: field 'state' must be one of {', '.join(states)}, got {status.get('state')!r}")
+    for name in ("stage", "error"):
+        value = status.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{path}: field {name!r} must be a string, got {value!r}")
+    return status
+
+
+def _corrupt_status(reason: str) -> dict[str, Any]:
+    return {"stage": "unknown", "state": CORRUPT, "error": reason}
+
+
 def read_status(run: Path) -> dict[str, Any]:
-    """status.json, with a dead "running" process reported as failed (never running forever)."""
-    status = _read_json_or_empty(Path(run) / layout.STATUS)
-    if not status:
-        return {"stage": "unknown", "state": "failed", "error": "status.json missing or unreadable"}
-    if status.get("state") == "running" and status.get("host") == socket.gethostname():
+    """status.json, with a dead "running" process reported as failed (never running forever); a missing,
+    unreadable or malformed file gives state "corrupt" with the reason (never an exception)."""
+    path = Path(run) / layout.STATUS
+    try:
+        status = _check_status(read_json_object(path), path)
+    except (OSError, ValueError) as exc:
+        return _corrupt_status(_reason(exc, run))
+    if status.get("state") in ("running", "queued") and status.get("host") == socket.gethostname():
         pid = status.get("pid")
         if isinstance(pid, int) and not _process_alive(pid):
             status = {**status, "state": "failed",
                       "error": status.get("error") or f"backend process {pid} died during stage {status.get('stage')!r}"}
     return status
 
+
+def _reason(exc: BaseException, run: Path) -> str:
+    """One line naming the file (relative to the run folder) and what is wrong with it."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.filename:  # raised by the OS: "[Errno 13] ..." names the file apart
+        text = f"{exc.filename}: cannot read ({exc.strerror})"
+    return text.replace(f"{Path(run)}{os.sep}", "").replace("file not found", "file missing")
+
+
+# ---------------------------------------------------------------- metrics.json and cad.json: one writer, one reader
+
+class SplitAccuracy(TypedDict, total=False):
+    accuracy: float           # in [0, 1]
+    ci_low: float
+    ci_high: float
+    n: int
+    fmt: str
+    correct: list[int]        # 1/0 per record, for paired comparisons
+
+
+class StageAccuracy(TypedDict, total=False):
+    forget: SplitAccuracy
+    retain: SplitAccuracy
+
+
+class SplitGap(TypedDict, total=False):
+    gap: float                # acc(NF4) - acc(fp), paired
+    ci_low: float
+    ci_high: float
+    acc_full: float
+    acc_nf4: float
+    n: int
+
+
+class PTQGap(TypedDict, total=False):
+    forget: SplitGap
+    retain: SplitGap
+    mode: str
+
+
+class Metrics(TypedDict, total=False):
+    """metrics.json: accuracy per evaluation stage, the paired PTQ gap, and per-stage summaries."""
+    base_fp: StageAccuracy
+    base_nf4: StageAccuracy
+    unlearned_fp: StageAccuracy
+    unlearned_nf4: StageAccuracy
+    ptq_gap: PTQGap
+    base_alignment: dict[str, Any]
+    unlearn: dict[str, Any]
+    survival: dict[str, Any]
+
+
+ACCURACY_STAGES = ("base_fp", "base_nf4", "unlearned_fp", "unlearned_nf4")
+SPLITS = ("forget", "retain")
+
+
+class CadEntry(TypedDict, total=False):
+    value: float              # CAD in [0, 1]
+    ci_low: float
+    ci_high: float
+    per_edge: dict[str, float]
+    n_examples: int
+
+
+class CadFile(TypedDict, total=False):
+    """cad.json: CAD(before, after) over the original circuit, in full precision and NF4."""
+    status: str               # "ok" or "not available" (then `reason` says why)
+    reason: str
+    after_fp: CadEntry
+    after_nf4: CadEntry
+
+
+CAD_STAGES = ("after_fp", "after_nf4")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _expect(ok: bool, where: str, what: str, value: Any) -> None:
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ValueError(f"{where} must be {what}, got {shown}")
+
+
+def _check_numbers(entry: Any, where: str, required: str, optional: tuple[str, ...]) -> None:
+    _expect(isinstance(entry, dict), where, "a JSON object", entry)
+    _expect(_number(entry.get(required)), f"{where}.{required}", "a number", entry.get(required))
+    for name in optional:
+        value = entry.get(name)
+        _expect(value is None or _number(value), f"{where}.{name}", "a number or null", value)
+
+
+def check_metrics(data: Any, where: str = layout.METRICS) -> Metrics:
+    """`data` as Metrics, or a ValueError naming the first field of the wrong shape."""
+    _expect(isinstance(data, dict), where, "a JSON object", data)
+    for stage in ACCURACY_STAGES:
+        if stage in data:
+            _expect(isinstance(data[stage], dict), f"{where}: {stage}", "a JSON object", data[stage])
+            for split in SPLITS:
+                if split in data[stage]:
+                    _check_numbers(data[stage][split], f"{where}: {stage}.{split}", "accuracy", ("ci_low", "ci_high"))
+    if "ptq_gap" in data:
+        _expect(isinstance(data["ptq_gap"], dict), f"{where}: ptq_gap", "a JSON object", data["ptq_gap"])
+        for split in SPLITS:
+            if split in data["ptq_gap"]:
+                _check_numbers(data["ptq_gap"][split], f"{where}: ptq_gap.{split}", "gap", ("ci_low", "ci_high"))
+    for key in ("base_alignment", "unlearn", "survival"):
+        if key in data:
+            _expect(isinstance(data[key], dict), f"{where}: {key}", "a JSON object", data[key])
+    return data  # type: ignore[return-value]
+
+
+def read_metrics(run: Path) -> Metrics:
+    """metrics.json of a run ({} when not written yet); a wrong shape raises ValueError naming the field."""
+    path = Path(run) / layout.METRICS
+    if not path.is_file():
+        return {}
+    return check_metrics(read_json_object(path), str(path))
+
+
+def update_metrics(run: Path, key: str, value: Any) -> Metrics:
+    """Merge one entry into metrics.json atomically and return the whole mapping (the file's only writer)."""
+    path = Path(run) / layout.METRICS
+    metrics = {**_read_object_or_empty(path), key: value}
+    check_metrics(metrics, f"{path} (writing {key!r})")
+    write_json_atomic(path, metrics)
+    return metrics  # type: ignore[return-value]
+
+
+def check_cad(data: Any, where: str = layout.CAD) -> CadFile:
+    """`data` as CadFile, or a ValueError naming the first field of the wrong shape."""
+    _expect(isinstance(data, dict), where, "a JSON object", data)
+    for stage in CAD_STAGES:
+        if stage in data:
+            entry = data[stage]
+            _check_numbers(entry, f"{where}: {stage}", "value", ("ci_low", "ci_high"))
+            edges = entry.get("per_edge", {})
+            _expect(isinstance(edges, dict) and all(_number(v) for v in edges.values()),
+                    f"{where}: {stage}.per_edge", "an object of edge -> number", edges)
+    return data  # type: ignore[return-value]
+
+
+def write_cad(run: Path, cad: dict[str, Any]) -> Path:
+    """Write cad.json (stamped) after checking its shape; returns the path."""
+    path = Path(run) / layout.CAD
+    write_json_atomic(path, dict(check_cad(cad, f"{path} (writing)")), add_stamp=True)
+    return path
+
+
+def read_cad(run: Path) -> CadFile | None:
+    """cad.json of a run (None when not written yet); a wrong shape raises ValueError naming the field."""
+    path = Path(run) / layout.CAD
+    if not path.is_file():
+        return None
+    return check_cad(read_json_object(path), str(path))
+
+
+# ---------------------------------------------------------------- listing and loading
 
 @dataclass(frozen=True)
 class RunSummary:
@@ -153,22 +356,37 @@ class RunSummary:
     status: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     scorecard: dict[str, Any] = field(default_factory=dict)
+    cad: dict[str, Any] | None = None
+    corrupt: str | None = None  # why this folder cannot be read (status shows state "corrupt" with it)
+
+
+def _load_parts(path: Path) -> dict[str, Any]:
+    status = read_status(path)
+    if status["state"] == CORRUPT:
+        raise ValueError(status["error"])
+    return {"config": read_json_object(path / layout.CONFIG), "status": status, "metrics": read_metrics(path),
+            "scorecard": read_scorecard(path) or {}, "cad": read_cad(path)}
 
 
 def load_run(run_id: str, root: Path | None = None) -> RunSummary:
-    """Config, status, metrics and scorecard of one run (missing optional files read as empty)."""
+    """Config, status, metrics, scorecard and CAD of one run (optional files not written yet read as empty).
+
+    Never raises for a folder's content: one that cannot be read is returned with `corrupt` set and
+    status {"state": "corrupt", "error": reason}; only an invalid or unknown id raises."""
     path = run_dir(run_id, root)
-    return RunSummary(run_id=run_id, path=path, config=_read_json_or_empty(path / layout.CONFIG),
-                      status=read_status(path), metrics=_read_json_or_empty(path / layout.METRICS),
-                      scorecard=_read_json_or_empty(path / layout.SCORECARD))
+    try:
+        return RunSummary(run_id=run_id, path=path, **_load_parts(path))
+    except (OSError, ValueError) as exc:
+        reason = _reason(exc, path)
+        return RunSummary(run_id=run_id, path=path, config={}, status=_corrupt_status(reason), corrupt=reason)
 
 
 def list_runs(root: Path | None = None) -> list[RunSummary]:
-    """All runs, newest first; hidden temp folders and foreign folders are ignored."""
+    """All runs, newest first (corrupt ones included, flagged); hidden temp folders and foreign folders are ignored."""
     root = Path(root or runs_root())
     if not root.is_dir():
         return []
-    ids = sorted((p.name for p in root.iterdir() if p.is_dir() and _RUN_ID.match(p.name)), reverse=True)
+    ids = sorted((p.name for p in root.iterdir() if p.is_dir() and _RUN_ID.fullmatch(p.name)), reverse=True)
     return [load_run(run_id, root) for run_id in ids]
 
 
@@ -177,14 +395,6 @@ def delete_run(run_id: str, root: Path | None = None) -> None:
     shutil.rmtree(run_dir(run_id, root))
 
 
-def update_metrics(run: Path, key: str, value: Any) -> dict[str, Any]:
-    """Merge one entry into metrics.json atomically and return the whole mapping."""
-    path = Path(run) / layout.METRICS
-    metrics = _read_json_or_empty(path)
-    metrics[key] = value
-    write_json_atomic(path, metrics)
-    return metrics
-
-
 def read_config(run: Path) -> dict[str, Any]:
-    return read_json(Path(run) / layout.CONFIG)
+    """config.json of a run; missing: FileNotFoundError, not a UTF-8 JSON object: ValueError naming the file."""
+    return read_json_object(Path(run) / layout.CONFIG)

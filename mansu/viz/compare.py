@@ -5,7 +5,8 @@ erasure (x = forget-accuracy drop in full precision, y = CAD).
 metrics.json is keyed by stage (base_fp, base_nf4, unlearned_fp, unlearned_nf4); each stage holds
 per-split accuracy results ({"forget": {"accuracy", "ci_low", "ci_high", ...}, "retain": ...}), and
 "ptq_gap": {"forget": {"gap", "ci_low", "ci_high"}} the paired gap. cad.json holds "after_fp" and
-"after_nf4", each {"value", "ci_low", "ci_high", "per_edge": {"u->v": contribution}}.
+"after_nf4", each {"value", "ci_low", "ci_high", "per_edge": {"u->v": contribution}}.  These are the only
+shapes read: `mansu.runs.store.read_metrics`/`read_cad` check them when a run is loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import plotly.graph_objects as go
+
+from mansu.runs.store import CadFile, Metrics
 
 STAGES = ("base_fp", "base_nf4", "unlearned_fp", "unlearned_nf4")
 
@@ -25,21 +28,16 @@ class Acc:
     high: float | None = None
 
 
-def accuracy(metrics: dict[str, Any], stage: str, split: str) -> Acc | None:
-    """Accuracy of `split` (forget/retain) at `stage`, with its interval when recorded; None if missing."""
-    entry = metrics.get(stage) if isinstance(metrics, dict) else None
-    if not isinstance(entry, dict):
+def accuracy(metrics: Metrics | None, stage: str, split: str) -> Acc | None:
+    """Accuracy of `split` (forget/retain) at `stage` from metrics.json (`mansu.runs.store.Metrics`), with its
+    interval when recorded; None when that stage or split has not been evaluated."""
+    result = ((metrics or {}).get(stage) or {}).get(split)
+    if not result:
         return None
-    result = entry.get(split)
-    if isinstance(result, (int, float)):
-        return Acc(float(result))
-    if isinstance(result, dict) and result.get("accuracy") is not None:
-        return Acc(float(result["accuracy"]), result.get("ci_low"), result.get("ci_high"))
-    flat = entry.get(f"{split}_acc", entry.get(f"{split}_accuracy"))
-    return Acc(float(flat)) if flat is not None else None
+    return Acc(float(result["accuracy"]), result.get("ci_low"), result.get("ci_high"))
 
 
-def forget_drop(metrics: dict[str, Any], which: str = "fp") -> float | None:
+def forget_drop(metrics: Metrics | None, which: str = "fp") -> float | None:
     """acc_forget(base fp) - acc_forget(unlearned, in fp or its NF4 twin)."""
     if which not in ("fp", "nf4"):
         raise ValueError(f"which must be 'fp' or 'nf4', got {which!r}")
@@ -47,31 +45,23 @@ def forget_drop(metrics: dict[str, Any], which: str = "fp") -> float | None:
     return None if base is None or after is None else base.value - after.value
 
 
-def ptq_gap(metrics: dict[str, Any]) -> float | None:
+def ptq_gap(metrics: Metrics | None) -> float | None:
     """acc_forget(NF4(unlearned)) - acc_forget(unlearned) (the backend's paired value when recorded)."""
-    recorded = ((metrics.get("ptq_gap") or {}).get("forget") or {}) if isinstance(metrics, dict) else {}
-    if isinstance(recorded, dict) and isinstance(recorded.get("gap"), (int, float)):
+    recorded = ((metrics or {}).get("ptq_gap") or {}).get("forget")
+    if recorded:
         return float(recorded["gap"])
     fp, nf4 = accuracy(metrics, "unlearned_fp", "forget"), accuracy(metrics, "unlearned_nf4", "forget")
     return None if fp is None or nf4 is None else nf4.value - fp.value
 
 
-def cad_value(cad: dict[str, Any] | None, which: str = "fp") -> tuple[float, float | None, float | None] | None:
-    """(CAD, low, high) for `which` in fp/nf4 from cad.json, or None."""
-    if not isinstance(cad, dict):
+def cad_value(cad: CadFile | None, which: str = "fp") -> tuple[float, float | None, float | None] | None:
+    """(CAD, low, high) after unlearning in `which` (fp/nf4) from cad.json (`mansu.runs.store.read_cad`), or None."""
+    if which not in ("fp", "nf4"):
+        raise ValueError(f"which must be 'fp' or 'nf4', got {which!r}")
+    entry = (cad or {}).get(f"after_{which}")
+    if not entry:
         return None
-    entry = cad.get(which, cad.get(f"after_{which}"))
-    if isinstance(entry, (int, float)):
-        return float(entry), None, None
-    if isinstance(entry, dict):
-        value = entry.get("cad", entry.get("value"))
-        if value is not None:
-            ci = entry.get("ci") or [entry.get("ci_low"), entry.get("ci_high")]
-            return float(value), ci[0], ci[1]
-    if which == "fp" and cad.get("cad") is not None:
-        ci = cad.get("ci") or [cad.get("ci_low"), cad.get("ci_high")]
-        return float(cad["cad"]), ci[0], ci[1]
-    return None
+    return float(entry["value"]), entry.get("ci_low"), entry.get("ci_high")
 
 
 def _err(acc: Acc) -> dict[str, Any] | None:
@@ -80,7 +70,7 @@ def _err(acc: Acc) -> dict[str, Any] | None:
     return {"type": "data", "symmetric": False, "array": [acc.high - acc.value], "arrayminus": [acc.value - acc.low]}
 
 
-def fp_nf4_bars(runs: dict[str, dict[str, Any]], *, title: str = "forget and retain accuracy, fp vs NF4") -> go.Figure:
+def fp_nf4_bars(runs: dict[str, Metrics], *, title: str = "forget and retain accuracy, fp vs NF4") -> go.Figure:
     """Grouped bars per run label: forget fp, forget NF4, retain fp, retain NF4 (after unlearning)."""
     fig = go.Figure()
     series = (("forget", "unlearned_fp", "forget fp", "#1f77b4"), ("forget", "unlearned_nf4", "forget NF4", "#aec7e8"),
@@ -124,7 +114,7 @@ def quadrant_figure(points: dict[str, tuple[float, float]], *, drop_margin: floa
     return fig
 
 
-def cad_figure(cad: dict[str, Any], *, top: int = 20, which: str = "nf4") -> go.Figure:
+def cad_figure(cad: CadFile | None, *, top: int = 20, which: str = "nf4") -> go.Figure:
     """CAD fp and NF4 with intervals (left) and the top per-edge contributions of `which` (right)."""
     from plotly.subplots import make_subplots
 
@@ -144,19 +134,7 @@ def cad_figure(cad: dict[str, Any], *, top: int = 20, which: str = "nf4") -> go.
     return fig
 
 
-def edge_contributions(cad: dict[str, Any], which: str = "nf4") -> list[tuple[str, float]]:
-    """Per-edge CAD contributions ('u->v', value) of `which` (nf4/fp), sorted by |value| descending."""
-    raw = cad.get("per_edge", cad.get("contributions", cad.get("edge_contributions")))
-    for key in (which, f"after_{which}", "after_fp", "fp"):
-        if raw is None and isinstance(cad.get(key), dict):
-            raw = cad[key].get("per_edge", cad[key].get("contributions"))
-    rows: list[tuple[str, float]] = []
-    if isinstance(raw, dict):
-        rows = [(str(k), float(v)) for k, v in raw.items()]
-    elif isinstance(raw, list):
-        for item in raw:
-            if isinstance(item, dict):
-                label = item.get("edge") or f"{item.get('source')}->{item.get('target')}"
-                value = item.get("contribution", item.get("value", item.get("score", 0.0)))
-                rows.append((str(label), float(value)))
-    return sorted(rows, key=lambda r: -abs(r[1]))
+def edge_contributions(cad: CadFile | None, which: str = "nf4") -> list[tuple[str, float]]:
+    """Per-edge CAD contributions ('u->v', value) after unlearning in `which` (nf4/fp), by |value| descending."""
+    entry = (cad or {}).get(f"after_{which}") or {}
+    return sorted(((str(k), float(v)) for k, v in entry.get("per_edge", {}).items()), key=lambda r: -abs(r[1]))

@@ -18,8 +18,11 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from mansu.io import portable_paths
+from mansu.scorecard import PROPERTIES, Scorecard
+
 log = logging.getLogger(__name__)
-PROPERTY_ORDER = ("forgetting", "retain", "ptq_gap", "structural_erasure")  # mansu.scorecard's keys
+PROPERTY_ORDER = PROPERTIES
 PROPERTY_TITLES = {"forgetting": "meaningful forgetting", "retain": "retain preservation",
                    "ptq_gap": "non-positive PTQ gap", "structural_erasure": "structural erasure"}
 
@@ -33,30 +36,17 @@ class ScoreRow:
     margin: float | None
 
 
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def scorecard_rows(scorecard: dict[str, Any] | None) -> list[ScoreRow]:
-    """The scorecard's properties as rows (any entry that is a dict with a pass flag)."""
-    if not isinstance(scorecard, dict):
-        return []
-    props = scorecard.get("properties", scorecard)
-    if isinstance(props, list):
-        props = {str(p.get("name", i)): p for i, p in enumerate(props) if isinstance(p, dict)}
+def scorecard_rows(scorecard: Scorecard | None) -> list[ScoreRow]:
+    """The scorecard's properties in PROPERTIES order (a scorecard from `mansu.scorecard.read_scorecard`; None or
+    {} when not computed gives no rows); passed is None for a property that is not available."""
+    props = (scorecard or {}).get("properties", {})
     rows = []
-    for name, entry in props.items():
-        if not isinstance(entry, dict):
-            continue
-        passed = entry.get("passed", entry.get("pass", entry.get("ok")))
-        if passed is None and "value" not in entry:
-            continue
-        if entry.get("status") == "not available" or entry.get("value", 0) is None:
-            passed = None
-        rows.append(ScoreRow(name, None if passed is None else bool(passed), _num(entry.get("value")),
-                             _num(entry.get("threshold")), _num(entry.get("margin"))))
-    order = {name: i for i, name in enumerate(PROPERTY_ORDER)}
-    return sorted(rows, key=lambda r: order.get(r.name, len(order)))
+    for name in PROPERTIES:
+        if name in props:
+            p = props[name]
+            passed = None if p["status"] == "not available" else p["pass"]
+            rows.append(ScoreRow(name, passed, p.get("value"), p.get("threshold"), p.get("margin")))
+    return rows
 
 
 def mark(row: ScoreRow) -> str:
@@ -100,18 +90,19 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 .pass{background:#d4f7d4}.fail{background:#fbd5d5}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}"""
 
 
-def build_report_html(title: str, figures: dict[str, go.Figure], scorecard: dict[str, Any] | None,
+def build_report_html(title: str, figures: dict[str, go.Figure], scorecard: Scorecard | None,
                       config: dict[str, Any], versions: dict[str, Any], notes: list[str] | None = None) -> str:
     """One self-contained HTML document: plotly.js inlined with the first figure, the others reuse it."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts += [f"<p>{html.escape(n)}</p>" for n in (notes or [])]
+    parts += [f"<p>{html.escape(n)}</p>" for n in portable_paths(notes or [])]
     parts.append("<h2>Scorecard</h2>" + scorecard_html(scorecard_rows(scorecard)))
     for i, (name, fig) in enumerate(figures.items()):
         parts.append(f"<h2>{html.escape(name)}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"fig{i}"))
-    parts.append("<h2>Config</h2><pre>" + html.escape(json.dumps(config, indent=2, sort_keys=True, default=str)) + "</pre>")
-    parts.append("<h2>Versions</h2><pre>" + html.escape(json.dumps(versions, indent=2, sort_keys=True, default=str)) + "</pre>")
+    for heading, data in (("Config", config), ("Versions", versions)):  # shared with reviewers: no machine paths
+        text = json.dumps(portable_paths(data), indent=2, sort_keys=True, default=str)
+        parts.append(f"<h2>{heading}</h2><pre>" + html.escape(text) + "</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
