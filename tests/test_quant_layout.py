@@ -173,3 +173,28 @@ def test_simulated_twin_equals_the_real_dequantized_weights(loaded):
     twin = dict(nf4_twin(model, "simulated").model.named_parameters())
     for name, (_, deq) in base_real.items():
         assert torch.equal(layout.view(name, twin[name].detach()), deq), name
+
+
+def test_mansu_engine_on_gpt2_changes_every_touched_code_under_a_real_load(tmp_path):
+    """The whole MANSU method (projection, Fisher budget, floor) on a GPT-2 with Conv1D weights."""
+    from mansu.data.records import MCQRecord
+    from mansu.models.demo import build_tokenizer
+    from mansu.unlearn.config import UnlearnConfig
+    from mansu.unlearn.data import encode_records
+    from mansu.unlearn.engine import run_unlearning
+
+    names, colors = ["Zorb", "Quil", "Marn", "Tesk"], ["red", "blue", "green", "amber"]
+    tok = build_tokenizer([" ".join(names + colors) + " Where is from ? Answer :"])
+    records = [MCQRecord(f"Where is {names[i % 4]} from ?", tuple(colors), i % 4) for i in range(12)]
+    model = tiny_model("gpt2")
+    model.resize_token_embeddings(len(tok))
+    updated = copy.deepcopy(model)
+    config = UnlearnConfig(method="mansu", steps=2, batch_size=4, k=4, n_fisher=6, update_fraction=0.02, epsilon=1e6)
+    result = run_unlearning(updated, encode_records(tok, records[:6]), encode_records(tok, records[6:]), config)
+    base_p, new_p = dict(model.named_parameters()), dict(updated.named_parameters())
+    touched = {n: new_p[n] != base_p[n] for n in result.index.names}
+    n_touched = sum(int(m.sum()) for m in touched.values())
+    assert n_touched > 0 and set(result.index.names) == set(quant_layout(model).transposed)
+    counts = code_changes(real_nf4(model, tmp_path, "base"), real_nf4(updated, tmp_path, "new"), touched,
+                          quant_layout(model))
+    assert counts == {"changed": n_touched, "unchanged": 0, "collateral": 0}
