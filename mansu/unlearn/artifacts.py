@@ -19,19 +19,21 @@ from pathlib import Path
 
 import torch
 
+from mansu.quant.targets import NATURAL, QuantLayout
 from mansu.unlearn.floor import floor_geometry
 from mansu.unlearn.params import sub_index
 
 
 def update_tensors(base_params: dict[str, torch.Tensor], result, epsilon: float, kappa: float, blocksize: int,
-                   fisher: torch.Tensor | None, max_coords: int = 200_000) -> tuple[dict[str, torch.Tensor], dict]:
+                   fisher: torch.Tensor | None, max_coords: int = 200_000, *,
+                   layout: QuantLayout = NATURAL) -> tuple[dict[str, torch.Tensor], dict]:
     """The update.safetensors dict for an UnlearnResult (see the module docstring)."""
     cand = torch.nonzero((result.proposal != 0) | (result.delta != 0)).reshape(-1)
     truncated = cand.numel() > max_coords
     if truncated:
         cand = cand[torch.topk(result.priority[cand], max_coords).indices]
     sub, pos = sub_index(result.index, cand)
-    geo = floor_geometry(base_params, sub, blocksize)
+    geo = floor_geometry(base_params, sub, blocksize, layout=layout)
     cols = {"delta": result.delta[pos], "proposal": result.proposal[pos], "priority": result.priority[pos],
             "bin_width": geo.bin_width, "move_up": geo.move_up, "move_down": geo.move_down, "cap_up": geo.cap_up,
             "cap_down": geo.cap_down, "fisher": fisher[pos] if fisher is not None else torch.zeros(pos.numel())}
