@@ -15,25 +15,30 @@ import sys
 COMMANDS = ("demo", "eval", "attribute", "runs", "run", "compare")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (`error: <what was wrong>`, exit 2) instead of the usage dump."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mansu",
+    parser = Parser(prog="python -m mansu",
                                      description="Quantization-permanent LLM unlearning (MANSU): backend commands.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"mansu.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"mansu.commands.{name}":
-                raise
-            continue  # a command whose module has not landed yet
-        module.register(subparsers)
+        importlib.import_module(f"mansu.commands.{name}").register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a parse error already printed as one line
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

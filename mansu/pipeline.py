@@ -5,7 +5,7 @@ Finished stages are listed in stages.json; `run_pipeline` on an existing run ski
 from its last finished stage).  status.json shows the stage and progress throughout.  A NaN/Inf loss marks the
 run failed with the step and keeps everything written so far.  The base model on disk is never modified: base
 alignment (nf4-grid) and unlearning act on in-memory copies; the unlearned model is saved with save_pretrained
-into <run>/model when `save_model` is set.  A stage whose module is missing records "not available".
+into <run>/model when `save_model` is set.
 """
 
 from __future__ import annotations
@@ -17,78 +17,38 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mansu.io import read_json, write_json_atomic
+from mansu.attribution.cad import cad
+from mansu.attribution.circuit import circuit_parameter_masks, smallest_faithful_circuit
+from mansu.attribution.eap import attribute
+from mansu.attribution.serialize import load_circuit, load_graph, save_circuit, save_graph
+from mansu.data.records import load_records, mcq_only
+from mansu.io import read_json, read_safetensors, write_json_atomic
+from mansu.metrics.accuracy import mcq_accuracy
+from mansu.models.demo import demo_assets, ensure_demo, is_complete
+from mansu.models.loading import load_config, load_model, require_causal_lm
+from mansu.quant.survival import alignment_report, survival_analysis, write_survival
+from mansu.quant.targets import quant_layout
+from mansu.quant.twin import nf4_twin, paired_gap
 from mansu.runs import layout
-from mansu.runs.store import read_config, update_metrics, write_status
+from mansu.runs.store import create_run, read_config, run_dir, update_metrics, validate_run_id, write_status
+from mansu.scorecard import build_scorecard
+from mansu.spec import RunSpec, run_slug
+from mansu.unlearn.config import UnlearnConfig
+from mansu.unlearn.artifacts import update_tensors, write_update
+from mansu.unlearn.data import encode_records
+from mansu.unlearn.engine import NonFiniteLossError, run_unlearning
+from mansu.unlearn.methods import METHODS
+from mansu.unlearn.nf4_model import align_base
+from mansu.unlearn.params import quantizable_names
 
 log = logging.getLogger(__name__)
 
 STAGES = ("base_eval", "attribution_before", "unlearn", "eval_fp", "eval_nf4", "attribution_after", "cad",
           "survival", "scorecard")
-NF4_MODES = ("simulated", "real")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    model: str
-    forget: str
-    retain: str
-    unlearn: dict[str, Any] = field(default_factory=dict)     # UnlearnConfig fields
-    base_alignment: str = "natural"                           # natural | nf4-grid (SPEC.md, last section)
-    fmt: str = "cloze"                                        # MCQ scoring format
-    nf4_mode: str = "simulated"                               # NF4 twin: simulated (bit-exact dequant) | real (bnb)
-    attribution: bool = True                                  # circuit + CAD (off: MANSU uses all Linear weights)
-    circuit_target: float = 0.8                               # faithfulness of the smallest faithful circuit
-    attribution_records: int = 32                             # forget records attributed (EAP-IG cost grows with it)
-    ig_steps: int = 5                                         # EAP-IG integration steps (5-30 typical)
-    retain_eval_limit: int | None = None                      # score only the first N retain records (None: all)
-    save_model: bool = True                                   # save_pretrained the unlearned model into <run>/model
-    store_update: bool = True                                 # write update.safetensors (floor preview)
-    scorecard: dict[str, Any] = field(default_factory=dict)   # ScorecardConfig fields
-    device: str = "cpu"                                       # cpu | cuda | auto (accelerate device_map)
-    dtype: str = "fp32"
-    parent_run: str | None = None                             # --from-run: reuse its base eval and circuit
-
-    def __post_init__(self) -> None:
-        from mansu.scorecard import ScorecardConfig
-        from mansu.unlearn.config import UnlearnConfig
-        from mansu.unlearn.nf4_model import ALIGNMENTS
-
-        UnlearnConfig.from_dict(self.unlearn)
-        ScorecardConfig(**self.scorecard)
-        checks = {"base_alignment": (self.base_alignment, ALIGNMENTS), "fmt": (self.fmt, ("cloze", "letter")),
-                  "nf4_mode": (self.nf4_mode, NF4_MODES), "device": (self.device, ("cpu", "cuda", "auto")),
-                  "dtype": (self.dtype, ("fp32", "bf16"))}
-        for name, (value, accepted) in checks.items():
-            if value not in accepted:
-                raise ValueError(f"{name} {value!r} is not supported; accepted are {', '.join(accepted)}")
-        if not 0 < self.circuit_target <= 1.5:
-            raise ValueError(f"circuit_target must be in (0, 1.5], got {self.circuit_target}")
-        for name in ("attribution_records", "ig_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.retain_eval_limit is not None and (not isinstance(self.retain_eval_limit, int) or self.retain_eval_limit < 1):
-            raise ValueError(f"retain_eval_limit must be a positive integer or None, got {self.retain_eval_limit!r}")
-
-    @property
-    def config(self):
-        from mansu.unlearn.config import UnlearnConfig
-
-        return UnlearnConfig.from_dict(self.unlearn)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown run setting(s) {unknown}; accepted are {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
 
 
 @dataclass
@@ -109,6 +69,48 @@ class RunFailed(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class RunInputs:
+    """Where a spec's model and data are on this machine ('demo' resolved to the demo world)."""
+
+    model: str
+    forget: str
+    retain: str
+
+
+def resolve_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs:
+    """The spec's model and data paths; 'demo' is the cached demo model (built first when `build_demo`)."""
+    if not spec.is_demo:
+        return RunInputs(spec.model, spec.forget, spec.retain)
+
+    assets = ensure_demo() if build_demo else demo_assets()
+    return RunInputs(str(assets.model_dir), spec.forget or str(assets.forget_path),
+                     spec.retain or str(assets.retain_path))
+
+
+def load_split(path: str) -> list:
+    return mcq_only(load_records(path, "mcq"), path)
+
+
+def check_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs | None:
+    """Check everything a run needs before its folder exists: the model folder is readable and a causal LM, every
+    data file parses and validates (the settings were validated when the spec was built).  Raises ValueError /
+    FileNotFoundError with one line and creates nothing.  A demo spec builds the demo first when `build_demo`;
+    without it (the app, which must not train in a rerun) an unbuilt demo is left to the backend (None)."""
+    if spec.is_demo and not build_demo and not is_complete(demo_assets()):
+        return None
+    inputs = resolve_inputs(spec, build_demo=build_demo)
+    require_causal_lm(load_config(inputs.model), inputs.model)
+    for path in (inputs.forget, inputs.retain):
+        load_split(path)
+    return inputs
+
+
+def preflight(spec: RunSpec) -> RunInputs:
+    """`check_inputs`, building the demo when the spec names it (the backend's check before creating a run)."""
+    return check_inputs(spec, build_demo=True)
+
+
 @dataclass
 class Context:
     run: Path
@@ -116,6 +118,13 @@ class Context:
     cache: BaseCache
     unlearned: Any = None
     records: dict[str, list] = field(default_factory=dict)
+    _inputs: RunInputs | None = None
+
+    @property
+    def inputs(self) -> RunInputs:
+        if self._inputs is None:
+            self._inputs = resolve_inputs(self.spec)
+        return self._inputs
 
     @property
     def config(self):
@@ -124,20 +133,14 @@ class Context:
     def base(self):
         """The (aligned) base model and tokenizer, loaded once."""
         if self.cache.model is None:
-            from mansu.models.loading import load_model
-            from mansu.unlearn.nf4_model import align_base
-
-            lm = load_model(self.spec.model, dtype=self.spec.dtype, device=self.spec.device)
+            lm = load_model(self.inputs.model, dtype=self.spec.dtype, device=self.spec.device)
             align_base(lm.model, self.spec.base_alignment, self.config.blocksize)
             self.cache.model, self.cache.tokenizer = lm.model, lm.tokenizer
         return self.cache.model, self.cache.tokenizer
 
     def split(self, name: str) -> list:
         if name not in self.records:
-            from mansu.data.records import load_records, mcq_only
-
-            path = self.spec.forget if name == "forget" else self.spec.retain
-            self.records[name] = mcq_only(load_records(path, "mcq"), path)
+            self.records[name] = load_split(self.inputs.forget if name == "forget" else self.inputs.retain)
         return self.records[name]
 
     def attribution_records(self) -> list:
@@ -153,8 +156,6 @@ class Context:
 
     def model_after(self):
         if self.unlearned is None:
-            from mansu.models.loading import load_model
-
             lm = load_model(self.run / layout.MODEL_DIR, dtype=self.spec.dtype, device=self.spec.device)
             self.unlearned = lm.model
         return self.unlearned
@@ -163,28 +164,23 @@ class Context:
 # ---------------------------------------------------------------- stages
 
 def _evaluate(ctx: Context, model) -> dict[str, Any]:
-    from mansu.metrics.accuracy import mcq_accuracy
-
     tok = ctx.base()[1]
     return {split: mcq_accuracy(model, tok, recs, fmt=ctx.spec.fmt, batch_size=256, n_boot=1000).to_dict()
             for split, recs in (("forget", ctx.split("forget")), ("retain", ctx.eval_retain()))}
 
 
 def _twin(ctx: Context, model):
-    from mansu.quant.twin import nf4_twin
-
     return nf4_twin(model, ctx.spec.nf4_mode, blocksize=ctx.config.blocksize).model
 
 
 def stage_base_eval(ctx: Context) -> None:
     if not ctx.cache.metrics:
-        from mansu.quant.survival import alignment_report
-        from mansu.unlearn.params import quantizable_names
 
         model, _ = ctx.base()
         ctx.cache.metrics = {"base_fp": _evaluate(ctx, model), "base_nf4": _evaluate(ctx, _twin(ctx, model))}
         state = {n: p.detach().cpu() for n, p in model.named_parameters()}
-        report = alignment_report(state, quantizable_names(model), blocksize=ctx.config.blocksize)
+        report = alignment_report(state, quantizable_names(model), blocksize=ctx.config.blocksize,
+                                  layout=quant_layout(model))
         ctx.cache.metrics["base_alignment"] = {"setting": ctx.spec.base_alignment, **report["overall"]}
     for key, value in ctx.cache.metrics.items():
         update_metrics(ctx.run, key, value)
@@ -197,7 +193,6 @@ def stage_attribution_before(ctx: Context) -> None:
     if status.get("status") != "ok":
         write_json_atomic(ctx.run / layout.CIRCUIT, status, add_stamp=True)
         return
-    from mansu.attribution.serialize import save_circuit, save_graph
 
     model, _ = ctx.base()
     save_graph(ctx.cache.graph, ctx.run, "before", model=model, circuit=ctx.cache.circuit)
@@ -207,11 +202,6 @@ def stage_attribution_before(ctx: Context) -> None:
 def _attribute_before(ctx: Context) -> dict[str, Any]:
     if not ctx.spec.attribution:
         return {"status": "not available", "reason": "attribution turned off for this run"}
-    try:
-        from mansu.attribution.circuit import circuit_parameter_masks, smallest_faithful_circuit
-        from mansu.attribution.eap import attribute
-    except ImportError as exc:
-        return {"status": "not available", "reason": f"attribution module missing: {exc}"}
     model, tok = ctx.base()
     recs = ctx.attribution_records()
     try:
@@ -226,9 +216,6 @@ def _attribute_before(ctx: Context) -> dict[str, Any]:
 
 
 def stage_unlearn(ctx: Context) -> None:
-    from mansu.unlearn.data import encode_records
-    from mansu.unlearn.engine import run_unlearning
-
     model, tok = ctx.base()
     work = copy.deepcopy(model)
     steps_path = ctx.run / layout.STEPS
@@ -251,25 +238,23 @@ def stage_unlearn(ctx: Context) -> None:
     if ctx.spec.save_model:
         save_model(work, tok, ctx.run / layout.MODEL_DIR)
     update_metrics(ctx.run, "unlearn", {**result.summary, "wall_seconds": round(seconds, 3),
-                                        "circuit_restricted": masks is not None and cfg.method in
-                                        ("mansu", "mansu_no_floor", "mansu_no_fisher")})
+                                        "circuit_restricted": masks is not None and
+                                        METHODS[cfg.method].circuit_restricted})
 
 
 def _saved_masks(run: Path):
     path = run / layout.CIRCUIT_MASKS
     if not path.is_file():
         return None
-    from mansu.io import read_safetensors
 
     return {k: v.bool() for k, v in read_safetensors(path).items()}
 
 
 def _write_update(ctx: Context, base, result) -> None:
-    from mansu.unlearn.artifacts import update_tensors, write_update
-
     cfg = ctx.config
     params = {n: p.detach().cpu() for n, p in base.named_parameters() if n in result.index.names}
-    tensors, meta = update_tensors(params, result, cfg.epsilon, cfg.kappa, cfg.blocksize, result.fisher)
+    tensors, meta = update_tensors(params, result, cfg.epsilon, cfg.kappa, cfg.blocksize, result.fisher,
+                                   layout=quant_layout(base))
     write_update(ctx.run / layout.UPDATE, tensors, {**meta, "method": cfg.method})
 
 
@@ -292,8 +277,6 @@ def stage_eval_fp(ctx: Context) -> None:
 
 
 def stage_eval_nf4(ctx: Context) -> None:
-    from mansu.quant.twin import paired_gap
-
     nf4 = _evaluate(ctx, _twin(ctx, ctx.model_after()))
     update_metrics(ctx.run, "unlearned_nf4", nf4)
     fp = read_json(ctx.run / layout.METRICS)["unlearned_fp"]
@@ -311,8 +294,6 @@ def _circuit_ok(ctx: Context) -> bool:
 def stage_attribution_after(ctx: Context) -> None:
     if not _circuit_ok(ctx):
         return
-    from mansu.attribution.eap import attribute
-    from mansu.attribution.serialize import load_circuit, save_graph
 
     _, tok = ctx.base()
     circuit, _ = load_circuit(ctx.run)
@@ -328,8 +309,6 @@ def stage_cad(ctx: Context) -> None:
         write_json_atomic(ctx.run / layout.CAD, {"status": "not available",
                                                  "reason": "no circuit (attribution off or unavailable)"}, add_stamp=True)
         return
-    from mansu.attribution.cad import cad
-    from mansu.attribution.serialize import load_circuit, load_graph
 
     circuit, _ = load_circuit(ctx.run)
     before = load_graph(ctx.run, "before")
@@ -340,25 +319,21 @@ def stage_cad(ctx: Context) -> None:
 
 
 def stage_survival(ctx: Context) -> None:
-    from mansu.quant.survival import survival_analysis, write_survival
-    from mansu.unlearn.params import quantizable_names
-
     base, _ = ctx.base()
     names = quantizable_names(base)
     theta = {n: p.detach().cpu() for n, p in base.named_parameters() if n in names}
     theta_new = {n: p.detach().cpu() for n, p in ctx.model_after().named_parameters() if n in names}
-    report = survival_analysis(theta, theta_new, names, blocksize=ctx.config.blocksize, seed=ctx.config.seed)
+    report = survival_analysis(theta, theta_new, names, blocksize=ctx.config.blocksize, seed=ctx.config.seed,
+                               layout=quant_layout(base))
     write_survival(ctx.run / layout.SURVIVAL, report)
     update_metrics(ctx.run, "survival", {k: report["overall"].get(k) for k in
                                          ("n_updated", "median_ratio", "frac_code_changed", "kept_fraction", "snr")})
 
 
 def stage_scorecard(ctx: Context) -> None:
-    from mansu.scorecard import ScorecardConfig, build_scorecard
-
     metrics = read_json(ctx.run / layout.METRICS)
     cad = read_json(ctx.run / layout.CAD) if (ctx.run / layout.CAD).is_file() else None
-    card = build_scorecard(metrics, cad, ScorecardConfig(**ctx.spec.scorecard))
+    card = build_scorecard(metrics, cad, ctx.spec.scorecard)
     write_json_atomic(ctx.run / layout.SCORECARD, card, add_stamp=True)
 
 
@@ -397,7 +372,6 @@ def run_pipeline(run: Path, cache: BaseCache | None = None, *, stop_after: str |
 
     Raises RunFailed (status.json marked failed, with the stage/step) on a non-finite loss or any stage error.
     """
-    from mansu.unlearn.engine import NonFiniteLossError
 
     run = Path(run)
     spec = RunSpec.from_dict(read_config(run)["spec"])
@@ -426,10 +400,28 @@ def run_pipeline(run: Path, cache: BaseCache | None = None, *, stop_after: str |
 
 def start_run(spec: RunSpec, *, slug: str | None = None, root: Path | None = None) -> Path:
     """Create the run folder (config.json holds the validated spec) without running it."""
-    from mansu.runs.store import create_run
 
-    return create_run({"kind": "unlearn", "spec": spec.to_dict(), "method": spec.config.method},
-                      slug or f"{spec.config.method}-{spec.base_alignment}-s{spec.config.seed}", root)
+    run = create_run({"kind": "unlearn", "spec": spec.to_dict(), "method": spec.method}, slug or run_slug(spec), root)
+    if spec.parent_run:
+        copy_parent_stages(run_dir(spec.parent_run, root), run)
+    return run
+
+
+def child_spec(parent_run: str, root: Path | None = None, **unlearn_changes: Any) -> RunSpec:
+    """A re-floored child of a run (the floor tuner's "apply", `run --from-run`): the parent's spec with changed
+    unlearning settings; it reuses the parent's base evaluation and circuit."""
+    parent = RunSpec.from_dict(read_config(run_dir(validate_run_id(parent_run), root))["spec"])
+    unlearn = UnlearnConfig.from_dict({**parent.unlearn.to_dict(), **unlearn_changes})
+    return parent.replace(unlearn=unlearn, parent_run=parent_run)
+
+
+def start_queue(specs: list[RunSpec], *, root: Path | None = None) -> list[Path]:
+    """Create every run of a queue up front, marked "queued", so that `mansu runs` and the app show the whole queue
+    (and a cancel of this process ends it) before the first run starts."""
+    runs = [start_run(spec, root=root) for spec in specs]
+    for run in runs:
+        write_status(run, "queued", 0, len(STAGES), state="queued")
+    return runs
 
 
 def copy_parent_stages(parent: Path, run: Path) -> None:

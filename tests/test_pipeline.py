@@ -104,7 +104,7 @@ def test_nan_loss_marks_run_failed_and_keeps_artifacts(tiny_world, tmp_runs, tmp
 
     model = AutoModelForCausalLM.from_pretrained(tiny_world["model"])
     with torch.no_grad():
-        model.lm_head.weight[0, 0] = float("inf")  # test setup: a poisoned checkpoint
+        model.lm_head.weight[0].fill_(3e38)  # test setup: finite weights (loading accepts them) whose logits overflow
     model.save_pretrained(tmp_path / "bad")
     AutoTokenizer.from_pretrained(tiny_world["model"]).save_pretrained(tmp_path / "bad")
     spec = _spec({**tiny_world, "model": str(tmp_path / "bad")}, attribution=False, unlearn={"method": "graddiff"})
@@ -123,7 +123,8 @@ def test_cli_rejects_bad_settings_before_any_work(tiny_world, tmp_runs, capsys):
     assert main(argv + ["--kappa", "0"]) == 2
     assert "kappa must be a number in (0.0, 16.0]" in capsys.readouterr().err
     assert main(argv + ["--method", "magic"]) == 2
-    assert "accepted are mansu" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice: 'magic'" in err and "'mansu'" in err and len(err.strip().splitlines()) == 1
     assert main(argv[:3] + ["--forget", "/nonexistent.jsonl", "--retain", tiny_world["retain"]]) == 2
     assert not tmp_runs.exists() or not any(tmp_runs.iterdir())        # no run folder was created
 
@@ -134,7 +135,7 @@ def test_cli_run_and_from_run_with_new_kappa(tiny_world, tmp_runs, capsys):
     from mansu.runs.store import list_runs
 
     argv = ["run", "--model", tiny_world["model"], "--forget", tiny_world["forget"], "--retain", tiny_world["retain"],
-            "--steps", "1", "--k", "2", "--set", "n_fisher=4", "--set", "epsilon=1e6", "--no-attribution", "--json"]
+            "--steps", "1", "--k", "2", "--n-fisher", "4", "--epsilon", "1e6", "--no-attribution", "--json"]
     assert main(argv) == 0
     parent = list_runs()[0]
     assert main(["run", "--from-run", parent.run_id, "--kappa", "2.0", "--json"]) == 0

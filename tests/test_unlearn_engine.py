@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mansu.data.records import MCQRecord
-from mansu.unlearn.config import METHODS, UnlearnConfig
+from mansu.unlearn.config import UnlearnConfig
+from mansu.unlearn.methods import METHODS
 from mansu.unlearn.data import encode_records
 from mansu.unlearn.engine import EmptyCircuitError, FloorNotMetError, NonFiniteLossError, run_unlearning
 from mansu.unlearn.floor import verify_code_changes
@@ -96,13 +97,12 @@ def test_circuit_masks_restrict_mansu(tiny):
 
 def test_sure_mask_really_applies(tiny):
     """Gradients (and updates) outside the saliency mask are zero: <= 10% of rows change."""
-    from mansu.unlearn.engine import GradientBaseline, method_index
-
     model, _, forget, retain = tiny
     m = copy.deepcopy(model)
     cfg = UnlearnConfig(method="sure", steps=1, batch_size=4, sure_lr=1e-3)
-    index = method_index(m, cfg, None)
-    method = GradientBaseline(m, forget, retain, cfg, index)
+    sure = METHODS["sure"]
+    index = sure.coordinates(m, cfg, None)
+    method = sure(m, forget, retain, cfg, index)
     method.prepare()
     delta, stats = method.step(0)
     rows = {n: d.reshape(d.shape[0], -1) for n, d in index.scatter(delta).items()}

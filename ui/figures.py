@@ -9,7 +9,7 @@ from mansu.runs.store import RunSummary
 from mansu.viz import survival as sv
 from mansu.viz.circuit import circuit_figure, diff_figure
 from mansu.viz.compare import cad_figure, cad_value, forget_drop, fp_nf4_bars, quadrant_figure
-from ui.state import load_graph, load_json, run_display_name
+from ui.state import run_name, load_graph, load_json
 
 
 def run_figures(run: RunSummary, others: list[RunSummary]) -> tuple[dict[str, go.Figure], list[str]]:
@@ -30,8 +30,8 @@ def run_figures(run: RunSummary, others: list[RunSummary]) -> tuple[dict[str, go
     if hist is None:
         missing.append("survival under NF4")
     else:
-        figs["update vs NF4 bin width"] = sv.histogram_figure({run_display_name(run): hist})
-        rows = sv.by_kind_and_layer(sv.per_tensor(surv)) or {run_display_name(run): sv.per_layer(surv)}
+        figs["update vs NF4 bin width"] = sv.histogram_figure({run_name(run): hist})
+        rows = sv.by_kind_and_layer(sv.per_tensor(surv)) or {run_name(run): sv.per_layer(surv)}
         if any(rows.values()):
             figs["NF4 codes changed"] = sv.code_change_heatmap(rows)
     cad = load_json(run, layout.CAD)
@@ -41,12 +41,12 @@ def run_figures(run: RunSummary, others: list[RunSummary]) -> tuple[dict[str, go
         figs["CAD"] = cad_figure(cad)
     with_metrics = [r for r in [run, *others] if r.metrics]
     if with_metrics:
-        figs["fp vs NF4 accuracy"] = fp_nf4_bars({f"{run_display_name(r)} {r.run_id[-6:]}": r.metrics for r in with_metrics})
+        figs["fp vs NF4 accuracy"] = fp_nf4_bars({f"{run_name(r)}": r.metrics for r in with_metrics})
         points = {}
         for r in with_metrics:
             drop, c = forget_drop(r.metrics, "nf4"), cad_value(load_json(r, layout.CAD), "nf4")
             if drop is not None and c is not None:
-                points[f"{run_display_name(r)} {r.run_id[-6:]}"] = (drop, c[0])
+                points[f"{run_name(r)}"] = (drop, c[0])
         if points:
             figs["suppression vs erasure (NF4)"] = quadrant_figure(points, drop_margin=0.2)
     else:

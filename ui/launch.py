@@ -1,137 +1,120 @@
-"""Starting backend processes from the app and showing their live progress.
+"""Starting backend runs from the app and showing live progress of every active run.
 
-Processes are started with `mansu.appstate.start_backend` (a separate process, never inside a
-rerun) and remembered in session_state; a fragment polls status.json once a second.
+Work starts only through `mansu.launch.launch_runs` (validated RunSpecs, one backend process per launch, a
+queue for several runs).  The progress panel reads the run store, not this tab's memory: every tab shows every
+queued or running run and can cancel it, and a chain survives a closed tab.  Launches of this session are kept
+only to show what happened before a run folder existed (demo build, a backend error at start) and to select the
+finished demo comparison.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import streamlit as st
 
-from mansu.appstate import (Launched, LaunchSpec, backend_error, build_command, cancel_run, find_run_for_pid,
-                            log_tail, progress_of, start_backend, validate_spec)
+from mansu.launch import (Launched, active_runs, backend_error, cancel_run, launch_runs, log_tail, progress_of,
+                          runs_of_pid)
+from mansu.models.demo import demo_build_progress
 from mansu.paths import runs_root
-from mansu.runs.store import read_status, run_dir
-from mansu.unlearn.demo_settings import demo_settings
+from mansu.runs.store import RunSummary
+from mansu.spec import RunSpec, demo_spec
 from ui.state import request_selection
 
 LAUNCHES = "_launches"
+DEMO_METHODS = ("graddiff", "mansu")  # the demo comparison: a gradient baseline, then MANSU (docs/results.md)
 
 
 def launches() -> list[dict[str, Any]]:
     return st.session_state.setdefault(LAUNCHES, [])
 
 
-def launch(command: list[str], label: str, then: list[tuple[list[str], str]] | None = None) -> Launched:
-    """Start a backend command and remember it for the progress panel; `then` are (command, label) pairs
-    started one after another when this one finishes successfully (one process at a time on a laptop)."""
-    proc, info = start_backend(command, label=label)
-    launches().insert(0, {"proc": proc, "info": info, "label": label, "run_id": None, "cancelled": False,
-                          "then": list(then or [])})
+def launch(specs: list[RunSpec], label: str, *, select_last: bool = False) -> Launched:
+    """Validate and start `specs` as one backend process; remember the launch for the progress panel."""
+    proc, info = launch_runs(specs, label)
+    launches().insert(0, {"proc": proc, "info": info, "label": label, "n_runs": len(specs),
+                          "select_last": select_last, "done": False})
     return info
 
 
-def launch_spec(spec: LaunchSpec) -> Launched:
-    """Validate a form's spec (raises ValueError / FileNotFoundError) and launch it."""
-    validate_spec(spec)
-    return launch(build_command(spec), label=spec.method)
-
-
-def demo_commands() -> list[tuple[list[str], str]]:
-    """The demo comparison: GradDiff then MANSU on the NF4-grid-aligned demo base (where SPEC.md measured the
-    dual failure of gradient methods and the floor's fix), with the settings of docs/results.md; the first run
-    also builds the demo if missing."""
-    return [(build_command(LaunchSpec(method=m, demo=True, base_alignment="nf4-grid", hparams=demo_settings(m))),
-             f"demo: {m}") for m in ("graddiff", "mansu")]
+def demo_specs() -> list[RunSpec]:
+    """GradDiff then MANSU on the demo world with the settings of docs/results.md (the backend builds the demo
+    world and model first when missing)."""
+    return [demo_spec(m) for m in DEMO_METHODS]
 
 
 def launch_demo() -> Launched:
-    (first, label), *rest = demo_commands()
-    return launch(first, label, then=rest)
+    return launch(demo_specs(), "demo comparison", select_last=True)
 
 
-def _entry_status(entry: dict[str, Any]) -> dict[str, Any] | None:
-    if entry["run_id"] is None:
-        entry["run_id"] = find_run_for_pid(entry["info"].pid, runs_root())
-        if entry["run_id"] is not None:
-            st.session_state["_new_run"] = True  # the run list changed: refresh the whole page once
-    if entry["run_id"] is None:
-        return None
-    try:
-        return read_status(run_dir(entry["run_id"], runs_root()))
-    except FileNotFoundError:
-        return None
+def _show_active(run: RunSummary) -> None:
+    prog = progress_of(run.status)
+    st.markdown(f"**{run.run_id}**")
+    st.progress(prog.fraction, text=prog.text)
+    if st.button("Cancel", key=f"cancel-{run.run_id}"):
+        cancel_run(run.run_id, runs_root())
+        st.rerun()
 
 
-def _show_entry(entry: dict[str, Any], i: int) -> bool:
-    """One launch's progress; returns True while it still runs."""
-    proc, info = entry["proc"], entry["info"]
-    code = proc.poll()
-    status = _entry_status(entry)
-    title = f"**{entry['label']}** · pid {info.pid}" + (f" · run `{entry['run_id']}`" if entry["run_id"] else "")
-    st.markdown(title)
-    if status is not None:
-        # the ETA extrapolates the current stage from when this panel first saw it (status.json's started_at
-        # is the run's start, and step/total restart with every stage)
-        stage_key = (status.get("stage"), status.get("total"))
-        if entry.get("stage_key") != stage_key:
-            entry["stage_key"], entry["stage_seen"] = stage_key, dt.datetime.now(dt.timezone.utc).isoformat()
-        prog = progress_of({**status, "stage_started_at": status.get("stage_started_at") or entry["stage_seen"]})
-        st.progress(prog.fraction, text=prog.text)
-    elif code is None:
-        st.progress(0.0, text="starting (building the demo world and model when missing, about a minute)…")
-    tail = log_tail(info.log_path, 6)
-    if code is None:
-        if tail:
-            st.code(tail, language=None)
-        if entry["then"]:
-            st.caption("next: " + ", ".join(label for _, label in entry["then"]))
-        if st.button("Cancel", key=f"cancel-{info.pid}-{i}"):
-            cancel_run(info.pid, entry["run_id"], runs_root())
-            entry["cancelled"], entry["then"] = True, []
-            st.rerun()
-        return True
-    if entry["cancelled"]:
-        st.warning("cancelled")
-    elif code == 0 and entry["then"]:
-        (command, label), *rest = entry["then"]
-        entry["then"] = []
-        st.success("finished; starting the next run")
-        launch(command, label, then=rest)
-        launches()[0]["previous_run"] = entry["run_id"]
-        return True
-    elif code == 0 and entry.get("previous_run") and entry["run_id"]:
-        # the end of a chain (the demo comparison): open its last run, compared with the one before
-        if not entry.get("selected"):
-            entry["selected"] = True
-            request_selection(entry["run_id"], entry["previous_run"])
-        st.success(f"finished: `{entry['run_id']}` is selected, compared with `{entry['previous_run']}`; "
-                   "open Before / after or Report")
-    elif code == 0:
-        st.success("finished" + (f": select `{entry['run_id']}` in the sidebar" if entry["run_id"] else ""))
+def _show_starting(entry: dict[str, Any]) -> None:
+    """A launch of this tab whose first run folder does not exist yet: the demo build's progress, if any."""
+    st.markdown(f"**{entry['label']}** · pid {entry['info'].pid}")
+    build = demo_build_progress()
+    if build and build.get("state") != "done":
+        fraction = build.get("fraction") or 0.0
+        eta = build.get("eta_s")
+        text = f"building the demo: {build.get('stage', '?')}" + (f" · ETA {eta:.0f} s" if eta is not None else "")
+        st.progress(min(1.0, max(0.0, float(fraction))), text=text)
     else:
-        message = backend_error(log_tail(info.log_path, 200)) or f"exit status {code}"
-        st.error(f"backend error: {message}")
+        st.progress(0.0, text="starting…")
+    tail = log_tail(entry["info"].log_path, 4)
+    if tail:
+        st.code(tail, language=None)
+
+
+def _show_ended(entry: dict[str, Any], runs: list[RunSummary], code: int) -> None:
+    """What a finished launch of this tab did: its error, or the runs it made (the demo comparison selected)."""
+    if code != 0 and not runs:
+        message = backend_error(log_tail(entry["info"].log_path, 200)) or f"exit status {code}"
+        st.error(f"backend error ({entry['label']}): {message}")
         with st.expander("backend log"):
-            st.code(log_tail(info.log_path, 40), language=None)
-    return False
+            st.code(log_tail(entry["info"].log_path, 40), language=None)
+        return
+    states = ", ".join(f"`{r.run_id}` {r.status.get('state')}" for r in runs)
+    if code != 0:
+        st.error(f"{entry['label']}: {states}")
+        return
+    if entry["select_last"] and len(runs) >= 2 and not entry.get("selected"):
+        entry["selected"] = True
+        request_selection(runs[-1].run_id, runs[-2].run_id)
+    if entry["select_last"] and len(runs) >= 2:
+        st.success(f"finished: `{runs[-1].run_id}` is selected, compared with `{runs[-2].run_id}`; "
+                   "open Before / after or Report")
+    else:
+        st.success(f"{entry['label']} finished: {states}")
 
 
 def progress_panel() -> None:
-    """Live progress of every backend started in this session (polls status.json each second)."""
-    if launches():
+    """Live progress of every active run in the store and of this tab's launches (polls once a second)."""
+    if launches() or active_runs(runs_root()):
         _panel()
 
 
 @st.fragment(run_every=1.0)
 def _panel() -> None:
-    items = launches()
     st.subheader("Backend runs")
-    running = [_show_entry(entry, i) for i, entry in enumerate(list(items))]  # a chained run may be added
-    finished_now = not any(running) and st.session_state.get("_had_running")
-    st.session_state["_had_running"] = any(running)
-    if finished_now or st.session_state.pop("_new_run", False):
+    active = active_runs(runs_root())
+    for run in active:
+        _show_active(run)
+    shown = {r.run_id for r in active}
+    for entry in launches():
+        code = entry["proc"].poll()
+        runs = runs_of_pid(entry["info"].pid, runs_root())
+        if code is None and not runs:
+            _show_starting(entry)
+        elif code is not None and not any(r.run_id in shown for r in runs):
+            _show_ended(entry, runs, code)
+    changed = {r.run_id for r in active} != st.session_state.get("_active_ids", set())
+    st.session_state["_active_ids"] = {r.run_id for r in active}
+    if changed:
         st.rerun(scope="app")  # a run appeared or finished: refresh the sidebar and the page

@@ -12,6 +12,7 @@ import streamlit as st
 from mansu.paths import runs_root
 from mansu.runs import layout
 from mansu.runs.store import RunSummary, list_runs
+from mansu.spec import run_label
 from mansu.viz import artifacts
 
 RUN_KEY = "run_id"
@@ -37,9 +38,16 @@ def all_runs() -> list[RunSummary]:
     return list_runs(runs_root())
 
 
-def run_label(run: RunSummary) -> str:
-    method = run.config.get("method", "?")
-    return f"{run.run_id}  [{method} · {run.status.get('state', '?')}]"
+def run_name(run: RunSummary) -> str:
+    """The run's label (mansu.spec.run_label) for legends and headings."""
+    return run_label(run.run_id, run.config)
+
+
+def page_preamble(title: str) -> Selection:
+    """Every page starts alike: its title, then the shared sidebar run picker (same widget keys on every page,
+    so the choice persists across pages)."""
+    st.title(title)
+    return sidebar()
 
 
 URL_RUN = "run"            # ?run=<run id>: a link that opens the app on one run (for sharing with reviewers)
@@ -87,20 +95,16 @@ def sidebar() -> Selection:
         _apply_url_run(ids)
         if st.session_state.get(RUN_KEY) not in ids:
             st.session_state[RUN_KEY] = ids[0]
-        st.selectbox("run", ids, key=RUN_KEY, format_func=lambda i: run_label(by_id[i]))
+        st.selectbox("run", ids, key=RUN_KEY,
+                     format_func=lambda i: f"{run_name(by_id[i])}  [{by_id[i].status.get('state', '?')}]")
         _write_url_run(st.session_state[RUN_KEY])
         compare_options = [NONE, *[i for i in ids if i != st.session_state[RUN_KEY]]]
         if st.session_state.get(COMPARE_KEY) not in compare_options:
             st.session_state[COMPARE_KEY] = NONE
-        st.selectbox("compare with", compare_options, key=COMPARE_KEY)
+        st.selectbox("compare with", compare_options, key=COMPARE_KEY,
+                     format_func=lambda i: i if i == NONE else run_name(by_id[i]))
     compare_id = st.session_state[COMPARE_KEY]
     return Selection(by_id[st.session_state[RUN_KEY]], by_id.get(compare_id), runs)
-
-
-def selection() -> Selection:
-    """The shared sidebar picker; call once per page run (every page draws it with the same widget
-    keys, so the choice persists across pages)."""
-    return sidebar()
 
 
 def require_run(sel: Selection) -> RunSummary | None:
@@ -148,7 +152,3 @@ def load_update(run: RunSummary) -> dict[str, Any] | None:
     """update.safetensors tensors (cached; read-only: never modify them)."""
     return _update_cached(str(run.path), _mtime(Path(run.path) / layout.UPDATE))
 
-
-def run_display_name(run: RunSummary) -> str:
-    cfg = run.config
-    return str(cfg.get("name") or cfg.get("method") or run.run_id)

@@ -7,10 +7,9 @@ import streamlit as st
 from mansu.runs import layout
 from mansu.viz.circuit import circuit_figure, diff_figure
 from mansu.viz.compare import cad_figure, cad_value, forget_drop, fp_nf4_bars, quadrant_figure
-from ui.state import load_graph, load_json, not_computed, require_run, run_display_name, selection
+from ui.state import run_name, load_graph, load_json, not_computed, page_preamble, require_run
 
-st.title("Before / after")
-sel = selection()
+sel = page_preamble("Before / after")
 run = require_run(sel)
 if run is None:
     st.stop()
@@ -50,7 +49,7 @@ if sel.compare is not None and sel.compare not in finished:
     finished.append(sel.compare)
 labels = {}
 for r in finished:
-    label = run_display_name(r)
+    label = run_name(r)
     labels[label if label not in labels else f"{label} ({r.run_id[-6:]})"] = r
 which = st.radio("quadrant plot in", ["nf4", "fp"], horizontal=True, key="ba-quadrant-which",
                  format_func=lambda w: "NF4 (deployed model)" if w == "nf4" else "full precision")

@@ -6,14 +6,13 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from mansu.appstate import exports_dir
+from mansu.launch import exports_dir
 from mansu.runs import layout
 from mansu.viz.circuit import circuit_figure, node_edges
 from mansu.viz.report import export_images
-from ui.state import load_graph, load_json, not_computed, require_run, selection
+from ui.state import load_graph, load_json, not_computed, page_preamble, require_run
 
-st.title("Circuit")
-sel = selection()
+sel = page_preamble("Circuit")
 run = require_run(sel)
 if run is None:
     st.stop()

@@ -6,15 +6,14 @@ import zipfile
 
 import streamlit as st
 
-from mansu.appstate import exports_dir
+from mansu.launch import exports_dir
 from mansu.io import stamp
 from mansu.runs.store import library_versions
 from mansu.viz.report import build_report_html, export_images, scorecard_html, scorecard_rows
 from ui.figures import run_figures
-from ui.state import require_run, selection
+from ui.state import page_preamble, require_run
 
-st.title("Report")
-sel = selection()
+sel = page_preamble("Report")
 run = require_run(sel)
 if run is None:
     st.stop()

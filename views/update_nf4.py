@@ -2,18 +2,16 @@
 overlaid per run; the per-layer heatmap of NF4 codes changed; the headline; the live
 magnitude-floor preview and "apply and evaluate"."""
 
-import sys
-
 import streamlit as st
 
+from mansu.pipeline import child_spec
 from mansu.runs import layout
 from mansu.viz import survival as sv
 from ui import launch as ui_launch
 from ui.floor import preview, show_preview
-from ui.state import load_json, not_computed, require_run, run_display_name, selection
+from ui.state import run_name, load_json, not_computed, page_preamble, require_run
 
-st.title("Update vs NF4")
-sel = selection()
+sel = page_preamble("Update vs NF4")
 run = require_run(sel)
 if run is None:
     st.stop()
@@ -21,7 +19,7 @@ others = [r for r in sel.runs if r.run_id != run.run_id and (r.path / layout.SUR
 overlay_ids = st.multiselect("overlay runs (one line per run)", [r.run_id for r in others],
                              default=[sel.compare.run_id] if sel.compare in others else [], key="survival-overlay")
 runs = [run, *[r for r in others if r.run_id in overlay_ids]]
-surv = {f"{run_display_name(r)} · {r.run_id[9:15]}": load_json(r, layout.SURVIVAL) for r in runs}
+surv = {f"{run_name(r)}": load_json(r, layout.SURVIVAL) for r in runs}
 
 main = surv[next(iter(surv))]
 if main is None:
@@ -53,7 +51,7 @@ else:
     if any(rows.values()):
         st.plotly_chart(sv.code_change_heatmap(rows), key="survival-heatmap", width="stretch")
 
-align = {f"{run_display_name(r)} · {r.run_id[9:15]}": sv.alignment_summary(r.metrics) for r in runs}
+align = {f"{run_name(r)}": sv.alignment_summary(r.metrics) for r in runs}
 align = {k: v for k, v in align.items() if v is not None}
 if align:
     first = next(iter(align.values()))
@@ -79,6 +77,8 @@ if message:
 else:
     show_preview(fields, elapsed)
     if st.button(f"apply κ = {kappa:.1f} and evaluate (new run)", key="floor-apply"):
-        command = [sys.executable, "-m", "mansu", "run", "--from-run", run.run_id, "--kappa", f"{kappa:g}"]
-        ui_launch.launch(command, label=f"{run_display_name(run)}-kappa{kappa:g}")
+        try:
+            ui_launch.launch([child_spec(run.run_id, kappa=round(kappa, 4))], label=f"{run.run_id[:15]}-kappa{kappa:g}")
+        except (ValueError, FileNotFoundError) as exc:
+            st.error(f"not started: {exc}")
 ui_launch.progress_panel()

@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import statistics
 import time
 from pathlib import Path
 
-from mansu.unlearn.demo_settings import DEMO_SETTINGS, demo_settings
+from mansu.io import read_json, write_json_atomic
+from mansu.paths import runs_root
+from mansu.pipeline import BaseCache, run_pipeline, start_run
+from mansu.runs import layout
+from mansu.scorecard import ScorecardConfig
+from mansu.spec import RunSpec, demo_spec
+from mansu.unlearn.demo_settings import demo_settings
+from mansu.unlearn.methods import METHODS
 
 NATURAL_METHODS = ("mansu", "graddiff")
 
@@ -26,7 +35,7 @@ def register(subparsers) -> None:
                                           "seeds, on the NF4-grid-aligned base (all methods) and the natural base "
                                           "(a subset), and write a generated results table.")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
-    p.add_argument("--methods", default=",".join(DEMO_SETTINGS), help="comma-separated methods on the grid base")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods on the grid base")
     p.add_argument("--natural-methods", default=",".join(NATURAL_METHODS),
                    help="comma-separated methods also run on the natural base ('' for none)")
     p.add_argument("--retain-eval-limit", type=int, default=200, help="retain records scored (default 200)")
@@ -41,7 +50,7 @@ def register(subparsers) -> None:
 
 
 def _settings(args) -> dict[str, dict]:
-    settings = {m: demo_settings(m) for m in DEMO_SETTINGS}
+    settings = {m: demo_settings(m) for m in METHODS}
     for item in args.set:
         try:
             lhs, raw = item.split("=", 1)
@@ -56,9 +65,9 @@ def _settings(args) -> dict[str, dict]:
 
 def _methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in DEMO_SETTINGS]
+    bad = [m for m in names if m not in METHODS]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; accepted are {', '.join(DEMO_SETTINGS)}")
+        raise ValueError(f"unknown method(s) {bad}; accepted are {', '.join(METHODS)}")
     return names
 
 
@@ -72,9 +81,6 @@ def plan(args) -> list[tuple[str, str, int]]:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from mansu.models.demo import ensure_demo
-    from mansu.pipeline import BaseCache, RunSpec
-
     import torch
 
     if args.threads is not None:
@@ -83,42 +89,31 @@ def handle(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     settings = _settings(args)
     jobs = plan(args)
-    specs = []
-    assets = ensure_demo()
-    for base, method, seed in jobs:  # validate everything before any work
-        cfg = {**settings[method], "method": method, "seed": seed}
-        specs.append(RunSpec(model=str(assets.model_dir), forget=str(assets.forget_path),
-                             retain=str(assets.retain_path), unlearn=cfg, base_alignment=base,
-                             retain_eval_limit=args.retain_eval_limit, save_model=False, store_update=False,
-                             attribution_records=args.attribution_records, ig_steps=args.ig_steps))
+    specs = [demo_spec(method, **{**settings[method], "seed": seed}, base_alignment=base,  # all validated first
+                       retain_eval_limit=args.retain_eval_limit, save_model=False, store_update=False,
+                       attribution_records=args.attribution_records, ig_steps=args.ig_steps)
+             for base, method, seed in jobs]
     t0 = time.perf_counter()
     caches = {"nf4-grid": BaseCache(), "natural": BaseCache()}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = out.with_name(out.stem + ".partial" + out.suffix)  # never over the finished table
     rows: list[dict] = []
     for i, spec in enumerate(specs):
         rows.append(_run_one(spec, caches[spec.base_alignment], i, len(specs)))
         partial = f"PARTIAL: {len(rows)} of {len(specs)} runs finished so far." if len(rows) < len(specs) else ""
-        out.write_text(render(rows, caches, settings, time.perf_counter() - t0, args, partial))
+        partial_path.write_text(render(rows, caches, settings, time.perf_counter() - t0, args, partial))
     total = time.perf_counter() - t0
-    from mansu.io import write_json_atomic
-    from mansu.paths import runs_root
-
     write_json_atomic(runs_root() / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json",
                       {"rows": rows, "wall_seconds": total, "settings": settings,
                        "base_metrics": {k: c.metrics for k, c in caches.items()}}, add_stamp=True)
-    out.write_text(render(rows, caches, settings, total, args))
+    partial_path.write_text(render(rows, caches, settings, total, args))
+    os.replace(partial_path, out)
     print(f"wrote {out} ({len(rows)} runs, {total / 60:.1f} min)")
     return 0
 
 
-def _run_one(spec, cache, i: int, n: int) -> dict:
-    import logging
-
-    from mansu.io import read_json
-    from mansu.pipeline import RunFailed, run_pipeline, start_run
-    from mansu.runs import layout
-
+def _run_one(spec: RunSpec, cache: BaseCache, i: int, n: int) -> dict:
     run = start_run(spec)
     cfg = spec.config
     logging.getLogger(__name__).warning("compare %d/%d: %s seed %d on %s base", i + 1, n, cfg.method, cfg.seed,
@@ -180,9 +175,6 @@ def per_property(rows: list[dict], base: str) -> str:
 
 
 def render(rows: list[dict], caches: dict, settings: dict, total: float, args, partial: str = "") -> str:
-    from mansu.pipeline import RunSpec  # noqa: F401  (import check: the table is generated by the code)
-    from mansu.scorecard import ScorecardConfig
-
     card = ScorecardConfig()
     parts = ["# Results on the demo world (generated by `python -m mansu compare`; do not edit by hand)", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(rows)} runs in "

@@ -1,115 +1,82 @@
-"""The unlearning configuration: one dataclass, validated in `__post_init__` before any work starts.
+"""The unlearning configuration: one typed dataclass, validated in `__post_init__` before any work starts.
 
-Every method (MANSU, its ablations and the baselines) reads the same config; fields a method does not use
-are ignored by it and recorded anyway, so a run's config.json says exactly what was asked.
+Every method (MANSU, its ablations and the baselines) reads the same config; fields a method does not use are
+ignored by it and recorded anyway, so a run's config.json says exactly what was asked.  Each field carries its
+help text and range (mansu/options.py): the CLI's `run` flags and the app's form are generated from them, and
+each method class lists the fields it reads (`Method.fields`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-Method = Literal["mansu", "mansu_no_floor", "mansu_no_circuit", "mansu_no_fisher", "ga", "graddiff", "npo",
-                 "simnpo", "rmu", "sure", "gu", "ssd"]
-METHODS: tuple[str, ...] = ("mansu", "mansu_no_floor", "mansu_no_circuit", "mansu_no_fisher", "ga", "graddiff",
-                            "npo", "simnpo", "rmu", "sure", "gu", "ssd")
+from mansu.options import from_dict, opt, validate
+
 Objective = Literal["npo", "ga"]
-OBJECTIVES = ("npo", "ga")
 Optimizer = Literal["adam", "sgd"]
-OPTIMIZERS = ("adam", "sgd")
+Selection = Literal["gradient", "fisher_ratio"]
+FisherMode = Literal["scale", "clip"]
+MAX_SEED = 2**32 - 1  # torch.manual_seed and numpy accept up to this
 
 
 @dataclass(frozen=True)
 class UnlearnConfig:
-    method: str = "mansu"
-    steps: int = 8                  # optimisation steps (the demo needs few: each MANSU step moves whole bins)
-    lr: float = 3e-5                # gradient baselines: Adam at 1e-5..3e-5 forgets the demo in tens of steps
-    optimizer: str = "adam"         # baselines' optimizer; MANSU's magnitude comes from the floor, not the lr
-    batch_size: int = 32            # forget (and retain) sequences per step
-    seed: int = 0
-    objective: str = "npo"          # MANSU's forget objective (NPO or GA)
-    beta: float = 0.1               # NPO / SimNPO inverse temperature (Zhang et al. 2024 use 0.1)
-    simnpo_gamma: float = 0.0       # SimNPO reward margin
-    retain_weight: float = 1.0      # weight of the retain NLL in GradDiff / NPO+retain / SURE (SURE's alpha)
+    method: str = opt("mansu", "unlearning method (mansu.unlearn.methods.METHODS)", flag=False)
+    steps: int = opt(8, "optimisation steps (MANSU needs few: each step moves whole bins)", lo=1, hi=100_000)
+    lr: float = opt(3e-5, "learning rate (baselines; MANSU's proposal scale)", lo=0.0, hi=10.0, lo_open=True)
+    optimizer: Optimizer = opt("adam", "baselines' optimizer; MANSU's magnitude comes from the floor")
+    batch_size: int = opt(32, "forget (and retain) sequences per step", lo=1, hi=65_536)
+    seed: int = opt(0, "random seed (batch order, retain sample, RMU direction)", lo=0, hi=MAX_SEED)
+    objective: Objective = opt("npo", "forget objective of MANSU and GU: npo or ga")
+    beta: float = opt(0.1, "NPO / SimNPO inverse temperature (Zhang et al. 2024 use 0.1)", lo=0.0, hi=100.0,
+                      lo_open=True)
+    simnpo_gamma: float = opt(0.0, "SimNPO reward margin", lo=-100.0, hi=100.0)
+    retain_weight: float = opt(1.0, "weight of the retain NLL in GradDiff / NPO / SimNPO / SURE (SURE's alpha)",
+                               lo=0.0, hi=1e6)
     # MANSU
-    k: int = 16                     # per-example retain gradients spanning the projected-out subspace
-    n_fisher: int = 64              # retain examples for the diagonal Fisher
-    epsilon: float = 0.05           # Fisher budget: 1/2 sum F_i delta_i^2 <= epsilon (nats of retain NLL, 2nd order)
-    kappa: float = 1.0              # floor: |delta_i| >= kappa * NF4 bin width (1.0 = one whole cell)
-    update_fraction: float = 0.002  # MANSU: candidates per step, as a fraction of the circuit's parameters
-    blocksize: int = 64             # NF4 block size the floor targets (bitsandbytes' default)
-    mansu_retain_weight: float = 0.0  # MANSU: add w * retain-NLL gradient (a retain batch) before projecting
-    selection: str = "gradient"     # MANSU candidate score: gradient |p_i| or fisher_ratio |p_i| / sqrt(F_i + damping)
-    fisher_damping: float = 1.0     # fisher_ratio damping, in units of mean(F) (near 0 picks dead weights: SPEC.md)
-    fisher_mode: str = "scale"      # how the bound is enforced on dense updates (no-floor ablation, GU): scale|clip
+    k: int = opt(16, "per-example retain gradients spanning the projected-out subspace", lo=1, hi=4096)
+    n_fisher: int = opt(64, "retain examples for the diagonal Fisher", lo=1, hi=100_000)
+    epsilon: float = opt(0.05, "Fisher budget: 1/2 sum F_i delta_i^2 <= epsilon (nats of retain NLL; inf: none)",
+                         lo=0.0, lo_open=True)
+    kappa: float = opt(1.0, "floor: |delta_i| >= kappa * NF4 bin width (1.0 = one whole cell)", lo=0.0, hi=16.0,
+                       lo_open=True)
+    update_fraction: float = opt(0.002, "MANSU candidates per step, as a fraction of the circuit's parameters",
+                                 lo=0.0, hi=1.0, lo_open=True)
+    blocksize: int = opt(64, "NF4 block size the floor targets (bitsandbytes' default 64; even)", lo=2, hi=4096)
+    mansu_retain_weight: float = opt(0.0, "MANSU: add w * retain-NLL gradient (a retain batch) before projecting",
+                                     lo=0.0, hi=1e6)
+    selection: Selection = opt("gradient", "MANSU candidate score: |p_i| or |p_i| / sqrt(F_i + damping)")
+    fisher_damping: float = opt(1.0, "fisher_ratio damping, in units of mean(F) (near 0 picks dead weights)",
+                                lo=0.0, hi=1e6, lo_open=True)
+    fisher_mode: FisherMode = opt("scale", "how the bound is enforced on dense updates (no-floor ablation)")
     # RMU (Li et al. 2024, WMDP)
-    rmu_steering: float = 6.5       # steering coefficient c (WMDP uses 6.5 for zephyr; scaled by hidden norm)
-    rmu_alpha: float = 1200.0       # retain weight alpha (WMDP's reference value)
+    rmu_steering: float = opt(6.5, "RMU steering coefficient c (WMDP: 6.5 for zephyr)", lo=0.0, hi=1e4, lo_open=True)
+    rmu_alpha: float = opt(1200.0, "RMU retain weight alpha (WMDP's reference value)", lo=0.0, hi=1e6)
     # SURE (Zhang et al. 2024, quantization paper)
-    sure_percentile: float = 90.0   # keep neurons (weight rows) whose forget-gradient norm is >= this percentile
-    sure_lr: float = 1e-4           # SURE's large learning rate
+    sure_percentile: float = opt(90.0, "SURE: keep weight rows whose forget-gradient norm is >= this percentile",
+                                 lo=0.0, hi=100.0, hi_open=True)
+    sure_lr: float = opt(1e-4, "SURE's large learning rate", lo=0.0, hi=10.0, lo_open=True)
     # SSD (Foster et al. 2024)
-    ssd_alpha: float = 10.0         # selection: dampen where F_forget > alpha * F_retain
-    ssd_lambda: float = 1.0         # dampening: theta *= min(lambda * F_retain / F_forget, 1)
-    extra: dict[str, Any] = field(default_factory=dict)
+    ssd_alpha: float = opt(10.0, "SSD selection: dampen where F_forget > alpha * F_retain", lo=0.0, hi=1e6,
+                           lo_open=True)
+    ssd_lambda: float = opt(1.0, "SSD dampening: theta *= min(lambda * F_retain / F_forget, 1)", lo=0.0, hi=1e6,
+                            lo_open=True)
 
     def __post_init__(self) -> None:
-        _one_of("method", self.method, METHODS)
-        _one_of("objective", self.objective, OBJECTIVES)
-        _one_of("optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("selection", self.selection, ("gradient", "fisher_ratio"))
-        _float_range("mansu_retain_weight", self.mansu_retain_weight, 0.0, 1e6)
-        _float_range("fisher_damping", self.fisher_damping, 0.0, 1e6, lo_open=True)
-        _one_of("fisher_mode", self.fisher_mode, ("scale", "clip"))
-        _int_range("steps", self.steps, 1, 100_000)
-        _int_range("batch_size", self.batch_size, 1, 65_536)
-        _int_range("k", self.k, 1, 4096)
-        _int_range("n_fisher", self.n_fisher, 1, 100_000)
-        _int_range("blocksize", self.blocksize, 2, 4096)
+        from mansu.unlearn.methods import method_class  # the registry imports this module
+
+        method_class(self.method)
+        validate(self)
         if self.blocksize % 2:
             raise ValueError(f"blocksize must be even (e.g. 64), got {self.blocksize}")
-        _float_range("lr", self.lr, 0.0, 10.0, lo_open=True)
-        _float_range("sure_lr", self.sure_lr, 0.0, 10.0, lo_open=True)
-        _float_range("beta", self.beta, 0.0, 100.0, lo_open=True)
-        _float_range("simnpo_gamma", self.simnpo_gamma, -100.0, 100.0)
-        _float_range("retain_weight", self.retain_weight, 0.0, 1e6)
-        _float_range("epsilon", self.epsilon, 0.0, math.inf, lo_open=True, hi_closed=True)
-        _float_range("kappa", self.kappa, 0.0, 16.0, lo_open=True)
-        _float_range("update_fraction", self.update_fraction, 0.0, 1.0, lo_open=True, hi_closed=True)
-        _float_range("rmu_steering", self.rmu_steering, 0.0, 1e4, lo_open=True)
-        _float_range("rmu_alpha", self.rmu_alpha, 0.0, 1e6)
-        _float_range("sure_percentile", self.sure_percentile, 0.0, 100.0, hi_closed=False)
-        _float_range("ssd_alpha", self.ssd_alpha, 0.0, 1e6, lo_open=True)
-        _float_range("ssd_lambda", self.ssd_lambda, 0.0, 1e6, lo_open=True)
+        if self.epsilon != math.inf and not math.isfinite(self.epsilon):
+            raise ValueError(f"epsilon must be a positive number or inf, got {self.epsilon!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "UnlearnConfig":
-        names = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown unlearning setting(s) {unknown}; accepted are {sorted(names)}")
-        return cls(**data)
-
-
-def _one_of(name: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name} {value!r} is not supported; accepted are {', '.join(accepted)}")
-
-
-def _int_range(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-def _float_range(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
-                 hi_closed: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value <= hi if hi_closed else value < hi)
-    if not ok:
-        lb, rb = ("(" if lo_open else "["), ("]" if hi_closed else ")")
-        raise ValueError(f"{name} must be a number in {lb}{lo}, {hi}{rb}, got {value!r}")
+        return from_dict(cls, data, "unlearning")

@@ -1,0 +1,17 @@
+"""The closed sets of choices a run has, each defined once: every validator, CLI flag and app picker derives from
+these Literals (methods and quantizers have registries of their own)."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Device = Literal["cpu", "cuda", "auto"]          # auto: accelerate's device_map over the GPUs (and CPU/disk)
+DType = Literal["fp32", "bf16"]
+Alignment = Literal["natural", "nf4-grid"]       # the base as given, or every Linear weight snapped to NF4 first
+NF4Mode = Literal["simulated", "real"]           # bit-exact dequantized twin, or bitsandbytes' Linear4bit
+MCQFormat = Literal["cloze", "letter"]
+
+DEVICES: tuple[str, ...] = get_args(Device)
+DTYPES: tuple[str, ...] = get_args(DType)
+ALIGNMENTS: tuple[str, ...] = get_args(Alignment)
+NF4_MODES: tuple[str, ...] = get_args(NF4Mode)

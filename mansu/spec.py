@@ -1,0 +1,122 @@
+"""One typed spec from the form (or the flags) to the pipeline: `RunSpec` holds a real `UnlearnConfig` and a real
+`ScorecardConfig`, every field typed and documented (mansu/options.py), validated on construction.
+
+`model="demo"` names the embedded demo model wherever a model is asked for; with it, empty forget/retain paths
+mean the demo world's splits.  A spec is saved as JSON in the run's config.json and read back by `from_dict`;
+`python -m mansu run --spec FILE.json` accepts the same JSON (or a list of specs: a queue).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mansu.choices import Alignment, Device, DType, MCQFormat, NF4Mode
+from mansu.io import read_json
+from mansu.options import from_dict, opt, validate
+from mansu.scorecard import ScorecardConfig
+from mansu.unlearn.config import UnlearnConfig
+
+DEMO = "demo"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: str = opt(DEMO, "HF model folder or hub id, or 'demo' for the embedded demo model")
+    forget: str = opt("", "forget set (JSONL/JSON/CSV/Parquet); empty with --model demo: the demo's forget split")
+    retain: str = opt("", "retain set; empty with --model demo: the demo's retain split")
+    tokenizer: str | None = opt(None, "tokenizer: a folder/file, or 'fast' for the model's tokenizer.json exactly "
+                                      "as saved (default: AutoTokenizer)")
+    unlearn: UnlearnConfig = opt(UnlearnConfig(), "unlearning settings", flag=False)
+    scorecard: ScorecardConfig = opt(ScorecardConfig(), "scorecard thresholds", flag=False)
+    base_alignment: Alignment = opt("natural", "natural base, or every Linear weight snapped to its NF4 round "
+                                               "trip first (SPEC.md: where the dual failure appears)")
+    fmt: MCQFormat = opt("cloze", "MCQ scoring format")
+    nf4_mode: NF4Mode = opt("simulated", "NF4 twin: simulated (bit-exact dequantized) or real (bitsandbytes)")
+    attribution: bool = opt(True, "EAP-IG circuit and CAD (off: MANSU uses every Linear weight)")
+    circuit_target: float = opt(0.8, "faithfulness of the smallest faithful circuit", lo=0.0, hi=1.5, lo_open=True)
+    attribution_records: int = opt(32, "forget records attributed (EAP-IG cost grows with it)", lo=1, hi=100_000)
+    ig_steps: int = opt(5, "EAP-IG integration steps (5-30 typical)", lo=1, hi=1000)
+    retain_eval_limit: int | None = opt(None, "score only the first N retain records (default all)", lo=1)
+    save_model: bool = opt(True, "save_pretrained the unlearned model into the run folder")
+    store_update: bool = opt(True, "write update.safetensors (the floor tuner's input)")
+    device: Device = opt("cpu", "cpu, cuda, or auto (accelerate device_map)")
+    dtype: DType = opt("fp32", "weights' dtype")
+    parent_run: str | None = opt(None, "the run this one re-floors (--from-run)", flag=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unlearn, dict):  # from JSON: nested objects become their dataclasses
+            object.__setattr__(self, "unlearn", UnlearnConfig.from_dict(self.unlearn))
+        if isinstance(self.scorecard, dict):
+            object.__setattr__(self, "scorecard", from_dict(ScorecardConfig, self.scorecard, "scorecard"))
+        if not isinstance(self.unlearn, UnlearnConfig) or not isinstance(self.scorecard, ScorecardConfig):
+            raise ValueError("unlearn and scorecard must be JSON objects of their settings")
+        validate(self)
+        if self.model != DEMO and not (self.forget and self.retain):
+            raise ValueError("give forget and retain data files (or model 'demo' for the demo world's splits)")
+
+    @property
+    def config(self) -> UnlearnConfig:
+        return self.unlearn
+
+    @property
+    def method(self) -> str:
+        return self.unlearn.method
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == DEMO
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "RunSpec":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
+        return from_dict(cls, data, "run")
+
+
+
+def specs_from_file(path: str | Path) -> list[RunSpec]:
+    """The specs in a JSON file: one spec object, or a list of them (a queue)."""
+    data = read_json(Path(path))
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise ValueError(f"{path}: an empty list; give a run spec object or a list of them")
+    return [RunSpec.from_dict(item) for item in items]
+
+
+def run_slug(spec: RunSpec) -> str:
+    """The folder slug of a run: method, base and seed (a --from-run child adds its kappa)."""
+    slug = f"{spec.method}-{spec.base_alignment}-s{spec.unlearn.seed}"
+    return f"{slug}-k{spec.unlearn.kappa:g}" if spec.parent_run else slug
+
+
+def run_label(run_id: str, config: dict[str, Any]) -> str:
+    """The one human label of a run, in pickers, legends and reports: method, base, seed, kappa for a re-floored
+    child, and a short id (the run's HHMMSS plus its same-second suffix) that tells two runs of one method apart."""
+    spec = config.get("spec") if isinstance(config, dict) else None
+    spec = spec if isinstance(spec, dict) else {}
+    unlearn = spec.get("unlearn") if isinstance(spec.get("unlearn"), dict) else {}
+    parts = [str(unlearn.get("method") or config.get("method", "?") if isinstance(config, dict) else "?"),
+             str(spec.get("base_alignment", "?")), f"s{unlearn.get('seed', '?')}"]
+    if spec.get("parent_run"):
+        parts.append(f"κ{unlearn.get('kappa', '?')}")
+    short = run_id.split("-")[1] if run_id.count("-") >= 2 else run_id
+    suffix = run_id.split("-")[2] if run_id.count("-") >= 3 and run_id.split("-")[2].isdigit() else ""
+    return " · ".join(parts) + f" · {short}{'.' + suffix if suffix else ''}"
+
+
+def demo_spec(method: str, **changes: Any) -> RunSpec:
+    """A run on the demo world with the demo settings of `method` (docs/results.md) and the demo's base alignment;
+    `changes` may hold RunSpec fields and UnlearnConfig fields (those override the demo settings)."""
+    from mansu.unlearn.demo_settings import DEMO_ALIGNMENT, demo_settings
+
+    unlearn_names = {f.name for f in dataclasses.fields(UnlearnConfig)}
+    unlearn = {**demo_settings(method), "method": method, **{k: v for k, v in changes.items() if k in unlearn_names}}
+    rest = {k: v for k, v in changes.items() if k not in unlearn_names}
+    return RunSpec(**{"base_alignment": DEMO_ALIGNMENT, **rest, "model": DEMO, "unlearn": UnlearnConfig(**unlearn)})

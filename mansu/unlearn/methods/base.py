@@ -1,0 +1,154 @@
+"""What every unlearning method shares: the `Method` base class, the optimizers that return a step instead of
+writing it, the non-finite-loss check, and the errors a method raises.
+
+A method is one small class with `prepare()` (one-time statistics) and `step(i) -> (delta [n], stats)`; the loop
+in `mansu.unlearn.engine` applies each step through `params.apply_update` (the only parameter writer).  Class
+attributes say what the rest of mansu needs to know about it (name, circuit restriction, the config fields it
+reads, its demo-world settings), so every list of methods derives from the registry in `methods/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from mansu.unlearn import objectives as obj
+from mansu.unlearn.config import UnlearnConfig
+from mansu.unlearn.data import TokenBatch, batch_indices
+from mansu.unlearn.params import ParamIndex, full_masks, index_from_masks, quantizable_names
+
+# Fields every method reads (the Launch form always shows them).
+COMMON_FIELDS = ("steps", "batch_size", "seed")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/Inf loss or gradient: the run stops at `step` before applying it."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite loss {value} at unlearning step {step}; the run stopped before applying it")
+        self.step, self.value = step, value
+
+
+class EmptyCircuitError(ValueError):
+    pass
+
+
+class FloorNotMetError(ValueError):
+    pass
+
+
+class Adam:
+    """Plain Adam on a flat vector, returning the step instead of writing it (bias-corrected). 8 B/coordinate."""
+
+    def __init__(self, n: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.m, self.v, self.t = torch.zeros(n), torch.zeros(n), 0
+        self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
+
+    def step(self, g: torch.Tensor) -> torch.Tensor:
+        self.t += 1
+        self.m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        mhat = self.m / (1 - self.b1 ** self.t)
+        vhat = self.v / (1 - self.b2 ** self.t)
+        return -self.lr * mhat / (vhat.sqrt() + self.eps)
+
+
+class Sgd:
+    """delta = -lr * g (no state)."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def step(self, g: torch.Tensor) -> torch.Tensor:
+        return -self.lr * g
+
+
+def make_optimizer(config: UnlearnConfig, n: int, lr: float | None = None) -> Adam | Sgd:
+    lr = config.lr if lr is None else lr
+    return Adam(n, lr) if config.optimizer == "adam" else Sgd(lr)
+
+
+def check_finite(loss: torch.Tensor, g: torch.Tensor | None, step: int) -> None:
+    value = float(loss.detach())
+    if not math.isfinite(value) or (g is not None and not bool(torch.isfinite(g).all())):
+        raise NonFiniteLossError(step, value if not math.isfinite(value) else float("nan"))
+
+
+class Method:
+    """Shared plumbing: batches, the forget objectives, stats bookkeeping.
+
+    Per-coordinate state (fp32, on the CPU): proposal and priority, 4 B each.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""                    # one line for --help and the app's picker
+    circuit_restricted: ClassVar[bool] = False     # updates only the circuit's coordinates when a circuit exists
+    fields: ClassVar[tuple[str, ...]] = ()         # UnlearnConfig fields it reads beyond COMMON_FIELDS
+    demo: ClassVar[dict[str, Any]] = {}            # its settings on the demo world (unlearn/demo_settings.py)
+
+    def __init__(self, model, forget: TokenBatch, retain: TokenBatch, config: UnlearnConfig, index: ParamIndex):
+        self.model, self.forget, self.retain, self.config, self.index = model, forget, retain, config, index
+        self.device = model.get_input_embeddings().weight.device
+        self.n = index.numel
+        self.proposal = torch.zeros(self.n)
+        self.priority = torch.zeros(self.n)
+        self.fisher: torch.Tensor | None = None
+        self.ref: torch.Tensor | None = None
+        self.cache: dict | None = None  # shared across runs on the same base weights (compare), keyed by settings
+
+    @classmethod
+    def coordinates(cls, model, config: UnlearnConfig, masks: dict[str, torch.Tensor] | None) -> ParamIndex:
+        """The coordinates the method may update: every quantizable Linear weight, or the circuit's."""
+        quant = quantizable_names(model)
+        if not (cls.circuit_restricted and masks is not None):
+            return index_from_masks(full_masks(model, quant), model)
+        index = index_from_masks({n: m for n, m in masks.items() if n in set(quant)}, model)
+        if index.numel == 0:
+            raise EmptyCircuitError(f"empty circuit: its masks cover 0 quantizable weights ({len(masks)} masks, "
+                                    f"{sum(int(m.sum()) for m in masks.values())} entries, none in the "
+                                    f"{len(quant)} Linear weights NF4 quantizes); widen the circuit selection")
+        return index
+
+    def cached(self, key, compute):
+        if self.cache is None:
+            return compute()
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def prepare(self) -> None:
+        pass
+
+    def batch(self, which: str, step: int) -> tuple[TokenBatch, list[int]]:
+        data = self.forget if which == "forget" else self.retain
+        idx = batch_indices(len(data), self.config.batch_size, step, self.config.seed + (0 if which == "forget" else 7))
+        return data.select(idx).to(self.device), idx
+
+    def forget_loss(self, step: int, kind: str) -> torch.Tensor:
+        fb, idx = self.batch("forget", step)
+        if kind == "ga":
+            return obj.ga_loss(self.model, fb)
+        if kind == "npo":
+            return obj.npo_loss(self.model, fb, self.ref[idx].to(self.device), self.config.beta)
+        if kind == "simnpo":
+            return obj.simnpo_loss(self.model, fb, self.config.beta, self.config.simnpo_gamma)
+        raise ValueError(f"unknown forget objective {kind!r}: accepted are ga, npo, simnpo")
+
+    def retain_loss(self, step: int) -> torch.Tensor:
+        rb, _ = self.batch("retain", step)
+        return obj.nll_loss(self.model, rb)
+
+    def ensure_ref(self) -> None:
+        if self.ref is None:
+            self.ref = obj.reference_logprobs(self.model, self.forget.to(self.device)).cpu()
+
+    def record_proposal(self, delta: torch.Tensor, score: torch.Tensor) -> None:
+        """Keep each coordinate's first proposed move and its largest priority (the floor tuner's input)."""
+        fresh = self.proposal == 0
+        self.proposal[fresh] = delta[fresh]
+        self.priority = torch.maximum(self.priority, score)
+
+    def step(self, step: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError

@@ -1,0 +1,59 @@
+"""Gradient baselines: a forget objective (GA, NPO or SimNPO), optionally a retain NLL term, one optimizer.
+
+    g     = d L_forget / d theta  (+ retain_weight * d L_retain / d theta when `retain_term`)
+    delta = optimizer(direction(g))   masked by `update_mask` when a subclass defines one (SURE)
+
+Each baseline (ga.py, graddiff.py, npo.py, ...) is a subclass that sets its objective and overrides at most
+one hook.  State: Adam's m and v, 8 B/coordinate (SGD: none).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from mansu.unlearn.methods.base import Method, check_finite, make_optimizer
+from mansu.unlearn.retain_stats import masked_grad
+
+
+class GradientMethod(Method):
+    objective: ClassVar[str | None] = "ga"    # forget objective; None = the config's `objective`
+    retain_term: ClassVar[bool] = False       # add retain_weight * retain NLL
+    fields = ("lr", "optimizer")
+
+    def learning_rate(self) -> float:
+        return self.config.lr
+
+    def prepare(self) -> None:
+        self.kind = self.objective or self.config.objective
+        if self.kind == "npo":
+            self.ensure_ref()
+        self.opt = make_optimizer(self.config, self.n, self.learning_rate())
+
+    def direction(self, g_f: torch.Tensor) -> torch.Tensor:
+        """The forget direction before the retain term (GU projects it)."""
+        return g_f
+
+    def update_mask(self, g_f: torch.Tensor) -> torch.Tensor | None:
+        """A 0/1 mask on the update (SURE's saliency mask), or None."""
+        return None
+
+    def step(self, step: int) -> tuple[torch.Tensor, dict]:
+        loss_f = self.forget_loss(step, self.kind)
+        g_f = masked_grad(self.model, loss_f, self.index)
+        g, loss = self.direction(g_f), loss_f
+        removed = float((g_f - g).norm()) if g is not g_f else 0.0
+        if self.retain_term:
+            loss_r = self.retain_loss(step)
+            g = g + self.config.retain_weight * masked_grad(self.model, loss_r, self.index)
+            loss = loss_f + self.config.retain_weight * loss_r
+        check_finite(loss, g, step)
+        mask = self.update_mask(g_f)
+        delta = self.opt.step(g if mask is None else g * mask)
+        if mask is not None:
+            delta = delta * mask  # the mask applies to the update itself (Adam's moments would leak otherwise)
+        self.record_proposal(delta, g_f.abs())
+        return delta, {"loss": float(loss.detach()), "grad_norm": float(g_f.norm()), "proj_removed_norm": removed,
+                       "n_updated": int((delta != 0).sum()),
+                       "n_masked": self.n if mask is None else int(mask.sum())}

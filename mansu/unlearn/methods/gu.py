@@ -1,0 +1,27 @@
+"""Geometric-Disentanglement unlearning (GU): the forget gradient projected off the span of k per-example retain
+gradients, so retain loss is unchanged to first order: g <- g - Q Q^T g."""
+
+from __future__ import annotations
+
+import torch
+
+from mansu.unlearn.methods.gradient import GradientMethod
+from mansu.unlearn.projection import project_off
+from mansu.unlearn.retain_stats import retain_statistics
+
+
+class GU(GradientMethod):
+    name = "gu"
+    summary = "forget gradient projected off the retain-gradient span (no floor, no circuit)"
+    objective = None
+    fields = (*GradientMethod.fields, "objective", "k")
+    demo = {"steps": 20, "lr": 1e-4}
+
+    def prepare(self) -> None:
+        super().prepare()
+        stats = retain_statistics(self.model, self.retain, self.index, k=self.config.k, n_fisher=1,
+                                  seed=self.config.seed)
+        self.basis = stats.basis
+
+    def direction(self, g_f: torch.Tensor) -> torch.Tensor:
+        return project_off(g_f, self.basis)

@@ -1,0 +1,154 @@
+"""MANSU and its ablations (SPEC.md, sections 1-4; the exact equations are in docs/unlearning.md):
+
+    g      = d L_forget / d theta            restricted to the circuit's coordinates (a)
+    p      = g - Q Q^T g                     Q: orthonormal basis of k per-example retain gradients (b)
+    cand   = the ceil(update_fraction * n) untouched coordinates with the largest |p|
+    delta  = floor(-lr * p) on cand          each moved >= kappa bin widths, NF4 code changed (d)
+    keep   = prefix of cand by |p| with 1/2 sum F_i delta_i^2 <= epsilon (cumulative over steps) (c)
+
+A coordinate is floored once (its whole cumulative update is the floored move from the base weight), so the
+floor applies to each parameter's cumulative update.  Ablations are subclasses that switch one part off: no floor
+(Adam on p, the cumulative update scaled into the Fisher budget), no circuit (all quantizable weights), no Fisher
+bound (epsilon = inf).
+
+Per-coordinate state (fp32/bool on the CPU): Fisher 4 B, cumulative update 4 B, touched 1 B, floor geometry
+12 B (bin width, moves up and down), proposal and priority 8 B; plus the k x n retain basis (4k B).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from mansu.quant.targets import quant_layout
+from mansu.unlearn.fisher import bound_clip, bound_scale, fisher_cost
+from mansu.unlearn.floor import floor_geometry, floor_update
+from mansu.unlearn.methods.base import FloorNotMetError, Method, check_finite, make_optimizer
+from mansu.unlearn.projection import project_off
+from mansu.unlearn.retain_stats import masked_grad, retain_statistics
+
+MANSU_FIELDS = ("lr", "objective", "beta", "k", "n_fisher", "epsilon", "kappa", "update_fraction", "blocksize",
+                "mansu_retain_weight", "selection", "fisher_damping")
+# MANSU has no learning rate of its own: the floor sets its moves; the retain term keeps retain accuracy
+# (docs/demo_search.md, section 2).
+MANSU_DEMO = {"steps": 20, "mansu_retain_weight": 1.0}
+
+
+class Mansu(Method):
+    name = "mansu"
+    summary = "circuit-restricted, retain-projected, Fisher-bounded, floored past the NF4 bin (the paper's method)"
+    circuit_restricted = True
+    floor: ClassVar[bool] = True
+    fisher_bound: ClassVar[bool] = True
+    fields = MANSU_FIELDS
+    demo = MANSU_DEMO
+
+    def prepare(self) -> None:
+        c = self.config
+        self.epsilon = c.epsilon if self.fisher_bound else math.inf
+        if c.objective == "npo":
+            self.ensure_ref()
+        key = (self.index.names, self.index.numel)
+        stats = self.cached(("retain", key, c.k, c.n_fisher, c.seed), lambda: retain_statistics(
+            self.model, self.retain.to(self.device), self.index, k=c.k, n_fisher=c.n_fisher, seed=c.seed))
+        self.fisher, self.basis = stats.fisher, stats.basis
+        params = {n: p.detach().cpu() for n, p in self.model.named_parameters() if n in self.index.names}
+        self.geo = self.cached(("geometry", key, c.blocksize), lambda: floor_geometry(
+            params, self.index, c.blocksize, layout=quant_layout(self.model))) if self.floor else None
+        self.touched = torch.zeros(self.n, dtype=torch.bool)
+        self.cum = torch.zeros(self.n)
+        self.spent = 0.0
+        self.opt = None if self.floor else make_optimizer(c, self.n)
+        self.n_candidates = max(1, math.ceil(c.update_fraction * self.n))
+
+    def step(self, step: int) -> tuple[torch.Tensor, dict]:
+        loss = self.forget_loss(step, self.config.objective)
+        g = masked_grad(self.model, loss, self.index)
+        if self.config.mansu_retain_weight > 0:  # retain damage accrued so far steers selection and direction
+            loss_r = self.retain_loss(step)
+            g = g + self.config.mansu_retain_weight * masked_grad(self.model, loss_r, self.index)
+            loss = loss + self.config.mansu_retain_weight * loss_r
+        check_finite(loss, g, step)
+        p = project_off(g, self.basis)
+        stats = {"loss": float(loss.detach()), "grad_norm": float(g.norm()), "proj_removed_norm": float((g - p).norm())}
+        delta, more = self.floored_step(p, step) if self.floor else self.dense_step(p)
+        self.cum += delta
+        return delta, {**stats, **more}
+
+    def floored_step(self, p: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        c = self.config
+        score = self.score(p).masked_fill(self.touched, 0)
+        k = min(self.n_candidates, int((score > 0).sum()))
+        cand = torch.topk(score, k).indices if k else torch.zeros(0, dtype=torch.long)
+        prop = -c.lr * p[cand]
+        floored, feasible = floor_update(prop, self.geo.select(cand), c.kappa)
+        bound = bound_clip(floored, self.fisher[cand], self.epsilon, priority=score[cand], spent=self.spent)
+        kept = bound.delta != 0
+        delta = torch.zeros(self.n)
+        delta[cand[kept]] = bound.delta[kept]
+        self.touched[cand[kept]] = True
+        self.spent += bound.cost
+        self.proposal[cand] = torch.where(self.proposal[cand] == 0, prop, self.proposal[cand])
+        self.priority[cand] = torch.maximum(self.priority[cand], score[cand])
+        if step == 0 and not bool(kept.any()):
+            self.floor_not_met(cand, floored, feasible)
+        return delta, {"n_candidates": int(k), "n_floored": int(kept.sum()), "n_unfloorable": int((~feasible).sum()),
+                       "n_dropped": bound.n_dropped, "n_touched": int(self.touched.sum()),
+                       "fisher_cost": self.spent, "budget_used": self._used(self.spent)}
+
+    def score(self, p: torch.Tensor) -> torch.Tensor:
+        """Candidate priority: |p_i|, or |p_i| / sqrt(F_i + damping * mean F) (forget vs retain sensitivity)."""
+        if self.config.selection == "gradient":
+            return p.abs()
+        damp = self.config.fisher_damping * float(self.fisher.mean()) + 1e-30
+        return p.abs() / (self.fisher + damp).sqrt()
+
+    def floor_not_met(self, cand: torch.Tensor, floored: torch.Tensor, feasible: torch.Tensor) -> None:
+        if not bool(feasible.any()):
+            raise FloorNotMetError(f"floor cannot be met: none of {cand.numel()} candidate parameters can change its "
+                                   f"NF4 code without changing its block absmax (kappa={self.config.kappa})")
+        costs = 0.5 * self.fisher[cand][feasible] * floored[feasible] ** 2
+        raise FloorNotMetError(
+            f"floor cannot be met inside the Fisher budget: the cheapest floored move of {int(feasible.sum())} "
+            f"candidates costs {float(costs.min()):.3g} (1/2 F delta^2) > epsilon={self.epsilon:.3g} "
+            f"(kappa={self.config.kappa}); raise epsilon or lower kappa")
+
+    def dense_step(self, p: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        step = self.opt.step(p)
+        new = self.cum + step
+        dropped = 0
+        if math.isfinite(self.epsilon):
+            bounded = (bound_scale if self.config.fisher_mode == "scale" else bound_clip)(new, self.fisher, self.epsilon)
+            new, dropped = bounded.delta, bounded.n_dropped
+        self.record_proposal(step, p.abs())
+        cost = fisher_cost(new, self.fisher)
+        return new - self.cum, {"n_updated": int((new != 0).sum()), "n_floored": 0, "n_dropped": dropped,
+                                "fisher_cost": cost, "budget_used": self._used(cost)}
+
+    def _used(self, cost: float) -> float:
+        return cost / self.epsilon if math.isfinite(self.epsilon) else 0.0
+
+
+class MansuNoFloor(Mansu):
+    name = "mansu_no_floor"
+    summary = "MANSU ablation: Adam on the projected gradient, no magnitude floor"
+    floor = False
+    fields = (*MANSU_FIELDS, "optimizer", "fisher_mode")
+    demo = {**MANSU_DEMO, "lr": 3e-4}
+
+
+class MansuNoCircuit(Mansu):
+    name = "mansu_no_circuit"
+    summary = "MANSU ablation: every quantizable weight may change (no circuit restriction)"
+    circuit_restricted = False
+
+
+class MansuNoFisher(Mansu):
+    name = "mansu_no_fisher"
+    summary = "MANSU ablation: no Fisher bound on retain damage (epsilon = inf)"
+    fisher_bound = False
+    fields = tuple(f for f in MANSU_FIELDS if f != "epsilon")
+
+
