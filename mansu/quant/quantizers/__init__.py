@@ -1,0 +1,1 @@
+"""One module per quantizer behind mansu.quant.base.Quantizer; the registry is mansu.quant.registry."""
