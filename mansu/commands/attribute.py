@@ -26,6 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--target", type=float, default=0.8, help="faithfulness the circuit must reach (default 0.8)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype (default fp32)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="cpu, cuda or auto")
+    p.add_argument("--tokenizer", default=None, metavar="fast|PATH",
+                   help="'fast': the model's tokenizer.json exactly as saved (AutoTokenizer may rebuild a saved "
+                        "word-level tokenizer as the architecture's BPE); PATH: a tokenizer folder or tokenizer.json "
+                        "(default: AutoTokenizer on the model folder)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.set_defaults(func=run)
 
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     _check_ranges(args)
     model_path, data_path = _inputs(args)
     records = mcq_only(load_records(data_path, "mcq"), data_path)[: args.records]
-    lm = load_model(model_path, dtype=args.dtype, device=args.device)
+    lm = load_model(model_path, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     graph = attribute(lm.model, lm.tokenizer, records, ig_steps=args.ig_steps, corruption=args.corruption,
                       metric=args.metric, per_example=True, max_records=None, progress=not args.json)
     circuit = smallest_faithful_circuit(lm.model, lm.tokenizer, records, graph, target=args.target)

@@ -1,4 +1,4 @@
-"""Load any local HF causal-LM folder or hub id: fp32/bf16, cpu/cuda/auto, safetensors only.
+"""Load any local HF causal-LM folder or hub id: fp32/bf16, cpu/cuda/auto, safetensors only, finite weights only.
 
 `device="auto"` uses accelerate's `device_map="auto"`, which spreads a model larger than one GPU
 over all visible GPUs (and the CPU). `trust_remote_code` is off unless the caller turns it on.
@@ -73,25 +73,79 @@ def require_causal_lm(config, name: str) -> None:
 
 
 def load_model(name_or_path: str | Path, *, dtype: DType = "fp32", device: Device = "cpu",
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Load model and tokenizer in eval mode; weights from safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+               trust_remote_code: bool = False, tokenizer: str | None = None) -> LoadedModel:
+    """Load model and tokenizer in eval mode; weights from safetensors only, all finite (else ValueError).
+
+    `tokenizer`: None = AutoTokenizer on the model folder; "fast" = the model's tokenizer.json exactly as saved
+    (PreTrainedTokenizerFast: AutoTokenizer may rebuild a saved word-level tokenizer as the architecture's BPE);
+    a path = that tokenizer folder (AutoTokenizer) or tokenizer.json file (exactly as saved)."""
+    from transformers import AutoModelForCausalLM
 
     name = str(name_or_path)
     torch_dtype, placement = _torch_dtype(dtype), _device_kwargs(device)
+    validate_tokenizer_choice(tokenizer)  # before the (possibly 8B) weights load
     config = load_config(name, trust_remote_code=trust_remote_code)
     require_causal_lm(config, name)
     source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, **placement)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(source, tokenizer, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ValueError(f"{name}: cannot load weights/tokenizer ({str(exc).splitlines()[0]}); "
                          "mansu loads safetensors weights only") from None
+    check_finite_weights(model, name)
     model.eval()
     log.info("loaded %s (%s, %s)", name, dtype, device)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+    return LoadedModel(model=model, tokenizer=tok, name=name)
+
+
+TOKENIZER_CHOICES = "'fast' (the model's tokenizer.json exactly as saved) or a tokenizer folder or tokenizer.json " \
+                    "file (default: AutoTokenizer on the model folder)"
+
+
+def validate_tokenizer_choice(tokenizer: str | None) -> None:
+    if tokenizer is not None and tokenizer != "fast" and not Path(tokenizer).expanduser().exists():
+        raise ValueError(f"tokenizer {tokenizer!r} not found; give {TOKENIZER_CHOICES}")
+
+
+def load_tokenizer(source: str, tokenizer: str | None = None, *, trust_remote_code: bool = False):
+    """The tokenizer for model `source` as chosen by `tokenizer` (see `load_model`)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if tokenizer is None:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer == "fast":
+        local = Path(source)
+        if local.is_dir() and not (local / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer 'fast' needs {local / 'tokenizer.json'}, which does not exist; "
+                             f"give {TOKENIZER_CHOICES}")
+        return PreTrainedTokenizerFast.from_pretrained(source)  # tokenizer.json + special tokens, no rebuild
+    validate_tokenizer_choice(tokenizer)
+    path = Path(tokenizer).expanduser()
+    if path.is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def check_finite_weights(model, name: str = "model") -> None:
+    """ValueError naming the first parameter that holds a NaN or Inf (a model with them scores nonsense)."""
+    import torch
+
+    bad: list[tuple[str, int, int, int]] = []
+    for pname, p in model.named_parameters():
+        if p.device.type == "meta" or not p.is_floating_point():
+            continue  # offloaded by accelerate: not in memory to check
+        flat = p.detach().reshape(-1)
+        step = 1 << 24  # bounded temporary memory on an 8B model's embedding
+        if all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step)):
+            continue
+        bad.append((pname, int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum()), flat.numel()))
+    if bad:
+        pname, n_nan, n_inf, n = bad[0]
+        more = f" ({len(bad) - 1} more tensors have non-finite values)" if len(bad) > 1 else ""
+        raise ValueError(f"{name}: weight {pname} has {n_nan + n_inf} non-finite values of {n} ({n_nan} NaN, "
+                         f"{n_inf} Inf){more}; mansu will not score or unlearn a model with NaN/Inf weights")
 
 
 def input_device(model):
