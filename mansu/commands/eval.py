@@ -20,6 +20,10 @@ def register(subparsers) -> None:
                    help="cpu, cuda, or auto (accelerate device_map for models larger than one GPU)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
+    p.add_argument("--tokenizer", default=None, metavar="fast|PATH",
+                   help="'fast': the model's tokenizer.json exactly as saved (AutoTokenizer may rebuild a saved "
+                        "word-level tokenizer as the architecture's BPE); PATH: a tokenizer folder or tokenizer.json "
+                        "(default: AutoTokenizer on the model folder)")
     p.add_argument("--nf4", choices=["simulated", "real"], default=None,
                    help="also score the NF4 twin: simulated (bit-exact round trip, fp32 compute) or real "
                         "(bitsandbytes Linear4bit via transformers); prints the PTQ gap")
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     datasets = {path: mcq_only(load_records(path, "mcq"), path) for path in args.data}  # validate all first
     lm = load_model(resolve_model_path(args.model), dtype=args.dtype, device=args.device,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     twin = None
     if args.nf4:
         from mansu.quant.twin import nf4_twin
