@@ -75,7 +75,7 @@ def floored_update(model, layout: QuantLayout, seed: int = 0):
     index = index_from_masks({n: torch.rand(p.shape, generator=gen) < FRACTION for n, p in params.items()})
     geo = floor_geometry(params, index, layout=layout)
     proposal = torch.randn(index.numel, generator=gen).sign() * 1e-7  # far below any bin: the floor does the work
-    delta, feasible = floor_update(proposal, geo, KAPPA)
+    delta, _ = floor_update(proposal, geo, KAPPA)
     updated = copy.deepcopy(model)
     apply_update(updated, index, delta)
     touched = {n: t != 0 for n, t in index.scatter(delta).items()}

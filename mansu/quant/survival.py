@@ -298,7 +298,8 @@ def alignment_report(state: Mapping[str, torch.Tensor], names: Sequence[str] | N
         total_hist += hist
         total_sum, total_n, total_on = total_sum + float(dist.double().sum()), total_n + dist.numel(), total_on + on
     return {"kind": ALIGNMENT_KIND, "blocksize": blocksize,
-            "transposed": sorted(n for n in names if layout.is_transposed(n)), "bin_edges": torch.linspace(0, 1, ALIGN_BINS + 1).tolist(),
+            "transposed": sorted(n for n in names if layout.is_transposed(n)),
+            "bin_edges": torch.linspace(0, 1, ALIGN_BINS + 1).tolist(),
             "on_grid_tol": ON_GRID_TOL, "tensors": tensors,
             "overall": _align_record(total_sum, total_n, total_on, total_hist)}
 

@@ -2,8 +2,10 @@
 
     natural:   the weights as trained
     nf4-grid:  W <- dequant(quant_NF4(W)) for every quantizable Linear weight before unlearning (bit-exact with
-               bitsandbytes, on the quantizer's view of each weight: GPT-2's Conv1D weights transposed; head and norms untouched): the checkpoint a dequantized-NF4 distribution, a QLoRA
-               merge or QAT produces.  Written through `params.apply_update`, on the in-memory model only.
+               bitsandbytes, in blocks of the quantizer's view of each weight, mansu.quant.targets.QuantLayout:
+               GPT-2's Conv1D weights transposed; head and norms untouched): the checkpoint a dequantized-NF4
+               distribution, a QLoRA merge or QAT produces.  Written through `params.apply_update`, on the
+               in-memory model only.
 The NF4 twin used for evaluation is `mansu.quant.twin.nf4_twin`.
 """
 
