@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"NF4 twin ({args.nf4}, blocksize {twin.blocksize}): {len(twin.quantized_modules)} modules quantized "
                   f"(the transformers default: every Linear layer except lm_head)")
     for path, records in datasets.items():
-        r = mcq_accuracy(lm.model, lm.tokenizer, records, fmt=args.format, batch_size=args.batch_size)
+        r = mcq_accuracy(lm.model, lm.tokenizer, records, fmt=args.format, batch_size=args.batch_size, source=path)
         row = {"data": path, **{k: v for k, v in r.to_dict().items() if k != "correct"}}
         line = f"{path}: {args.format} accuracy {r.accuracy:.3f} (95% CI {r.ci_low:.3f}-{r.ci_high:.3f}, n={r.n})"
         if twin is not None:

@@ -73,26 +73,47 @@ def context_length(model) -> int | None:
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
-def check_context(model, lengths: Sequence[int], *, owners: Sequence[int] | None = None) -> None:
-    """ValueError naming the first sequence (its record with `owners`) longer than the model's context."""
-    limit = context_length(model)
+def check_context(model, lengths: Sequence[int], *, owners: Sequence[int] | None = None, source: str | None = None) -> None:
+    """ValueError naming the first sequence (its record with `owners`, its file with `source`) longer than the
+    model's context."""
+    check_lengths(context_length(model), lengths, owners=owners, source=source)
+
+
+def check_lengths(limit: int | None, lengths: Sequence[int], *, owners: Sequence[int] | None = None,
+                  source: str | None = None) -> None:
+    """`check_context` against a known limit (None: unknown, nothing to check)."""
     if limit is None:
         return
     for i, n in enumerate(lengths):
         if n > limit:
             which = f"record {owners[i] + 1}" if owners is not None else f"sequence {i + 1}"
-            raise ValueError(f"{which}: question and choice take {n:,} tokens, longer than the model's context of "
+            which = f"{source}: {which}" if source else which
+            raise ValueError(f"{which}: prompt and choice take {n:,} tokens, longer than the model's context of "
                              f"{limit:,} tokens; shorten the record (records longer than the context are not scored)")
 
 
+def check_records_fit(tokenizer, limit: int | None, records: Sequence[MCQRecord], *, fmt: Format = "cloze",
+                      source: str | None = None) -> None:
+    """The context check `mcq_accuracy` makes, without a model (the limit from its config): for a preflight
+    that refuses a run before its folder exists."""
+    lengths, owners = [], []
+    for r_i, record in enumerate(records):
+        context, continuations = format_texts(record, fmt)
+        for cont in continuations:
+            ctx_ids, cont_ids = encode_pair(tokenizer, context, cont)
+            lengths.append(len(ctx_ids) + len(cont_ids))
+            owners.append(r_i)
+    check_lengths(limit, lengths, owners=owners, source=source)
+
+
 def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64,
-                          owners: Sequence[int] | None = None) -> list[float]:
+                          owners: Sequence[int] | None = None, source: str | None = None) -> list[float]:
     """sum_t log p(cont_t | context, cont_<t) for each (context, continuation) pair, batched with right padding;
-    `owners` (the record index of each pair) only names the record in a too-long error."""
+    `owners` (the record index of each pair) and `source` (their file) only name the record in a too-long error."""
     import torch
 
     encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
-    check_context(model, [len(ctx) + len(cont) for ctx, cont in encoded], owners=owners)
+    check_context(model, [len(ctx) + len(cont) for ctx, cont in encoded], owners=owners, source=source)
     scores: list[float] = []
     device = input_device(model)
     for start in range(0, len(encoded), batch_size):
@@ -113,14 +134,15 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
     return scores
 
 
-def predict(model, tokenizer, records: Sequence[MCQRecord], *, fmt: Format = "cloze", batch_size: int = 64) -> list[int]:
-    """The predicted choice index of each record."""
+def predict(model, tokenizer, records: Sequence[MCQRecord], *, fmt: Format = "cloze", batch_size: int = 64,
+            source: str | None = None) -> list[int]:
+    """The predicted choice index of each record (`source`, the records' file, names it in errors)."""
     pairs, owners = [], []
     for r_i, record in enumerate(records):
         context, continuations = format_texts(record, fmt)
         pairs += [(context, c) for c in continuations]
         owners += [r_i] * len(continuations)
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, owners=owners)
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, owners=owners, source=source)
     best: dict[int, tuple[float, int]] = {}
     counters: dict[int, int] = {}
     for owner, score in zip(owners, scores):
@@ -146,11 +168,12 @@ def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0, 
 
 
 def mcq_accuracy(model, tokenizer, records: Sequence[MCQRecord], *, fmt: Format = "cloze", batch_size: int = 64,
-                 n_boot: int = 1000, seed: int = 0) -> AccuracyResult:
-    """Accuracy of `model` on `records` with a 95% bootstrap CI over examples."""
+                 n_boot: int = 1000, seed: int = 0, source: str | None = None) -> AccuracyResult:
+    """Accuracy of `model` on `records` with a 95% bootstrap CI over examples; a record longer than the model's
+    context is a ValueError naming it (and `source`, its file) before any forward pass."""
     if not records:
         raise ValueError("empty split: accuracy needs at least one MCQ record")
-    preds = predict(model, tokenizer, records, fmt=fmt, batch_size=batch_size)
+    preds = predict(model, tokenizer, records, fmt=fmt, batch_size=batch_size, source=source)
     correct = [p == r.answer for p, r in zip(preds, records)]
     lo, hi = bootstrap_ci([float(c) for c in correct], n_boot=n_boot, seed=seed)
     return AccuracyResult(accuracy=sum(correct) / len(correct), ci_low=lo, ci_high=hi, n=len(correct),

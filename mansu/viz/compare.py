@@ -58,7 +58,7 @@ def cad_value(cad: CadFile | None, which: str = "fp") -> tuple[float, float | No
     """(CAD, low, high) after unlearning in `which` (fp/nf4) from cad.json (`mansu.runs.store.read_cad`), or None."""
     if which not in ("fp", "nf4"):
         raise ValueError(f"which must be 'fp' or 'nf4', got {which!r}")
-    entry = (cad or {}).get(f"after_{which}")
+    entry = cad.get(f"after_{which}") if isinstance(cad, dict) else None  # a page may hold an unchecked file
     if not entry:
         return None
     return float(entry["value"]), entry.get("ci_low"), entry.get("ci_high")
@@ -136,5 +136,5 @@ def cad_figure(cad: CadFile | None, *, top: int = 20, which: str = "nf4") -> go.
 
 def edge_contributions(cad: CadFile | None, which: str = "nf4") -> list[tuple[str, float]]:
     """Per-edge CAD contributions ('u->v', value) after unlearning in `which` (nf4/fp), by |value| descending."""
-    entry = (cad or {}).get(f"after_{which}") or {}
+    entry = (cad.get(f"after_{which}") if isinstance(cad, dict) else None) or {}
     return sorted(((str(k), float(v)) for k, v in entry.get("per_edge", {}).items()), key=lambda r: -abs(r[1]))
