@@ -66,3 +66,57 @@ def test_missing_file_empty_split_and_unknown_type(tmp_path):
         load_records(tmp_path / "f.txt")
     with pytest.raises(ValueError, match="unknown data shape 'xml'"):
         load_records(tmp_path / "f.txt", "xml")
+
+
+def test_utf8_byte_order_mark_is_accepted_in_jsonl_and_csv(tmp_path):
+    (tmp_path / "f.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(MCQ) + "\n").encode())
+    frame = pd.DataFrame([{**MCQ, "choices": json.dumps(MCQ["choices"])}])
+    (tmp_path / "f.csv").write_bytes(b"\xef\xbb\xbf" + frame.to_csv(index=False).encode())
+    expected = [MCQRecord(MCQ["question"], tuple(MCQ["choices"]), 2)]
+    assert load_records(tmp_path / "f.jsonl") == expected and load_records(tmp_path / "f.csv", "mcq") == expected
+
+
+def test_a_byte_order_mark_after_the_first_line_is_not_json(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_bytes((json.dumps(MCQ) + "\n").encode() + b"\xef\xbb\xbf" + (json.dumps(MCQ) + "\n").encode())
+    with pytest.raises(ValueError, match=r"f.jsonl:2: malformed JSON"):
+        load_records(path)
+
+
+def test_duplicated_keys_are_rejected(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text(json.dumps(MCQ) + "\n" + '{"question": "a", "choices": ["x", "y"], "answer": 0, "answer": 1}\n')
+    with pytest.raises(ValueError, match=r"f.jsonl:2: duplicated key 'answer' in one JSON object; each key may appear once"):
+        load_records(path)
+    (tmp_path / "f.csv").write_text('question,answer,answer\nWho?,Kelandor,Zorvath\n')
+    with pytest.raises(ValueError, match=r"f.csv: duplicated column 'answer'; each column name may appear once"):
+        load_records(tmp_path / "f.csv")
+
+
+def test_binary_files_and_folders_name_the_file_and_what_is_accepted(tmp_path):
+    (tmp_path / "f.jsonl").write_bytes(json.dumps(MCQ).encode() + b"\n\x00\x9f\x92\x96\n")
+    with pytest.raises(ValueError, match=r"f.jsonl:2: not UTF-8 text \(byte 0x9f at column 2\); accepted are UTF-8 "
+                                         r"text files \(.jsonl, .json, .csv\) or Parquet"):
+        load_records(tmp_path / "f.jsonl")
+    (tmp_path / "f.csv").write_bytes(b"question,answer\n\xff\xfe,x\n")
+    with pytest.raises(ValueError, match=r"f.csv: not UTF-8 text \(byte 0xff at offset 16\)"):
+        load_records(tmp_path / "f.csv")
+    (tmp_path / "f.parquet").write_bytes(b"\x00\x01 not parquet")
+    with pytest.raises(ValueError, match=r"f.parquet: cannot read as parquet \(.*\); accepted are .jsonl, .json"):
+        load_records(tmp_path / "f.parquet")
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"d.jsonl: is a folder; give a data file \(.jsonl, .json, .csv, .parquet\)"):
+        load_records(tmp_path / "d.jsonl")
+
+
+def test_length_limits_per_field_and_per_line(tmp_path):
+    from mansu.data.records import MAX_FIELD_CHARS, MAX_LINE_CHARS
+
+    ok = {**MCQ, "question": "q" * MAX_FIELD_CHARS}
+    assert load_records(write_jsonl(tmp_path / "ok.jsonl", [ok]))[0].question == ok["question"]
+    long_choice = {**MCQ, "choices": ["a", "b" * (MAX_FIELD_CHARS + 1)], "answer": 0}
+    with pytest.raises(ValueError, match=r"f.jsonl:1: field 'choices' is 100,001 characters long; the limit is 100,000"):
+        load_records(write_jsonl(tmp_path / "f.jsonl", [long_choice]))
+    wide = {"question": "q", "choices": ["a", "b"], "answer": 0, "notes": "n" * MAX_LINE_CHARS}
+    with pytest.raises(ValueError, match=r"g.jsonl:1: line is 1,000,06\d characters long; the limit is 1,000,000"):
+        load_records(write_jsonl(tmp_path / "g.jsonl", [wide]))

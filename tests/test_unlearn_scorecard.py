@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from mansu.scorecard import ScorecardConfig, build_scorecard, format_scorecard
+from mansu.scorecard import (TOLERANCE, ScorecardConfig, build_scorecard, format_scorecard, read_scorecard,
+                             write_scorecard)
 
 
 def _metrics(bf=1.0, uf=0.6, br=0.99, ur=0.97, gap=-0.01):
@@ -41,6 +42,40 @@ def test_thresholds_are_configurable_and_validated():
     assert card["properties"]["forgetting"]["pass"]
     with pytest.raises(ValueError, match="forget_margin"):
         ScorecardConfig(forget_margin=2.0)
+
+
+@pytest.mark.parametrize("bf, uf, br, ur", [
+    (1.0, 0.8, 1.0, 0.95),        # drop 1.0 - 0.8 = 0.19999999999999996, loss 1.0 - 0.95 = 0.050000000000000044
+    (0.7, 0.5, 0.35, 0.3),        # 0.19999999999999996 and 0.04999999999999999
+    (57 / 120, 33 / 120, 1.0, 0.95),  # counts over n = 120: 24/120 = 0.2 and 6/120 = 0.05
+])
+def test_ties_on_the_thresholds_pass_despite_float_rounding(bf, uf, br, ur):
+    assert bf - uf != 0.2 or br - ur != 0.05  # the float noise this guards against is really there
+    p = build_scorecard(_metrics(bf=bf, uf=uf, br=br, ur=ur), None)["properties"]
+    assert p["forgetting"]["pass"] and p["forgetting"]["value"] == 0.2 and p["forgetting"]["margin"] == 0.0
+    assert p["retain"]["pass"] and p["retain"]["value"] == 0.05 and p["retain"]["margin"] == 0.0
+
+
+def test_one_example_past_a_threshold_still_fails():
+    p = build_scorecard(_metrics(bf=1.0, uf=97 / 120, br=1.0, ur=113 / 120), None)["properties"]
+    assert not p["forgetting"]["pass"] and p["forgetting"]["margin"] == pytest.approx(-1 / 120 + 0.0, abs=1e-3)
+    assert not p["retain"]["pass"] and p["retain"]["margin"] == pytest.approx(-1 / 120 + 0.0, abs=1e-3)
+    assert TOLERANCE < 1e-6 < 1 / 120
+
+
+def test_scorecard_file_has_one_writer_and_one_typed_reader(tmp_path):
+    card = build_scorecard(_metrics(), {"after_nf4": {"value": 0.5}})
+    assert read_scorecard(tmp_path) is None
+    write_scorecard(tmp_path, card)
+    assert read_scorecard(tmp_path)["properties"] == card["properties"]
+    with pytest.raises(ValueError, match=r"scorecard.json \(writing\): properties.retain.pass must be true or false"):
+        write_scorecard(tmp_path, {**card, "properties": {"retain": {**card["properties"]["retain"], "pass": "yes"}}})
+    (tmp_path / "scorecard.json").write_text('{"properties": {"speed": {}}, "all_pass": true}')
+    with pytest.raises(ValueError, match=r"scorecard.json: unknown property 'speed'; accepted are forgetting, retain"):
+        read_scorecard(tmp_path)
+    (tmp_path / "scorecard.json").write_text('[]')
+    with pytest.raises(ValueError, match=r"scorecard.json: expected a JSON object, got a JSON array"):
+        read_scorecard(tmp_path)
 
 
 def test_compare_plan_is_seed_major_and_validates():

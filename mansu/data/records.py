@@ -133,13 +133,25 @@ def _read_table(path: Path, suffix: str) -> Iterator[tuple[int, dict[str, Any]]]
     except Exception as exc:  # pandas raises many types for unreadable files
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"{path}: cannot read as {suffix[1:]} ({first}); accepted are {', '.join(FORMATS)}") from None
-    if suffix == ".csv" and frame.columns.duplicated().any():  # pandas renames the second "a" to "a.1" silently
-        raise ValueError(f"{path}: duplicated column {frame.columns[frame.columns.duplicated()][0]!r}; "
-                         "each column name may appear once")
+    if suffix == ".csv":
+        _check_csv_header(path)
     # Line numbers count the CSV header as line 1, so data row i is line i + 2.
     offset = 2 if suffix == ".csv" else 1
     for i, row in enumerate(frame.to_dict(orient="records")):
         yield i + offset, row
+
+
+def _check_csv_header(path: Path) -> None:
+    """pandas renames a second column "a" to "a.1" silently: read the header itself and refuse duplicates."""
+    import csv
+
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        header = next(csv.reader(fh), [])
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise ValueError(f"{path}: duplicated column {name!r}; each column name may appear once")
+        seen.add(name)
 
 
 def _parse(row: dict[str, Any], shape: str, path: Path, line: int) -> Record:
