@@ -27,7 +27,7 @@ from mansu.quant.base import ElementGrid, Quantized, Quantizer, validate_float_w
 from mansu.quant.nf4 import run_chunks
 
 FP16_MAX = 65504.0
-CHUNK_ELEMENTS = 32767  # rows per chunk: as many as fit below torch's grain size (at least one)
+CHUNK_ELEMENTS = 1 << 17  # whole rows per chunk (at least one); measured fastest on 2 cores (~1 MB temporaries)
 INV_127 = 7.874015718698502e-3  # bitsandbytes' dequantize constant
 
 
@@ -37,26 +37,34 @@ def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def quantize_int8(w: torch.Tensor, *, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8 [rows, cols], absmax fp32 [rows]) of w; chunked by rows over the thread pool (temporaries ~10
-    B per element of a chunk; outputs 1 B per weight + 4 B per row)."""
-    validate_float_weight(w, name, "int8")
-    if bool((w.detach().abs() > FP16_MAX).any()):
-        raise ValueError(f"{name}: int8 (LLM.int8) stores float16 weights; |w| must be <= {FP16_MAX}, got "
-                         f"{float(w.detach().abs().max())}")
+    """(codes int8 [rows, cols], absmax fp32 [rows]) of w; chunked by rows over the thread pool (temporaries ~7
+    B per element of a chunk; outputs 1 B per weight + 4 B per row).  NaN, Inf and weights that overflow
+    float16 are found on the fp16 chunks (no extra pass) and raise ValueError."""
+    validate_float_weight(w, name, "int8", check_finite=False)
     rows, cols = _rows(tuple(w.shape))
     x = w.detach().reshape(rows, cols)
     codes = torch.empty(rows, cols, dtype=torch.int8, device=x.device)
     absmax = torch.empty(rows, dtype=torch.float32, device=x.device)
     step = rows if x.device.type != "cpu" else max(1, CHUNK_ELEMENTS // cols)
 
-    def work(start: int) -> None:
+    def work(start: int) -> bool:
         h = x[start:start + step].to(torch.float16)
-        a = h.abs().amax(dim=1).float()
+        lo, hi = torch.aminmax(h, dim=1)  # NaN propagates: one check per row finds NaN, Inf and fp16 overflow
+        a = torch.maximum(hi, lo.neg()).float()  # max |h|, without an |h| temporary
+        if not bool(torch.isfinite(a).all()):
+            return False
         absmax[start:start + h.shape[0]] = a
-        c = torch.round(h * (127.0 / a.unsqueeze(-1)))
-        codes[start:start + h.shape[0]] = c.masked_fill_(a.unsqueeze(-1) == 0, 0).to(torch.int8)
+        c = h * (127.0 / a.unsqueeze(-1))  # fp16 * fp32 -> fp32, as bitsandbytes
+        c.round_()  # half to even
+        if bool((a == 0).any()):
+            c.masked_fill_(a.unsqueeze(-1) == 0, 0)
+        codes[start:start + h.shape[0]].copy_(c)
+        return True
 
-    run_chunks(work, range(0, rows, step))
+    if not all(run_chunks(work, range(0, rows, step))):
+        validate_float_weight(w, name, "int8")  # raises with the NaN / Inf counts
+        raise ValueError(f"{name}: int8 (LLM.int8) stores float16 weights; |w| must be <= {FP16_MAX}, got "
+                         f"{float(w.detach().abs().max())}")
     return codes, absmax
 
 
