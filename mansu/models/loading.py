@@ -146,8 +146,3 @@ def check_finite_weights(model, name: str = "model") -> None:
         more = f" ({len(bad) - 1} more tensors have non-finite values)" if len(bad) > 1 else ""
         raise ValueError(f"{name}: weight {pname} has {n_nan + n_inf} non-finite values of {n} ({n_nan} NaN, "
                          f"{n_inf} Inf){more}; mansu will not score or unlearn a model with NaN/Inf weights")
-
-
-def input_device(model):
-    """Where input ids must live (the embedding's device; differs from model.device under device_map)."""
-    return model.get_input_embeddings().weight.device

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mansu.devices import input_device
 from mansu.unlearn.data import TokenBatch
 from mansu.unlearn.objectives import nll_loss
 from mansu.unlearn.params import ParamIndex
@@ -35,7 +36,7 @@ def per_example_grads(model, batch: TokenBatch, index: ParamIndex, n: int, *, se
     """Yield (j, g_j) for n examples drawn without replacement (all of them if the batch is smaller)."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(batch), generator=gen)[: min(n, len(batch))].tolist()
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     for j, i in enumerate(order):
         yield j, masked_grad(model, nll_loss(model, batch.select([i]).to(device)), index)
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from mansu.devices import input_device
 from mansu.unlearn import objectives as obj
 from mansu.unlearn.config import UnlearnConfig
 from mansu.unlearn.data import TokenBatch, batch_indices
@@ -90,7 +91,7 @@ class Method:
 
     def __init__(self, model, forget: TokenBatch, retain: TokenBatch, config: UnlearnConfig, index: ParamIndex):
         self.model, self.forget, self.retain, self.config, self.index = model, forget, retain, config, index
-        self.device = model.get_input_embeddings().weight.device
+        self.device = input_device(model)
         self.n = index.numel
         self.proposal = torch.zeros(self.n)
         self.priority = torch.zeros(self.n)
