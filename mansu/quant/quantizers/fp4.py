@@ -16,8 +16,9 @@ t_7 = 0 separates the two zero codes: s <= 0 near zero stores code 0, 0 < s <= t
 dequantize to +0.0.  The geometry merges them into one level (see mansu.quant.base: "code" versus "level"), so
 there are 15 levels and 14 thresholds, and the zero cell is (-1/384, +1/384] * a_b.
 
-Bin widths in units of a_b: 1/192 around zero, 0.083 (1/6 level), 0.104 (1/4), 0.125 (1/3, 1/2), 0.25 (2/3),
-0.167 (the edge cell of +-1, ending at +-a_b).  Scale caps: -a_b, +a_b; the absmax elements are frozen.
+Bin widths in units of a_b (the same for negative levels): 1/192 = 0.0052 for the zero cell, 0.083 for levels
+1/192 and 1/4, 0.122 for 1/6, 0.125 for 1/3, 0.167 for 1/2 and for the edge cell of 1 (ending at a_b), 0.25
+for 2/3.  Scale caps: -a_b, +a_b; the absmax elements are frozen.
 """
 
 from __future__ import annotations
