@@ -86,3 +86,37 @@ def test_cad_writer_and_reader(tmp_runs):
     (run / layout.CAD).write_text('{"after_fp": {"value": "high"}}')
     with pytest.raises(ValueError, match=r"cad.json: after_fp.value must be a number, got 'high'"):
         read_cad(run)
+
+
+def test_exports_carry_no_absolute_paths(tmp_path, monkeypatch):
+    """The report and the circuit-tracer export name models and data relative to MANSU_HOME or by file name."""
+    import torch
+
+    from mansu.attribution.eap import AttributionGraph
+    from mansu.attribution.serialize import save_graph
+    from mansu.io import portable_path
+    from mansu.scorecard import build_scorecard
+    from mansu.viz.report import build_report_html
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("MANSU_HOME", str(home))
+    monkeypatch.setenv("MANSU_RUNS", str(home / "runs"))
+    assert portable_path(str(home / "demo" / "model")) == "$MANSU_HOME/demo/model"
+    assert portable_path(str(home / "runs" / "r1" / "model")) == "$MANSU_RUNS/r1/model"
+    assert portable_path("/srv/alice/data/forget.jsonl") == "forget.jsonl"
+    assert portable_path("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"  # a hub id is not a path
+
+    config = {"spec": {"model": str(home / "demo" / "model"), "forget": "/srv/alice/data/forget.jsonl"}}
+    html = build_report_html("r", {}, build_scorecard({}, None), config, {"host": "vm"},
+                             notes=["/srv/alice/data/retain.jsonl"])
+    assert "/srv/alice" not in html and str(home) not in html
+    assert "$MANSU_HOME/demo/model" in html and "forget.jsonl" in html and "retain.jsonl" in html
+
+    run = create_run({}, "graph", home / "runs")
+    graph = AttributionGraph(["input", "a0.h0"], ["a0.h0", "logits"], torch.tensor([[0.5, 0.1], [0.0, 0.3]]),
+                             torch.tensor([[True, True], [False, True]]), torch.zeros(1), torch.zeros(1),
+                             metadata={"model": "/srv/alice/models/llama", "n_layers": 1, "n_heads": 1})
+    save_graph(graph, run, "before")
+    for path in (layout.attribution_json(run, "before"), layout.attribution_tracer_json(run, "before")):
+        text = path.read_text()
+        assert "/srv/alice" not in text and str(tmp_path) not in text and '"llama"' in text
