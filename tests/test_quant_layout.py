@@ -198,3 +198,51 @@ def test_mansu_engine_on_gpt2_changes_every_touched_code_under_a_real_load(tmp_p
     counts = code_changes(real_nf4(model, tmp_path, "base"), real_nf4(updated, tmp_path, "new"), touched,
                           quant_layout(model))
     assert counts == {"changed": n_touched, "unchanged": 0, "collateral": 0}
+
+
+def test_run_on_gpt2_nf4_grid_base_reports_what_a_real_load_shows(tmp_path):
+    """`mansu run` end to end on a GPT-2 (Conv1D) with the nf4-grid base: the saved model's floored codes all change
+    under a real load, nothing else does, and survival.json / metrics.json say the same."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from mansu.models.demo import build_tokenizer
+    from mansu.unlearn.nf4_model import align_base
+
+    names, colors = ["Zorb", "Quil", "Marn", "Tesk"], ["red", "blue", "green", "amber"]
+    tok = build_tokenizer([" ".join(names + colors) + " Where is from ? Answer :"])
+    model = tiny_model("gpt2")
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    for split, who in (("forget", names[:2]), ("retain", names[2:])):
+        rows = [{"question": f"Where is {n} from ?", "choices": colors, "answer": j} for n in who for j in range(2)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model", str(tmp_path / "gpt2"), "--forget", str(tmp_path / "forget.jsonl"), "--retain",
+            str(tmp_path / "retain.jsonl"), "--method", "mansu", "--base-alignment", "nf4-grid", "--no-attribution",
+            "--steps", "2", "--update-fraction", "0.02", "--k", "2", "--n-fisher", "4", "--batch-size", "2", "--json"]
+    env = {**os.environ, "MANSU_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "mansu", "run", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if (p / "survival.json").is_file()]
+    base = copy.deepcopy(model)
+    align_base(base, "nf4-grid")
+    new = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    layout, qnames = quant_layout(base), quantizable_parameter_names(base)
+    b, n = dict(base.named_parameters()), dict(new.named_parameters())
+    touched = {k: n[k] != b[k] for k in qnames}
+    n_touched = sum(int(m.sum()) for m in touched.values())
+    base_real = real_nf4(base, tmp_path, "base")
+    assert n_touched > 0
+    assert code_changes(base_real, real_nf4(new, tmp_path, "new"), touched, layout) == {
+        "changed": n_touched, "unchanged": 0, "collateral": 0}
+    assert all(torch.equal(layout.view(k, b[k].detach()), base_real[k][1]) for k in qnames)  # base on the real grid
+    survival = json.loads((run / "survival.json").read_text())["overall"]
+    assert survival["n_updated"] == n_touched and survival["frac_code_changed"] == 1.0
+    assert survival["n_code_changed_not_updated"] == 0
+    assert json.loads((run / "metrics.json").read_text())["base_alignment"]["frac_on_grid"] == 1.0
