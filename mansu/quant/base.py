@@ -20,7 +20,8 @@ level.
 
 Exact boundaries.  The level is decided on the library's rounded arithmetic (e.g. fl(x * fl(1/a))), not on the
 real-number boundary, so `min_move` searches w's dtype grid: it bisects over the ordered integer representation
-of w's dtype between w and the cap, using the quantizer's own level function (monotone in x), and returns the
+of w's dtype between w and the cap (first narrowed to a few steps around the real-number boundary where the level
+function confirms it), using the quantizer's own level function (monotone in x), and returns the
 move to the first representable weight whose level differs, rounded up to fp32 so that fl(w + direction * move)
 reaches that weight while the representable weight before it keeps the level.
 
@@ -41,6 +42,7 @@ import torch
 Direction = Literal[1, -1]
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SEARCH_CHUNK = 1 << 20  # elements per chunk of the min_move search: bounds its temporaries to ~50 MB
+BRACKET_STEPS = 4  # the real-number boundary is usually within a few grid steps of the exact one
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ class Quantizer(ABC):
     symmetric: ClassVar[bool]
     library: ClassVar[str]  # the reference it is bit-exact with
     description: ClassVar[str]
+    # bin-width fractions tried around the real-number boundary before bisecting (0.0: BRACKET_STEPS grid steps);
+    # a quantizer whose level is decided on x's own precision (nf4, fp4) needs only the grid steps
+    brackets: ClassVar[tuple[float, ...]] = (0.1, 1e-3, 1e-5, 0.0)
 
     # ---- storage ------------------------------------------------------------------------------------------
     @abstractmethod
@@ -166,24 +171,30 @@ class Quantizer(ABC):
         with the scales fixed; where infeasible target == w.  Both shaped like w; target has w's dtype."""
         if direction not in (1, -1):
             raise ValueError(f"{name}: direction must be 1 (up) or -1 (down), got {direction!r}")
-        _, grid = self.quantize_with_grid(w, name=name)
+        q, grid = self.quantize_with_grid(w, name=name)
+        lower, upper = self.cell_bounds_flat(q, grid)
+        estimate, width = (upper if direction == 1 else lower), upper - lower
         x = w.detach().reshape(-1)
         target = torch.empty_like(x)
         feasible = torch.empty(x.numel(), dtype=torch.bool, device=x.device)
         for start in range(0, x.numel(), SEARCH_CHUNK):
             stop = min(start + SEARCH_CHUNK, x.numel())
-            t, f = self._search(x[start:stop], grid.chunk(start, stop), direction)
+            t, f = self._search(x[start:stop], grid.chunk(start, stop), direction, estimate[start:stop],
+                                width[start:stop])
             target[start:stop], feasible[start:stop] = t, f
         return target.reshape(w.shape), feasible.reshape(w.shape)
 
-    def _search(self, x: torch.Tensor, grid: ElementGrid, direction: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bisection on x's dtype grid between x and the cap (see the module docstring)."""
+    def _search(self, x: torch.Tensor, grid: ElementGrid, direction: int, estimate: torch.Tensor,
+                width: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bisection on x's dtype grid between x and the cap (see the module docstring), bracketed first around
+        the real-number cell boundary `estimate` (cell width `width`)."""
         v = self.scale_view(x)
         frozen = (v == grid.cap_hi) | (v == grid.cap_lo)
         cap = inner_cap(self, grid.cap_hi if direction == 1 else grid.cap_lo, x.dtype, direction)
         level0 = self.level_of(x, grid.params)
         feasible = ~frozen & (self.level_of(cap, grid.params) != level0)
         near, far = to_ordered(x), to_ordered(torch.where(feasible, cap, x))  # level(near) == level0 != level(far)
+        near, far = self._bracket(near, far, estimate, width, direction, level0, grid, x.dtype)
         while True:
             gap = (far - near).abs()
             if not bool((gap > 1).any()):
@@ -192,6 +203,26 @@ class Quantizer(ABC):
             moved = self.level_of(from_ordered(mid, x.dtype), grid.params) != level0
             far, near = torch.where(moved, mid, far), torch.where(moved, near, mid)
         return torch.where(feasible, from_ordered(far, x.dtype), x), feasible
+
+    def _bracket(self, near: torch.Tensor, far: torch.Tensor, estimate: torch.Tensor, width: torch.Tensor,
+                 direction: int, level0: torch.Tensor, grid: ElementGrid,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Narrow [near, far] around the real-number boundary `estimate`, at distances of `brackets` x the bin width
+        and a few grid steps: the level function is monotone, so a point with the old level is a valid `near` and
+        one with a new level a valid `far`."""
+        lo, hi = torch.minimum(near, far), torch.maximum(near, far)
+        guess = to_ordered(estimate.to(dtype))
+        for frac in self.brackets:
+            if frac:
+                a = to_ordered((estimate - direction * frac * width).to(dtype))
+                b = to_ordered((estimate + direction * frac * width).to(dtype))
+            else:
+                a, b = guess - direction * BRACKET_STEPS, guess + direction * BRACKET_STEPS
+            a, b = torch.clamp(a, lo, hi), torch.clamp(b, lo, hi)
+            near = torch.where(self.level_of(from_ordered(a, dtype), grid.params) == level0, a, near)
+            far = torch.where(self.level_of(from_ordered(b, dtype), grid.params) != level0, b, far)
+            lo, hi = torch.minimum(near, far), torch.maximum(near, far)
+        return near, far
 
 
 def inner_cap(quantizer: Quantizer, cap: torch.Tensor, dtype: torch.dtype, direction: int) -> torch.Tensor:

@@ -82,14 +82,19 @@ def _code_lut(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return base.to(device=device, dtype=torch.int32), thr.to(device), order.to(device)
 
 
-def codes_from_scaled(s: torch.Tensor) -> torch.Tensor:
-    """Stored fp4 codes of scaled values s (fp32), uint8: ORDER[bucketize(s, fp4_thresholds(), right=False)]."""
-    base, thr, order = _code_lut(str(s.device))
+def sorted_positions(s: torch.Tensor) -> torch.Tensor:
+    """bucketize(s, fp4_thresholds(), right=False) of scaled values s (fp32), int32, by table lookup."""
+    base, thr, _ = _code_lut(str(s.device))
     half = _LUT_CELLS / 2
     idx = torch.mul(s, half).add_(half).to(torch.int32).clamp_(0, _LUT_CELLS - 1)
     pos = torch.index_select(base, 0, idx)
     pos += torch.gt(s, torch.index_select(thr, 0, idx))
-    return torch.index_select(order, 0, pos)
+    return pos
+
+
+def codes_from_scaled(s: torch.Tensor) -> torch.Tensor:
+    """Stored fp4 codes of scaled values s (fp32), uint8: ORDER[bucketize(s, fp4_thresholds(), right=False)]."""
+    return torch.index_select(_code_lut(str(s.device))[2], 0, sorted_positions(s))
 
 
 def quantize_fp4_flat(x: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, *,
@@ -124,6 +129,7 @@ class FP4(Quantizer):
     symmetric: ClassVar[bool] = True
     library: ClassVar[str] = "bitsandbytes.functional.quantize_4bit(quant_type='fp4', blocksize=64)"
     description: ClassVar[str] = "bitsandbytes FP4 (E2M1, bitsandbytes' default 4-bit type), absmax, blocksize 64"
+    brackets: ClassVar[tuple[float, ...]] = (0.0,)  # the level is decided on fp32 s: a few grid steps suffice
 
     def quantize(self, w: torch.Tensor, *, name: str = "tensor") -> Quantized:
         codes, absmax = quantize_fp4_flat(w, self.group_size, name=name)
@@ -139,14 +145,23 @@ class FP4(Quantizer):
         return absmax_grid(q.scales, q.numel, self.group_size)
 
     def level_of(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.bucketize(scaled_fixed(x, params), level_thresholds(x.device), right=False)
+        """#{level thresholds < s} (= bucketize over the 14 level thresholds): the sorted position, with the two
+        zeros merged."""
+        pos = sorted_positions(scaled_fixed(x, params)).long()
+        return pos - (pos > ZERO_SPLIT).long()
 
     def cell_bounds_flat(self, q: Quantized, grid: ElementGrid) -> tuple[torch.Tensor, torch.Tensor]:
         t = level_thresholds(q.codes.device)
         one = torch.ones(1, device=t.device)
         lo, hi = torch.cat([-one, t]), torch.cat([t, one])
-        level_of_code = torch.empty(16, dtype=torch.long, device=t.device)
-        pos = torch.arange(16, device=t.device)
-        level_of_code[torch.tensor(ORDER, device=t.device)] = pos - (pos > ZERO_SPLIT).long()
-        m = level_of_code[q.codes.reshape(-1).long()]
+        m = _level_of_code(str(q.codes.device))[q.codes.reshape(-1).long()]
         return lo[m] * grid.cap_hi, hi[m] * grid.cap_hi
+
+
+@functools.lru_cache(maxsize=8)
+def _level_of_code(device: str = "cpu") -> torch.Tensor:
+    """int64 [16]: the level (0..14) of each stored code; codes 0 and 8 (the two zeros) share level 7."""
+    pos = torch.arange(16)
+    table = torch.empty(16, dtype=torch.long)
+    table[torch.tensor(ORDER)] = pos - (pos > ZERO_SPLIT).long()
+    return table.to(device)
