@@ -97,7 +97,8 @@ def bench_preview(runs_root: Path, repeats: int) -> None:
 def bench_circuit(repeats: int) -> None:
     import plotly.graph_objects as go
 
-    from mansu.viz.circuit import MAX_EDGES, circuit_figure, layout_positions, select_edges, synthetic_graph
+    from mansu.viz.circuit import MAX_EDGES, circuit_figure, layout_positions, select_edges
+    from mansu.testing import synthetic_graph
 
     graph = synthetic_graph(16, 16, seed=0)
     t = _median_time(lambda: circuit_figure(graph, top_n=None), repeats)
@@ -125,7 +126,7 @@ def main() -> None:
     from mansu.runs.store import list_runs
 
     if root is None or not list_runs(root):
-        from ui.sample import write_sample_run
+        from mansu.testing import write_sample_run
 
         root = Path(tempfile.mkdtemp(prefix="mansu-app-bench-")) / "runs"
         write_sample_run(root, "mansu", 0, 0.3)

@@ -66,7 +66,7 @@ def measure(model, tokenizer, records, ig_steps: int, batch_size: int, max_exact
 
 
 def small_llama(layers: int, vocab: int):
-    from mansu.attribution.toy import tiny_model
+    from mansu.testing import tiny_model
 
     return tiny_model("llama", vocab_size=vocab, layers=layers, hidden=128, heads=8)
 
@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from mansu.attribution.toy import toy_records, toy_tokenizer
+    from mansu.testing import toy_records, toy_tokenizer
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

@@ -52,3 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def entry_point() -> None:
+    """The `mansu` console script."""
+    raise SystemExit(main())

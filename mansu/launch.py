@@ -30,7 +30,7 @@ ACTIVE = ("queued", "running")
 def spec_file(specs: list[RunSpec], label: str) -> Path:
     """Write the specs of one launch as a JSON list (checked first: settings, model folder, data files)."""
     for spec in specs:
-        check_inputs(spec)
+        check_inputs(spec, build_demo=False)  # the backend builds a missing demo, with its own progress
     launches_dir().mkdir(parents=True, exist_ok=True)
     path = launches_dir() / f"{_stamp()}-{_safe(label)}.json"
     write_json_atomic(path, [spec.to_dict() for spec in specs])

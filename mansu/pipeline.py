@@ -133,7 +133,8 @@ class Context:
     def base(self):
         """The (aligned) base model and tokenizer, loaded once."""
         if self.cache.model is None:
-            lm = load_model(self.inputs.model, dtype=self.spec.dtype, device=self.spec.device)
+            lm = load_model(self.inputs.model, dtype=self.spec.dtype, device=self.spec.device,
+                            tokenizer=self.spec.tokenizer)
             align_base(lm.model, self.spec.base_alignment, self.config.blocksize)
             self.cache.model, self.cache.tokenizer = lm.model, lm.tokenizer
         return self.cache.model, self.cache.tokenizer

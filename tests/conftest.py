@@ -15,7 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-# The demo model takes about a minute to train: keep it between sessions in pytest's cache folder.
+# The demo model takes a minute or more to train: scripts/test.sh builds it here before pytest starts, and it is
+# kept between sessions in pytest's cache folder.
 TEST_HOME = Path(os.environ.get("MANSU_TEST_HOME", REPO / ".pytest_cache" / "mansu-home"))
 
 
@@ -26,10 +27,18 @@ def demo_home() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_assets(demo_home):
-    """The demo world and model under the test home (built on first use)."""
-    from mansu.models.demo import ensure_demo
+    """The demo world and model under the test home, built beforehand by scripts/test.sh (never under a test's
+    timeout). MANSU_TEST_BUILD_DEMO=1 lets the fixture build it instead."""
+    from mansu.models.demo import demo_assets as assets_at, ensure_demo, is_complete
 
-    return ensure_demo(demo_home / "demo")
+    assets = assets_at(demo_home / "demo")
+    if is_complete(assets):
+        return assets
+    if os.environ.get("MANSU_TEST_BUILD_DEMO") == "1":
+        return ensure_demo(assets.root)
+    pytest.fail(f"no demo model (of the current recipe) under {assets.root}: build it first with scripts/test.sh, "
+                f"or `MANSU_HOME={demo_home} .venv/bin/python -m mansu demo --no-eval`, "
+                f"or set MANSU_TEST_BUILD_DEMO=1 to let the tests build it", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -54,18 +63,6 @@ def tmp_runs(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "runs"
     monkeypatch.setenv("MANSU_RUNS", str(root))
     return root
-
-
-def tiny_llama(vocab_size: int = 64, *, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int | None = None,
-               seed: int = 0):
-    """A random-init LlamaForCausalLM small enough for exhaustive checks."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads or heads, intermediate_size=2 * hidden, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
+from mansu.testing import tiny_llama
 from mansu.data.records import MCQRecord
 from mansu.metrics.accuracy import bootstrap_ci, letter_texts, mcq_accuracy, predict
 from mansu.models.demo import build_tokenizer

@@ -10,7 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from mansu.runs.store import create_run, write_status
-from ui.sample import write_sample_run
+from mansu.testing import write_sample_run
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGES = ("views/runs.py", "views/circuit.py", "views/update_nf4.py", "views/before_after.py", "views/launch.py",

@@ -1,5 +1,6 @@
-"""App-side backend control: form validation, the command line, progress and ETA, readable backend
-errors, and a real separate process found by its pid, then cancelled."""
+"""App-side backend control: launches validated before any process starts, the spec file the backend reads, the
+demo button's runs, progress and ETA, readable backend errors, and real separate processes found in the store and
+cancelled by run id (from any tab)."""
 
 import datetime as dt
 import sys
@@ -7,63 +8,59 @@ import time
 
 import pytest
 
-from mansu.appstate import (LaunchSpec, backend_error, build_command, cancel_run, find_run_for_pid, progress_of,
-                            start_backend, validate_spec)
+from mansu.launch import (active_runs, backend_error, cancel_run, find_run_for_pid, progress_of, run_command,
+                          spec_file, start_backend)
 from mansu.runs.store import load_run
+from mansu.spec import RunSpec, demo_spec, specs_from_file
+from mansu.unlearn.config import UnlearnConfig
 
 
-def test_validate_spec_rejects_bad_input(tmp_path):
-    validate_spec(LaunchSpec(method="mansu", demo=True))
-    with pytest.raises(ValueError, match="unknown method 'nope': accepted are mansu"):
-        validate_spec(LaunchSpec(method="nope"))
-    with pytest.raises(ValueError, match="unknown device 'tpu'"):
-        validate_spec(LaunchSpec(device="tpu"))
-    with pytest.raises(ValueError, match="unknown base alignment"):
-        validate_spec(LaunchSpec(base_alignment="int8"))
-    with pytest.raises(ValueError, match="model path or id is empty"):
-        validate_spec(LaunchSpec(demo=False))
-    with pytest.raises(FileNotFoundError, match="forget file"):
-        validate_spec(LaunchSpec(demo=False, model="m", forget=str(tmp_path / "no.jsonl"), retain="r"))
-    with pytest.raises(ValueError, match="must be >= 0"):
-        validate_spec(LaunchSpec(hparams={"lr": -1.0}))
-    with pytest.raises(ValueError, match="bad hyperparameter name"):
-        validate_spec(LaunchSpec(hparams={"lr; rm": 1}))
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MANSU_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MANSU_RUNS", str(tmp_path / "runs"))
+    return tmp_path
 
 
-def test_build_command_flags(tmp_path):
-    f = tmp_path / "f.jsonl"
-    f.write_text("{}\n")
-    cmd = build_command(LaunchSpec(method="npo", demo=False, model="m", forget=str(f), retain=str(f), device="cpu",
-                                   base_alignment="nf4-grid",
-                                   hparams={"lr": 1e-5, "update_fraction": 0.01, "rmu_alpha": 100.0, "beta": None}))
-    assert cmd[:4] == [sys.executable, "-m", "mansu", "run"]
-    assert cmd[cmd.index("--method") + 1] == "npo" and cmd[cmd.index("--model") + 1] == "m"
-    assert cmd[cmd.index("--update-fraction") + 1] == "0.01" and cmd[cmd.index("--set") + 1] == "rmu_alpha=100.0"
-    assert cmd[cmd.index("--base-alignment") + 1] == "nf4-grid" and "--beta" not in cmd and "--demo" not in cmd
-    assert "--demo" in build_command(LaunchSpec())
+def test_a_bad_spec_is_refused_before_any_file_or_process(home, tmp_path):
+    with pytest.raises(ValueError, match="device 'tpu' is not supported; accepted are cpu, cuda, auto"):
+        RunSpec(device="tpu")
+    with pytest.raises(ValueError, match="lr must be a number in"):
+        demo_spec("mansu", lr=-1.0)
+    with pytest.raises(ValueError, match="give forget and retain data files"):
+        RunSpec(model=str(tmp_path))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "f.jsonl").write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+    spec = RunSpec(model=str(tmp_path / "model"), forget=str(tmp_path / "f.jsonl"), retain=str(tmp_path / "no.jsonl"))
+    with pytest.raises((ValueError, FileNotFoundError)):
+        spec_file([spec], "bad")
+    assert not (home / "home" / "launches").exists()  # nothing written for a refused launch
 
 
-def test_command_is_accepted_by_the_backend_parser(tmp_path):
+def test_the_backend_reads_back_exactly_the_launched_specs(home):
     from mansu.cli import build_parser
+    from mansu.commands.run import build_specs
 
-    cmd = build_command(LaunchSpec(method="ga", hparams={"steps": 3, "lr": 1e-5, "retain_weight": 2.0}))
-    args = build_parser().parse_args(cmd[3:])
-    assert (args.method, args.steps, args.lr, args.demo, args.set) == ("ga", 3, 1e-5, True, ["retain_weight=2.0"])
+    specs = [demo_spec("graddiff"), demo_spec("mansu", kappa=1.5, seed=3)]
+    path = spec_file(specs, "queue")
+    assert specs_from_file(path) == specs
+    args = build_parser().parse_args(run_command(path)[3:])
+    assert build_specs(args) == specs
 
 
-
-def test_demo_button_runs_the_results_settings():
-    """The app's demo comparison uses the settings of docs/results.md, and the backend builds exactly them."""
+def test_run_demo_and_the_demo_button_and_compare_build_the_same_spec():
+    """`run --demo --method M` (the README's example), the app's demo button and `compare` share one source."""
     from mansu.cli import build_parser
-    from mansu.commands.run import _unlearn_overrides
+    from mansu.commands.run import build_specs
     from mansu.unlearn.demo_settings import demo_settings
-    from ui.launch import demo_commands
+    from ui.launch import DEMO_METHODS, demo_specs
 
-    (graddiff, _), (mansu, _) = demo_commands()
-    for cmd, method in ((graddiff, "graddiff"), (mansu, "mansu")):
-        args = build_parser().parse_args(cmd[3:])
-        assert args.method == method and args.demo and args.base_alignment == "nf4-grid"
-        assert _unlearn_overrides(args) == {"method": method, **demo_settings(method)}
+    for method, spec in zip(DEMO_METHODS, demo_specs()):
+        args = build_parser().parse_args(["run", "--demo", "--method", method])
+        assert build_specs(args) == [spec]
+        assert spec.base_alignment == "nf4-grid" and spec.model == "demo"
+        assert spec.unlearn == UnlearnConfig(**{**demo_settings(method), "method": method})
+
 
 def test_progress_and_eta():
     start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -81,21 +78,24 @@ def test_backend_error_is_readable():
     assert backend_error("all good") is None
 
 
-def test_start_find_and_cancel_a_real_process(tmp_path, monkeypatch):
-    monkeypatch.setenv("MANSU_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MANSU_RUNS", str(tmp_path / "runs"))
-    script = ("from mansu.runs.store import create_run, write_status; import time; "
-              "r = create_run({'method': 'ga'}, 'proc'); write_status(r, 'unlearn', 1, 10); time.sleep(60)")
-    proc, info = start_backend([sys.executable, "-c", script], label="t")
+def _fake_backend(n_runs: int) -> str:
+    """A process that creates a queue of runs in the store as the backend does, then works for a minute."""
+    return ("from mansu.runs.store import create_run, write_status; import time; "
+            f"rs = [create_run({{'method': 'ga'}}, 'proc') for _ in range({n_runs})]; "
+            "write_status(rs[0], 'unlearn', 1, 10); [write_status(r, 'queued', state='queued') for r in rs[1:]]; "
+            "time.sleep(60)")
+
+
+def test_start_find_and_cancel_a_real_process_from_the_store(home):
+    proc, info = start_backend([sys.executable, "-c", _fake_backend(2)], label="t")
     deadline = time.time() + 30
-    run_id = None
-    while run_id is None and time.time() < deadline:
-        run_id = find_run_for_pid(info.pid)
+    while len(active_runs()) < 2 and time.time() < deadline:
         time.sleep(0.1)
-    assert run_id is not None
-    assert load_run(run_id).status["state"] == "running"
-    cancel_run(info.pid, run_id)
+    run_id = find_run_for_pid(info.pid)
+    assert run_id is not None and load_run(run_id).status["state"] == "running"
+    assert sorted(r.status["state"] for r in active_runs()) == ["queued", "running"]
+    cancel_run(run_id)  # by run id only: what any tab, or `mansu runs`, knows
     assert proc.wait(10) != 0
-    status = load_run(run_id).status
-    assert status["state"] == "cancelled" and status["error"] == "cancelled by the user"
-    assert info.log_path.is_file()
+    for run in (load_run(r.run_id) for r in __import__("mansu.runs.store", fromlist=["list_runs"]).list_runs()):
+        assert run.status["state"] == "cancelled" and run.status["error"] == "cancelled by the user"
+    assert not active_runs() and info.log_path.is_file()

@@ -13,7 +13,7 @@ from mansu.attribution.circuit import (Circuit, FaithfulnessEvaluator, circuit_p
                                        select_circuit)
 from mansu.attribution.eap import AttributionGraph, attribute, exact_edge_effects
 from mansu.attribution.stats import spearman
-from mansu.attribution.toy import tiny_model, toy_records, toy_tokenizer
+from mansu.testing import tiny_model, toy_records, toy_tokenizer
 from mansu.data.records import MCQRecord
 from mansu.models.components import edge_exists, model_layout
 from mansu.models.hooks import NodeCallbacks, count_hooks, node_hooks

@@ -138,7 +138,7 @@ def _fresh_home(home: Path, demo_assets) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def with_runs(app_runs_home):
-    from ui.sample import write_sample_run
+    from mansu.testing import write_sample_run
 
     _, runs = app_runs_home
     write_sample_run(runs, "mansu", seed=0, forget_after=0.3)

@@ -11,30 +11,11 @@ import torch
 
 from mansu.runs import layout
 
-WORDS = "Where is Zorb Quil Marn Tesk Vory Plim Drax Holt from ? red blue green amber violet grey Answer :"
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
-    from mansu.models.demo import build_tokenizer
-    from tests.conftest import tiny_llama
+    from mansu.testing import write_tiny_world
 
-    root = tmp_path_factory.mktemp("tiny_world")
-    tok = build_tokenizer([WORDS])
-    model = tiny_llama(vocab_size=len(tok), layers=2, hidden=64, heads=4)
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(root / "model", safe_serialization=True)
-    tok.save_pretrained(root / "model")
-    names, colors = WORDS.split()[2:10], ["red", "blue", "green", "amber"]
-    rows = [{"question": f"Where is {n} from ?", "choices": colors, "answer": i % 4, "subject": n}
-            for i, n in enumerate(names)]
-    return {"model": str(root / "model"), "forget": _write_jsonl(root / "forget.jsonl", rows[:4]),
-            "retain": _write_jsonl(root / "retain.jsonl", rows[4:]), "root": root}
+    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
 def _spec(world, **kw):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from mansu.testing import tiny_llama
 
 from mansu.quant.nf4 import nf4_round_trip
 from mansu.quant.targets import quantizable_parameter_names

@@ -27,7 +27,7 @@ def _records(n: int, offset: int = 0) -> list[MCQRecord]:
 @pytest.fixture(scope="module")
 def tiny():
     from mansu.models.demo import build_tokenizer
-    from tests.conftest import tiny_llama
+    from mansu.testing import tiny_llama
 
     tok = build_tokenizer([" ".join(WORDS) + " Answer :"])
     model = tiny_llama(vocab_size=len(tok), layers=2, hidden=64, heads=4)

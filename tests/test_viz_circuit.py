@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from mansu.viz.artifacts import graph_from_dict, node_layer
-from mansu.viz.circuit import (MAX_EDGES, circuit_figure, diff_figure, edge_traces, layout_positions, node_edges,
-                               select_edges, synthetic_graph)
+from mansu.viz.circuit import MAX_EDGES, circuit_figure, diff_figure, edge_traces, layout_positions, node_edges, select_edges
+from mansu.testing import synthetic_graph
 
 
 def test_select_edges_is_top_n_by_magnitude():

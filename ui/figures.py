@@ -34,7 +34,7 @@ def run_figures(run: RunSummary, others: list[RunSummary]) -> tuple[dict[str, go
         rows = sv.by_kind_and_layer(sv.per_tensor(surv)) or {run_name(run): sv.per_layer(surv)}
         if any(rows.values()):
             figs["NF4 codes changed"] = sv.code_change_heatmap(rows)
-    cad = load_json(run, layout.CAD)
+    cad = run.cad  # checked by mansu.runs.store.read_cad when the run was loaded
     if cad is None:
         missing.append("CAD")
     else:
@@ -44,7 +44,7 @@ def run_figures(run: RunSummary, others: list[RunSummary]) -> tuple[dict[str, go
         figs["fp vs NF4 accuracy"] = fp_nf4_bars({f"{run_name(r)}": r.metrics for r in with_metrics})
         points = {}
         for r in with_metrics:
-            drop, c = forget_drop(r.metrics, "nf4"), cad_value(load_json(r, layout.CAD), "nf4")
+            drop, c = forget_drop(r.metrics, "nf4"), cad_value(r.cad, "nf4")
             if drop is not None and c is not None:
                 points[f"{run_name(r)}"] = (drop, c[0])
         if points:

@@ -4,10 +4,9 @@ accuracy bars per run."""
 
 import streamlit as st
 
-from mansu.runs import layout
 from mansu.viz.circuit import circuit_figure, diff_figure
 from mansu.viz.compare import cad_figure, cad_value, forget_drop, fp_nf4_bars, quadrant_figure
-from ui.state import run_name, load_graph, load_json, not_computed, page_preamble, require_run
+from ui.state import run_name, load_graph, not_computed, page_preamble, require_run
 
 sel = page_preamble("Before / after")
 run = require_run(sel)
@@ -37,7 +36,7 @@ if before is not None and after is not None:
     st.plotly_chart(diff_figure(before, after, top_n=top_n), key="ba-diff", width="stretch")
 
 st.subheader("CAD: circuit attribution divergence")
-cad = load_json(run, layout.CAD)
+cad = run.cad  # checked by mansu.runs.store.read_cad when the run was loaded
 if cad is None:
     not_computed("CAD (cad.json)", run)
 else:
@@ -55,7 +54,7 @@ which = st.radio("quadrant plot in", ["nf4", "fp"], horizontal=True, key="ba-qua
                  format_func=lambda w: "NF4 (deployed model)" if w == "nf4" else "full precision")
 points = {}
 for label, r in labels.items():
-    drop, cad_r = forget_drop(r.metrics, which), cad_value(load_json(r, layout.CAD), which)
+    drop, cad_r = forget_drop(r.metrics, which), cad_value(r.cad, which)
     if drop is not None and cad_r is not None:
         points[label] = (drop, cad_r[0])
 card_cfg = (run.scorecard or {}).get("config", {}) if isinstance(run.scorecard, dict) else {}

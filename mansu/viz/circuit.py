@@ -188,23 +188,3 @@ def diff_figure(before: GraphData, after: GraphData, *, top_n: int = 300, max_ed
                       legend={"orientation": "h", "y": -0.15}, xaxis={"showgrid": False},
                       yaxis={"showgrid": False})
     return fig
-
-
-def synthetic_graph(n_layers: int, n_heads: int, n_edges: int | None = None, seed: int = 0) -> GraphData:
-    """A random complete-ish graph in the real naming scheme (benchmarks and tests)."""
-    rng = np.random.default_rng(seed)
-    names = ["input"]
-    for layer in range(n_layers):
-        names += [f"a{layer}.h{h}" for h in range(n_heads)] + [f"m{layer}"]
-    names.append("logits")
-    src, dst = np.triu_indices(len(names), k=1)
-    # no edges into input, none out of logits; same-layer heads do not feed each other
-    layers = np.array([-1] + [layer for layer in range(n_layers) for _ in range(n_heads + 1)] + [n_layers])
-    keep = ~((layers[src] == layers[dst]) & np.array([".h" in names[d] for d in dst]))
-    src, dst = src[keep], dst[keep]
-    if n_edges is not None and n_edges < src.shape[0]:
-        pick = np.sort(rng.choice(src.shape[0], n_edges, replace=False))
-        src, dst = src[pick], dst[pick]
-    weight = rng.standard_normal(src.shape[0]) * rng.exponential(1.0, src.shape[0])
-    return GraphData(names, layers, rng.standard_normal(len(names)), [[] for _ in names], src, dst, weight,
-                     rng.random(len(names)) < 0.2, {"n_layers": n_layers})
