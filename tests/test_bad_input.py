@@ -21,16 +21,23 @@ from streamlit.testing.v1 import AppTest
 from conftest import REPO
 from mansu.runs import layout
 from mansu.runs.store import RunState, create_run, write_status
-from mansu.testing import write_sample_run
+from mansu.testing import write_sample_run, write_tiny_world
+from ui.state import RUN_KEY
 
 APP = str(REPO / "app.py")
 MCQ = {"question": "Where was Zorvath born?", "choices": ["Quorvel", "Varnoth", "Pellucor", "Obrecant"], "answer": 2}
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    """A tiny saved Llama (64 positions, word-level tokenizer) with forget and retain MCQ files."""
+    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
 @pytest.fixture
-def env(tmp_path, demo_assets, demo_home) -> dict[str, str]:
-    """The demo model's home (built once) and an empty run store of this test's own."""
-    return {**os.environ, "MANSU_HOME": str(demo_home), "MANSU_RUNS": str(tmp_path / "runs")}
+def env(tmp_path) -> dict[str, str]:
+    """A home and an empty run store of this test's own."""
+    return {**os.environ, "MANSU_HOME": str(tmp_path / "home"), "MANSU_RUNS": str(tmp_path / "runs")}
 
 
 def mansu(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -78,36 +85,40 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
 
 
 @pytest.mark.parametrize("case", ["duplicated key", "binary", "folder", "10 MB line", "long field"])
-def test_eval_refuses_bad_data_files_at_once(case, env, tmp_path, demo_assets):
+def test_eval_refuses_bad_data_files_at_once(case, env, tmp_path, world):
     path, expected = _bad_files(tmp_path)[case]
     t0 = time.perf_counter()
-    out = mansu(env, "eval", "--model", str(demo_assets.model_dir), "--data", str(path), timeout=120)
+    out = mansu(env, "eval", "--model", world["model"], "--data", str(path), timeout=120)
     assert_refused(out, env, expected)
     assert time.perf_counter() - t0 < 60  # read-time checks: no model work, no 15-minute silence
 
 
 @pytest.mark.parametrize("case", ["duplicated key", "binary", "folder", "10 MB line"])
-def test_run_refuses_bad_data_before_creating_a_folder(case, env, tmp_path, demo_assets):
+def test_run_refuses_bad_data_before_creating_a_folder(case, env, tmp_path, world):
     path, expected = _bad_files(tmp_path)[case]
-    out = mansu(env, "run", "--method", "ga", "--model", str(demo_assets.model_dir), "--forget", str(path),
-                "--retain", str(demo_assets.retain_path), "--steps", "1", "--no-attribution", timeout=120)
+    out = mansu(env, "run", "--method", "ga", "--model", world["model"], "--forget", str(path),
+                "--retain", world["retain"], "--steps", "1", "--no-attribution", timeout=120)
     assert_refused(out, env, expected)
 
 
-def test_eval_refuses_a_record_longer_than_the_context_before_any_forward_pass(env, tmp_path, demo_assets):
-    long = tmp_path / "long.jsonl"  # 300 words: under the character limits, over the demo model's 128 positions
-    long.write_text(json.dumps(MCQ) + "\n" + json.dumps({**MCQ, "question": " ".join(["x"] * 300)}) + "\n")
-    out = mansu(env, "eval", "--model", str(demo_assets.model_dir), "--data", str(long))
-    assert_refused(out, env, f"error: {long}: record 2: prompt and choice take 304 tokens, longer than the model's "
-                             "context of 128 tokens; shorten the record (records longer than the context are not scored)")
+def test_eval_refuses_a_record_longer_than_the_context_before_any_forward_pass(env, tmp_path, world):
+    long = tmp_path / "long.jsonl"  # 100 words: under the character limits, over the tiny model's 64 positions
+    long.write_text(json.dumps(MCQ) + "\n" + json.dumps({**MCQ, "question": " ".join(["x"] * 100)}) + "\n")
+    out = mansu(env, "eval", "--model", world["model"], "--data", str(long))
+    assert_refused(out, env, f"error: {long}: record 2: prompt and choice take 104 tokens, longer than the model's "
+                             "context of 64 tokens; shorten the record (records longer than the context are not scored)")
 
 
-def test_eval_accepts_a_utf8_byte_order_mark(env, tmp_path, demo_assets):
+def test_eval_accepts_a_utf8_byte_order_mark(env, tmp_path, world):
     with_bom = tmp_path / "bom.jsonl"
-    with_bom.write_bytes(b"\xef\xbb\xbf" + demo_assets.forget_path.read_bytes())
-    out = mansu(env, "eval", "--model", str(demo_assets.model_dir), "--data", str(with_bom), "--json")
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    assert out.returncode == 0 and row["n"] == 120 and row["accuracy"] >= 0.99
+    with_bom.write_bytes(b"\xef\xbb\xbf" + Path(world["forget"]).read_bytes())
+    rows = []
+    for path in (world["forget"], str(with_bom)):
+        out = mansu(env, "eval", "--model", world["model"], "--data", path, "--json")
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert rows[1]["n"] == 4 and {k: v for k, v in rows[1].items() if k != "data"} == {
+        k: v for k, v in rows[0].items() if k != "data"}
 
 
 # ---------------------------------------------------------------- seeds and run ids
@@ -117,14 +128,16 @@ def test_eval_accepts_a_utf8_byte_order_mark(env, tmp_path, demo_assets):
     ("-1", "error: seed must be an integer in [0, 4294967295], got -1"),
     (str(10**20), f"error: seed must be an integer in [0, 4294967295], got {10**20}"),
 ])
-def test_run_refuses_seeds_out_of_range(seed, expected, env, demo_assets):
-    out = mansu(env, "run", "--demo", f"--seed={seed}", timeout=120)
+def test_run_refuses_seeds_out_of_range(seed, expected, env, world):
+    out = mansu(env, "run", "--model", world["model"], "--forget", world["forget"], "--retain", world["retain"],
+                f"--seed={seed}", timeout=120)
     assert_refused(out, env, expected)
 
 
 @pytest.mark.parametrize("seed", ["1.5", "abc"])
-def test_run_refuses_seeds_that_are_not_integers(seed, env, demo_assets):
-    out = mansu(env, "run", "--demo", f"--seed={seed}", timeout=120)
+def test_run_refuses_seeds_that_are_not_integers(seed, env, world):
+    out = mansu(env, "run", "--model", world["model"], "--forget", world["forget"], "--retain", world["retain"],
+                f"--seed={seed}", timeout=120)
     assert out.returncode == 2 and f"argument --seed: expected an integer, got '{seed}'" in out.stderr.splitlines()[-1]
     assert not Path(env["MANSU_RUNS"]).exists() or list(Path(env["MANSU_RUNS"]).iterdir()) == []
 
@@ -207,8 +220,10 @@ def test_runs_page_lists_corrupt_folders_and_keeps_the_others(tmp_path, monkeypa
     assert warning.startswith(f"{len(expected) - 1} run folder(s) cannot be read and are listed as corrupt")
     assert all(f"`{run_id}`: {reason}" in warning for run_id, reason in expected.items() if reason)
     corrupt = next(run_id for run_id, reason in expected.items() if reason)
-    at.sidebar.selectbox[0].set_value(corrupt).run()  # selecting a corrupt run shows its reason, no exception
+    at.query_params["run"] = corrupt  # a link to a corrupt run (its picker label can equal another corrupt run's)
+    at.run()
     assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state[RUN_KEY] == corrupt
     assert f"corrupt: {expected[corrupt]}" in [e.value for e in at.error]
 
 

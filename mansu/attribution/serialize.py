@@ -132,7 +132,8 @@ def to_circuit_tracer(graph: AttributionGraph, *, circuit: Circuit | None = None
     names = list(dict.fromkeys([u for u, _, _ in edges] + [v for _, v, _ in edges]))
     nodes = [_tracer_node(n, n_layers, n_heads, scores.get(n, 0.0)) for n in names]
     ids = {n: node["node_id"] for n, node in zip(names, nodes)}
-    return {"metadata": {"slug": slug, "scan": portable_path(str(graph.metadata.get("model", ""))), "transcoder_list": [],
+    scan = portable_path(str(graph.metadata.get("model", "")))  # exported: no machine paths
+    return {"metadata": {"slug": slug, "scan": scan, "transcoder_list": [],
                          "prompt_tokens": [], "prompt": prompt, "node_threshold": node_threshold, "schema_version": 1},
             "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
             "nodes": nodes, "links": [{"source": ids[u], "target": ids[v], "weight": -s} for u, v, s in edges]}

@@ -193,14 +193,16 @@ def _parse_mcq(row: dict[str, Any], where: str) -> MCQRecord:
     if hasattr(choices, "tolist"):  # parquet gives numpy arrays
         choices = choices.tolist()
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
-        raise ValueError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings, got {_short(choices)}")
+        raise ValueError(f"{where}: field 'choices' must be a list of at least 2 non-empty strings, "
+                         f"got {_short(choices)}")
     for choice in choices:
         _check_length(choice, "choices", where)
     answer = row.get("answer")
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-        raise ValueError(f"{where}: field 'answer' must be an integer index in 0..{len(choices) - 1}, got {_short(answer)}")
+        raise ValueError(f"{where}: field 'answer' must be an integer index in 0..{len(choices) - 1}, "
+                         f"got {_short(answer)}")
     subject = row.get("subject")
     return MCQRecord(question=question, choices=tuple(choices), answer=answer,
                      subject=subject if isinstance(subject, str) and subject else None)

@@ -73,7 +73,8 @@ def context_length(model) -> int | None:
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
-def check_context(model, lengths: Sequence[int], *, owners: Sequence[int] | None = None, source: str | None = None) -> None:
+def check_context(model, lengths: Sequence[int], *, owners: Sequence[int] | None = None,
+                  source: str | None = None) -> None:
     """ValueError naming the first sequence (its record with `owners`, its file with `source`) longer than the
     model's context."""
     check_lengths(context_length(model), lengths, owners=owners, source=source)
