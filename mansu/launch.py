@@ -82,7 +82,11 @@ def start_backend(command: list[str], *, label: str = "run", cwd: Path | None = 
 
 def runs_of_pid(pid: int, root: Path | None = None) -> list[RunSummary]:
     """The runs a backend process created (a queue has several), oldest first."""
-    return sorted((r for r in list_runs(root) if r.status.get("pid") == pid), key=lambda r: r.run_id)
+    def order(run: RunSummary) -> tuple:
+        queue = run.config.get("queue") if isinstance(run.config.get("queue"), dict) else {}
+        return str(run.config.get("created_at", "")), int(queue.get("index", 0)), run.run_id
+
+    return sorted((r for r in list_runs(root) if r.status.get("pid") == pid), key=order)
 
 
 def find_run_for_pid(pid: int, root: Path | None = None) -> str | None:

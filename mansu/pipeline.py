@@ -34,7 +34,7 @@ from mansu.quant.survival import alignment_report, survival_analysis, write_surv
 from mansu.quant.targets import quant_layout
 from mansu.quant.twin import nf4_twin, paired_gap
 from mansu.runs import layout
-from mansu.runs.store import create_run, read_config, run_dir, update_metrics, validate_run_id, write_status
+from mansu.runs.store import RunState, create_run, read_config, run_dir, update_metrics, validate_run_id, write_status
 from mansu.scorecard import build_scorecard
 from mansu.spec import RunSpec, run_slug
 from mansu.unlearn.config import UnlearnConfig
@@ -54,7 +54,6 @@ STAGES = ("base_eval", "attribution_before", "unlearn", "eval_fp", "eval_nf4", "
 @dataclass
 class BaseCache:
     """What runs on the same base share (compare): the aligned base model, its evaluations and its circuit."""
-
     model: Any = None
     tokenizer: Any = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -72,7 +71,6 @@ class RunFailed(RuntimeError):
 @dataclass(frozen=True)
 class RunInputs:
     """Where a spec's model and data are on this machine ('demo' resolved to the demo world)."""
-
     model: str
     forget: str
     retain: str
@@ -373,7 +371,6 @@ def run_pipeline(run: Path, cache: BaseCache | None = None, *, stop_after: str |
 
     Raises RunFailed (status.json marked failed, with the stage/step) on a non-finite loss or any stage error.
     """
-
     run = Path(run)
     spec = RunSpec.from_dict(read_config(run)["spec"])
     ctx = Context(run, spec, cache or BaseCache())
@@ -399,10 +396,12 @@ def run_pipeline(run: Path, cache: BaseCache | None = None, *, stop_after: str |
     return read_json(run / layout.SCORECARD)
 
 
-def start_run(spec: RunSpec, *, slug: str | None = None, root: Path | None = None) -> Path:
-    """Create the run folder (config.json holds the validated spec) without running it."""
-
-    run = create_run({"kind": "unlearn", "spec": spec.to_dict(), "method": spec.method}, slug or run_slug(spec), root)
+def start_run(spec: RunSpec, *, slug: str | None = None, root: Path | None = None,
+              state: RunState = "running", queue: tuple[int, int] | None = None) -> Path:
+    """Create the run folder (config.json holds the validated spec, and its place in a queue) without running it."""
+    config = {"kind": "unlearn", "spec": spec.to_dict(), "method": spec.method,
+              **({"queue": {"index": queue[0], "of": queue[1]}} if queue else {})}
+    run = create_run(config, slug or run_slug(spec), root, state=state)
     if spec.parent_run:
         copy_parent_stages(run_dir(spec.parent_run, root), run)
     return run
@@ -419,10 +418,7 @@ def child_spec(parent_run: str, root: Path | None = None, **unlearn_changes: Any
 def start_queue(specs: list[RunSpec], *, root: Path | None = None) -> list[Path]:
     """Create every run of a queue up front, marked "queued", so that `mansu runs` and the app show the whole queue
     (and a cancel of this process ends it) before the first run starts."""
-    runs = [start_run(spec, root=root) for spec in specs]
-    for run in runs:
-        write_status(run, "queued", 0, len(STAGES), state="queued")
-    return runs
+    return [start_run(spec, root=root, state="queued", queue=(i, len(specs))) for i, spec in enumerate(specs)]
 
 
 def copy_parent_stages(parent: Path, run: Path) -> None:

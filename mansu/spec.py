@@ -54,6 +54,8 @@ class RunSpec:
         if not isinstance(self.unlearn, UnlearnConfig) or not isinstance(self.scorecard, ScorecardConfig):
             raise ValueError("unlearn and scorecard must be JSON objects of their settings")
         validate(self)
+        if not self.model.strip():
+            raise ValueError("model path or id is empty: give a local model folder or a hub id, or 'demo'")
         if self.model != DEMO and not (self.forget and self.retain):
             raise ValueError("give forget and retain data files (or model 'demo' for the demo world's splits)")
 

@@ -139,35 +139,30 @@ def test_run_without_artifacts_says_not_computed(home, page):
         assert any("not computed for this run" in t for t in texts), texts
 
 
-def _chain_script():
-    import sys
-
-    import streamlit as st
-
-    from ui import launch as ui_launch
-
-    if st.button("go"):
-        ui_launch.launch([sys.executable, "-c", "pass"], "first",
-                         then=[([sys.executable, "-c", "import time; time.sleep(60)"], "second")])
-    ui_launch.progress_panel()
-
-
-def test_chained_launch_starts_the_next_run_and_cancel_stops_it(home):
+def test_a_queue_survives_the_tab_and_any_tab_cancels_it(home, tmp_path):
+    """A two-run queue is one backend process; a fresh session (another tab, the launching one closed) shows both
+    runs with their progress and cancels the whole queue."""
     import time
 
-    at = AppTest.from_function(_chain_script, default_timeout=60).run()
-    at.button[0].click().run()
-    first = at.session_state["_launches"][0]
-    first["proc"].wait(30)
-    at.run()  # the panel sees the first process finished and starts the second
-    items = at.session_state["_launches"]
-    assert [e["label"] for e in items] == ["second", "first"]
-    second = items[0]
-    assert second["proc"].poll() is None
-    at.run()  # the next rerun shows the second run with its Cancel button
-    assert not any("next:" in c.value for c in at.caption)  # nothing queued after the second
-    at.button(key=f"cancel-{second['info'].pid}-0").click().run()
-    assert second["proc"].wait(30) != 0 and second["cancelled"]
-    time.sleep(0.1)
-    at.run()
-    assert not at.exception and any("cancelled" in w.value for w in at.warning)
+    from mansu.launch import launch_runs, runs_of_pid
+    from mansu.spec import RunSpec
+    from mansu.testing import write_tiny_world
+    from mansu.unlearn.config import UnlearnConfig
+
+    world = write_tiny_world(tmp_path / "world")
+    spec = RunSpec(model=world["model"], forget=world["forget"], retain=world["retain"], attribution=False,
+                   unlearn=UnlearnConfig(method="graddiff", steps=100_000, batch_size=4))
+    proc, info = launch_runs([spec, spec.replace(unlearn=UnlearnConfig(method="ga", steps=3, batch_size=4))], "q")
+    deadline = time.time() + 120
+    while len(runs_of_pid(info.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    first, second = runs_of_pid(info.pid)
+    assert second.status["state"] == "queued"
+    at = _page("views/launch.py")  # a new session: it never saw the launch
+    shown = " ".join(m.value for m in at.markdown)
+    assert first.run_id in shown and second.run_id in shown
+    at.button(key=f"cancel-{first.run_id}").click().run()
+    assert not at.exception and proc.wait(30) != 0
+    from mansu.runs.store import load_run
+
+    assert {load_run(r.run_id).status["state"] for r in (first, second)} == {"cancelled"}

@@ -88,7 +88,8 @@ def _candidate_ids(slug: str) -> Iterator[str]:
         yield f"{base}-{n}-{slugify(slug)}"
 
 
-def create_run(config: dict[str, Any], slug: str, root: Path | None = None) -> Path:
+def create_run(config: dict[str, Any], slug: str, root: Path | None = None, *,
+               state: RunState = "running") -> Path:
     """Create a run folder holding config.json (stamped) and a fresh status.json; return its path.
 
     The folder is built under a hidden temp name and renamed into place.  Processes racing for the same id
@@ -101,7 +102,8 @@ def create_run(config: dict[str, Any], slug: str, root: Path | None = None) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{slugify(slug)}.", dir=root))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; a run folder is meant to be readable like any folder
-        write_json_atomic(tmp / layout.STATUS, _status_dict("created", 0, 0, "running", None))
+        write_json_atomic(tmp / layout.STATUS, _status_dict("created" if state == "running" else state, 0, 0, state,
+                                                            None))
         for run_id in _candidate_ids(slug):
             if (root / run_id).exists():
                 continue
