@@ -103,7 +103,7 @@ def progress_panel() -> None:
 @st.fragment(run_every=1.0)
 def _panel() -> None:
     st.subheader("Backend runs")
-    active = active_runs(runs_root())
+    active = sorted(active_runs(runs_root()), key=lambda r: r.status.get("state") != "running")  # running first
     for run in active:
         _show_active(run)
     shown = {r.run_id for r in active}
