@@ -32,12 +32,12 @@ which both metrics register (CAD 1.0 on the demo model when every circuit compon
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from mansu.attribution.circuit import Circuit
-from mansu.attribution.eap import AttributionGraph, attribute
+from mansu.attribution.eap import AttributionGraph
 
 FORMULA = "CAD = sum_e |s_e - t_e| / (sum_e |s_e| + sum_e |t_e|) over the original circuit's edges e"
 
@@ -122,13 +122,3 @@ def _bootstrap(s_ex: torch.Tensor, t_ex: torch.Tensor, n_boot: int, seed: int, l
     vals = torch.cat(values)
     alpha = (1 - level) / 2
     return float(torch.quantile(vals, alpha)), float(torch.quantile(vals, 1 - alpha))
-
-
-def model_cad(model_before: Any, model_after: Any, tokenizer: Any, records: Sequence[Any], circuit: Circuit, *,
-              n_boot: int = 1000, seed: int = 0, **attribute_kwargs: Any) -> tuple[CADResult, AttributionGraph,
-                                                                                      AttributionGraph]:
-    """Attribute both models on the same records (per-example scores kept) and compare over `circuit`."""
-    opts = {"metric": "logit_diff", **attribute_kwargs, "per_example": True}
-    before = attribute(model_before, tokenizer, records, **opts)
-    after = attribute(model_after, tokenizer, records, **opts)
-    return cad(before, after, circuit, n_boot=n_boot, seed=seed), before, after

@@ -135,25 +135,6 @@ def load_graph(run_dir: Path, stage: str) -> GraphData | None:
         return None
 
 
-def load_artifact(run_dir: Path, name: str) -> Any | None:
-    """A JSON artifact of the run by its layout file name (e.g. layout.CAD), or None when missing."""
-    return read_json_or_none(Path(run_dir) / name)
-
-
-def load_steps(run_dir: Path) -> list[dict[str, Any]] | None:
-    """steps.jsonl as a list of dicts (bad lines skipped), or None when missing."""
-    path = Path(run_dir) / layout.STEPS
-    if not path.is_file():
-        return None
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def load_update(run_dir: Path) -> dict[str, Any] | None:
     """update.safetensors (delta and bin widths of updated parameters) as CPU tensors, or None."""
     path = Path(run_dir) / layout.UPDATE

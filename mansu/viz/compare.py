@@ -12,7 +12,6 @@ shapes read: `mansu.runs.store.read_metrics`/`read_cad` check them when a run is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import plotly.graph_objects as go
 
@@ -62,12 +61,6 @@ def cad_value(cad: CadFile | None, which: str = "fp") -> tuple[float, float | No
     if not entry:
         return None
     return float(entry["value"]), entry.get("ci_low"), entry.get("ci_high")
-
-
-def _err(acc: Acc) -> dict[str, Any] | None:
-    if acc.low is None or acc.high is None:
-        return None
-    return {"type": "data", "symmetric": False, "array": [acc.high - acc.value], "arrayminus": [acc.value - acc.low]}
 
 
 def fp_nf4_bars(runs: dict[str, Metrics], *, title: str = "forget and retain accuracy, fp vs NF4") -> go.Figure:
