@@ -227,6 +227,21 @@ def test_runs_page_lists_corrupt_folders_and_keeps_the_others(tmp_path, monkeypa
     assert f"corrupt: {expected[corrupt]}" in [e.value for e in at.error]
 
 
+@pytest.mark.parametrize("page", ["views/circuit.py", "views/update_nf4.py", "views/before_after.py",
+                                  "views/launch.py", "views/report.py"])
+def test_every_page_survives_a_selected_corrupt_run(page, tmp_path, monkeypatch):
+    monkeypatch.setenv("MANSU_HOME", str(tmp_path))
+    monkeypatch.setenv("MANSU_RUNS", str(tmp_path / "runs"))
+    expected = _corrupt_store(tmp_path / "runs")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.switch_page(page).run()
+    for run_id in expected:
+        at.query_params["run"] = run_id
+        at.run()
+        assert not at.exception, (run_id, [e.value for e in at.exception])
+        assert at.session_state[RUN_KEY] == run_id
+
+
 # ---------------------------------------------------------------- concurrent creation
 
 _RACER = """
