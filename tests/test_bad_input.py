@@ -7,6 +7,7 @@ a run in the same second all succeed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -107,6 +108,24 @@ def test_eval_refuses_a_record_longer_than_the_context_before_any_forward_pass(e
     out = mansu(env, "eval", "--model", world["model"], "--data", str(long))
     assert_refused(out, env, f"error: {long}: record 2: prompt and choice take 104 tokens, longer than the model's "
                              "context of 64 tokens; shorten the record (records longer than the context are not scored)")
+
+
+def test_records_are_checked_against_the_context_from_the_config_alone(world):
+    """check_records_fit: the same check without loading weights (for a preflight before a run folder exists)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mansu.data.records import load_records
+    from mansu.metrics.accuracy import check_records_fit, context_length
+
+    limit = context_length(AutoConfig.from_pretrained(world["model"]))
+    tok = AutoTokenizer.from_pretrained(world["model"])
+    records = load_records(world["forget"])
+    check_records_fit(tok, limit, records, source="forget.jsonl")  # the tiny world fits
+    longer = dataclasses.replace(records[3], question=records[3].question + " Zorb Quil")
+    check_records_fit(tok, 9, records)  # prompt "[BOS] Where is Zorb from ? Answer :" and one choice token: 9
+    with pytest.raises(ValueError, match=r"^forget.jsonl: record 4: prompt and choice take 11 tokens, longer than the "
+                                         r"model's context of 9 tokens; shorten the record"):
+        check_records_fit(tok, 9, records[:3] + [longer], source="forget.jsonl")
 
 
 def test_eval_accepts_a_utf8_byte_order_mark(env, tmp_path, world):

@@ -66,9 +66,10 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, cont
 
 
-def context_length(model) -> int | None:
-    """The longest sequence the model was built for (max_position_embeddings or n_positions), None if unknown."""
-    config = getattr(model, "config", None)
+def context_length(model_or_config) -> int | None:
+    """The longest sequence a model (or its config, for a check before loading weights) was built for
+    (max_position_embeddings or n_positions); None if unknown."""
+    config = getattr(model_or_config, "config", model_or_config)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
