@@ -18,6 +18,7 @@ from mansu.io import read_json
 from mansu.options import from_dict, opt, validate
 from mansu.scorecard import ScorecardConfig
 from mansu.unlearn.config import UnlearnConfig
+from mansu.unlearn.demo_settings import DEMO_ALIGNMENT, demo_settings
 
 DEMO = "demo"
 
@@ -74,13 +75,12 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "RunSpec":
+    def replace(self, **changes: Any) -> RunSpec:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
         return from_dict(cls, data, "run")
-
 
 
 def specs_from_file(path: str | Path) -> list[RunSpec]:
@@ -116,8 +116,6 @@ def run_label(run_id: str, config: dict[str, Any]) -> str:
 def demo_spec(method: str, **changes: Any) -> RunSpec:
     """A run on the demo world with the demo settings of `method` (docs/results.md) and the demo's base alignment;
     `changes` may hold RunSpec fields and UnlearnConfig fields (those override the demo settings)."""
-    from mansu.unlearn.demo_settings import DEMO_ALIGNMENT, demo_settings
-
     unlearn_names = {f.name for f in dataclasses.fields(UnlearnConfig)}
     unlearn = {**demo_settings(method), "method": method, **{k: v for k, v in changes.items() if k in unlearn_names}}
     rest = {k: v for k, v in changes.items() if k not in unlearn_names}

@@ -63,6 +63,7 @@ def tiny_model(family: Family = "llama", *, vocab_size: int = 64, layers: int = 
     extra = {"head_dim": hidden // heads} if family in ("qwen3", "gemma") else {}
     return model_cls(config_cls(**common, **extra)).eval()
 
+
 def tiny_llama(vocab_size: int = 64, *, layers: int = 2, hidden: int = 32, heads: int = 4,
                kv_heads: int | None = None, seed: int = 0) -> Any:
     """A random-init LlamaForCausalLM small enough for exhaustive checks."""

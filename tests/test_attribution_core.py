@@ -21,8 +21,8 @@ from mansu.models.hooks import NodeCallbacks, count_hooks, node_hooks
 FAMILIES = [("llama", None), ("qwen2", 2), ("gpt2", None)]
 
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def tok():

@@ -11,6 +11,7 @@ import torch
 
 from mansu.runs import layout
 
+
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     from mansu.testing import write_tiny_world

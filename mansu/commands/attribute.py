@@ -8,6 +8,14 @@ import argparse
 import json
 from pathlib import Path
 
+from mansu.attribution.circuit import smallest_faithful_circuit
+from mansu.attribution.eap import attribute
+from mansu.attribution.serialize import save_circuit, save_graph
+from mansu.data.records import load_records, mcq_only
+from mansu.models.demo import ensure_demo
+from mansu.models.loading import load_model
+from mansu.runs.store import create_run, write_status
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("attribute", help="EAP-IG graph and smallest faithful circuit of a model (no unlearning)",
@@ -36,7 +44,6 @@ def register(subparsers) -> None:
 
 def _inputs(args: argparse.Namespace) -> tuple[str, str]:
     if args.demo:
-        from mansu.models.demo import ensure_demo
 
         assets = ensure_demo()
         return str(assets.model_dir), str(assets.forget_path)
@@ -55,11 +62,6 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mansu.attribution.circuit import smallest_faithful_circuit
-    from mansu.attribution.eap import attribute
-    from mansu.data.records import load_records, mcq_only
-    from mansu.models.loading import load_model
-
     _check_ranges(args)
     model_path, data_path = _inputs(args)
     records = mcq_only(load_records(data_path, "mcq"), data_path)[: args.records]
@@ -84,9 +86,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _save(graph, circuit, model, spec: dict) -> Path:
     """The run folder: graph (with its circuit-tracer export), circuit and masks; marked failed if a write fails."""
-    from mansu.attribution.serialize import save_circuit, save_graph
-    from mansu.runs.store import create_run, write_status
-
     run_dir = create_run({"kind": "attribution", "method": "attribution", "spec": spec},
                          f"attribution-{Path(spec['model']).name}")
     try:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from mansu.data.records import load_records, mcq_only
+from mansu.metrics.accuracy import mcq_accuracy
+from mansu.models.demo import ensure_demo
+from mansu.models.loading import load_model
+from mansu.quant.twin import nf4_twin, paired_gap
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="MCQ accuracy of a model on a data file",
@@ -35,16 +41,11 @@ def resolve_model_path(name: str) -> str:
     """'demo' names the cached demo model (built if missing); anything else passes through."""
     if name != "demo":
         return name
-    from mansu.models.demo import ensure_demo
 
     return str(ensure_demo().model_dir)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mansu.data.records import load_records, mcq_only
-    from mansu.metrics.accuracy import mcq_accuracy
-    from mansu.models.loading import load_model
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     datasets = {path: mcq_only(load_records(path, "mcq"), path) for path in args.data}  # validate all first
@@ -52,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
                     trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     twin = None
     if args.nf4:
-        from mansu.quant.twin import nf4_twin
 
         twin = nf4_twin(lm.model, args.nf4)
         if not args.json:
@@ -73,8 +73,5 @@ def run(args: argparse.Namespace) -> int:
 
 def _ptq_gap(twin, tokenizer, records, correct_full, args):
     """acc(NF4 twin) - acc(model) on the same records, paired (mansu.quant.twin.paired_gap)."""
-    from mansu.metrics.accuracy import mcq_accuracy
-    from mansu.quant.twin import paired_gap
-
     quant = mcq_accuracy(twin.model, tokenizer, records, fmt=args.format, batch_size=args.batch_size, n_boot=10)
     return paired_gap(correct_full, quant.correct)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mansu.data.records import MCQRecord, TextRecord, record_to_dict
+from mansu.io import atomic_write_bytes, write_json_atomic
 
 WORLD_VERSION = 1
 
@@ -99,8 +100,6 @@ def generate_world(config: WorldConfig = WorldConfig()) -> DemoWorld:
 def write_world(world: DemoWorld, folder: Path) -> dict[str, Path]:
     """Write forget/retain/probe MCQ JSONL, the text corpus and world.json; return their paths."""
     import json
-
-    from mansu.io import atomic_write_bytes, write_json_atomic
 
     folder = Path(folder)
     paths = {name: folder / f"{name}.jsonl" for name in (*world.mcq, "corpus")}

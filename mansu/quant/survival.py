@@ -44,12 +44,22 @@ from typing import Any
 
 import torch
 
+from mansu.io import read_json, write_json_atomic
 from mansu.quant.geometry import element_absmax, quantize_with_bin_width
-from mansu.quant.targets import NATURAL, QuantLayout
 from mansu.quant.nf4 import (
-    DEFAULT_BLOCKSIZE, chunk_step, mul_by_block, run_chunks, block_absmax, cell_widths_scaled,
-    codes_from_scaled, nf4_levels, scale_by_block, validate_blocksize, validate_weight,
+    DEFAULT_BLOCKSIZE,
+    block_absmax,
+    cell_widths_scaled,
+    chunk_step,
+    codes_from_scaled,
+    mul_by_block,
+    nf4_levels,
+    run_chunks,
+    scale_by_block,
+    validate_blocksize,
+    validate_weight,
 )
+from mansu.quant.targets import NATURAL, QuantLayout
 
 KIND = "nf4_survival"
 ALIGNMENT_KIND = "nf4_alignment"
@@ -320,15 +330,11 @@ def _align_record(total: float, n: int, on: int, hist: torch.Tensor) -> dict[str
 
 def write_survival(path: Path, report: Mapping[str, Any]) -> None:
     """Save a survival (or alignment) report as stamped JSON, atomically."""
-    from mansu.io import write_json_atomic
-
     write_json_atomic(Path(path), dict(report), add_stamp=True)
 
 
 def load_survival(path: Path) -> dict[str, Any]:
     """Read a report written by `write_survival`; raises ValueError if the file is not one."""
-    from mansu.io import read_json
-
     report = read_json(Path(path))
     if not isinstance(report, dict) or report.get("kind") not in (KIND, ALIGNMENT_KIND):
         raise ValueError(f"{path}: not an NF4 survival report (expected kind {KIND!r} or {ALIGNMENT_KIND!r})")

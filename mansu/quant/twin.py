@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from mansu.metrics.accuracy import bootstrap_ci, mcq_accuracy
 from mansu.quant.nf4 import DEFAULT_BLOCKSIZE, nf4_round_trip, validate_blocksize
 from mansu.quant.targets import quant_layout, quantizable_modules
 
@@ -117,8 +118,6 @@ class PTQGap:
 def paired_gap(correct_full: Sequence[bool], correct_nf4: Sequence[bool], *, n_boot: int = 1000,
                seed: int = 0) -> SplitGap:
     """Gap and paired percentile-bootstrap 95% CI from per-example correctness of the two models."""
-    from mansu.metrics.accuracy import bootstrap_ci
-
     if len(correct_full) != len(correct_nf4) or not correct_full:
         raise ValueError("paired gap needs the same non-empty set of examples for both models")
     full = [float(c) for c in correct_full]
@@ -133,8 +132,6 @@ def ptq_gap(model: Any, tokenizer: Any, forget_records: Sequence[Any], retain_re
             mode: TwinMode = "simulated", fmt: str = "cloze", *, blocksize: int = DEFAULT_BLOCKSIZE,
             batch_size: int = 64, n_boot: int = 1000, seed: int = 0) -> PTQGap:
     """acc(NF4(model)) - acc(model) on the forget and retain MCQ records, with paired bootstrap 95% CIs."""
-    from mansu.metrics.accuracy import mcq_accuracy
-
     twin = nf4_twin(model, mode, blocksize=blocksize)
     gaps = {}
     for split, records in (("forget", forget_records), ("retain", retain_records)):

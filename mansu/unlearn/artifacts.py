@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mansu.io import write_safetensors_atomic
 from mansu.quant.targets import NATURAL, QuantLayout
 from mansu.unlearn.floor import floor_geometry
 from mansu.unlearn.params import sub_index
@@ -50,6 +51,4 @@ def update_tensors(base_params: dict[str, torch.Tensor], result, epsilon: float,
 
 
 def write_update(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from mansu.io import write_safetensors_atomic
-
     write_safetensors_atomic(Path(path), tensors, metadata)

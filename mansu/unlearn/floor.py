@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mansu.quant.geometry import min_move_to_change_code, nf4_geometry
+from mansu.quant.nf4 import quantize_nf4
 from mansu.quant.targets import NATURAL, QuantLayout
 from mansu.unlearn.fisher import bound_clip
 from mansu.unlearn.params import ParamIndex
@@ -47,7 +49,6 @@ _CAP_SHRINK = 1 - 4e-7  # a few fp32 ulps short of the absmax, so fl(x + move) n
 @dataclass(frozen=True)
 class FloorGeometry:
     """Flat (circuit-coordinate) geometry of the base weights, all fp32 [n]."""
-
     x0: torch.Tensor
     bin_width: torch.Tensor
     move_up: torch.Tensor     # min move to change code going up (inf where impossible)
@@ -66,8 +67,6 @@ def floor_geometry(params: dict[str, torch.Tensor], index: ParamIndex, blocksize
 
     NF4 blocks are formed on the quantizer's view of each weight (`layout`, from `quant_layout(model)`: GPT-2's
     Conv1D weights are quantized transposed); the result is indexed in the parameter's own layout, like `index`."""
-    from mansu.quant.geometry import min_move_to_change_code, nf4_geometry
-
     fields: dict[str, list[torch.Tensor]] = {k: [] for k in ("x0", "bin", "up", "down", "cap_up", "cap_down")}
     for name, idx in zip(index.names, index.flat_idx):
         w = params[name].detach().cpu()
@@ -111,8 +110,6 @@ def verify_code_changes(base: dict[str, torch.Tensor], updated: dict[str, torch.
                         layout: QuantLayout = NATURAL) -> dict[str, int]:
     """Count touched coordinates whose NF4 code (pure-torch, bit-exact with bitsandbytes, on the quantizer's view
     `layout`) changed / did not, and untouched coordinates whose code changed (must be 0 for a floored update)."""
-    from mansu.quant.nf4 import quantize_nf4
-
     changed = unchanged = collateral = 0
     for name, mask in touched.items():
         c0 = quantize_nf4(layout.view(name, base[name].detach().cpu()), blocksize).codes

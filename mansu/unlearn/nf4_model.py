@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from mansu.quant.nf4 import nf4_round_trip
+from mansu.quant.targets import quant_layout
 from mansu.unlearn.params import apply_update, full_masks, index_from_masks, quantizable_names
 
 BaseAlignment = Literal["natural", "nf4-grid"]
@@ -23,9 +25,6 @@ ALIGNMENTS = ("natural", "nf4-grid")
 
 def round_trip_in_place(model, blocksize: int = 64) -> None:
     """Replace every quantizable weight by its NF4 round trip, in blocks of the quantizer's view (Conv1D: W.T)."""
-    from mansu.quant.nf4 import nf4_round_trip
-    from mansu.quant.targets import quant_layout
-
     names = quantizable_names(model)
     layout = quant_layout(model)
     index = index_from_masks(full_masks(model, names), model)

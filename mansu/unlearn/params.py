@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mansu.quant.targets import quantizable_parameter_names
+
 
 @dataclass(frozen=True)
 class ParamIndex:
@@ -75,19 +77,9 @@ def index_from_masks(masks: dict[str, torch.Tensor], model=None) -> ParamIndex:
 
 
 def quantizable_names(model) -> list[str]:
-    """Weights NF4 quantizes: every nn.Linear weight except the output head (as transformers' bnb loader)."""
-    try:
-        from mansu.quant.targets import quantizable_parameter_names  # the NF4 module owner's list
-
-        return list(quantizable_parameter_names(model))
-    except ImportError:
-        pass
-    head = model.get_output_embeddings()
-    out = []
-    for mod_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            out.append(f"{mod_name}.weight")
-    return out
+    """Weights NF4 quantizes: every Linear (and GPT-2 Conv1D) weight except the output head, as transformers'
+    bitsandbytes loader (mansu.quant.targets owns the list)."""
+    return list(quantizable_parameter_names(model))
 
 
 def full_masks(model, names: list[str] | None = None) -> dict[str, torch.Tensor]:
