@@ -59,10 +59,10 @@ def reference(name: str) -> tuple[str, Callable]:
         return ("bitsandbytes.functional.int8_vectorwise_quant(fp16(w)) (Int8Params, CPU)",
                 lambda w: F.int8_vectorwise_quant(w.to(torch.float16)))
     if name == "int4-g128":
+        import torch
         from compressed_tensors.quantization import QuantizationArgs
         from compressed_tensors.quantization.lifecycle.forward import quantize
         from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
-        import torch
 
         args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=128)
 

@@ -72,7 +72,8 @@ def adversarial(dtype: torch.dtype, name: str, seed: int = 0) -> torch.Tensor:
     r[6] = (r[6] * 5e5).clamp(-6.5e4, 6.5e4)  # huge, inside float16
     if dtype != torch.float16 and name != "int8":
         r[7] = r[7] * 5e31
-    r[8] = r[8] * (1e-39 if dtype == torch.float32 else 1e-3 if dtype == torch.float16 else 1e-30)  # tiny: fp32 subnormal
+    tiny = {torch.float32: 1e-39, torch.float16: 1e-3, torch.bfloat16: 1e-30}[dtype]  # fp32: subnormal absmax
+    r[8] = r[8] * tiny
     dup = r[9]  # absmax duplicates, both signs, in every block and group
     for i in range(0, 256, 32):
         dup[i], dup[i + 5], dup[i + 9] = 0.1, -0.1, 0.1

@@ -30,7 +30,12 @@ import torch
 
 from mansu.quant.base import ElementGrid, Quantized, Quantizer
 from mansu.quant.nf4 import (
-    DEFAULT_BLOCKSIZE, block_absmax, chunk_step, run_chunks, scale_by_block, validate_weight,
+    DEFAULT_BLOCKSIZE,
+    block_absmax,
+    chunk_step,
+    run_chunks,
+    scale_by_block,
+    validate_weight,
 )
 from mansu.quant.quantizers.nf4 import absmax_grid, scaled_fixed
 

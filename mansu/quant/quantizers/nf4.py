@@ -15,7 +15,12 @@ import torch
 
 from mansu.quant.base import Direction, ElementGrid, Quantized, Quantizer
 from mansu.quant.nf4 import (
-    ABSMAX_FLOOR, DEFAULT_BLOCKSIZE, NF4Quantized, codes_from_scaled, dequantize_nf4, quantize_nf4,
+    ABSMAX_FLOOR,
+    DEFAULT_BLOCKSIZE,
+    NF4Quantized,
+    codes_from_scaled,
+    dequantize_nf4,
+    quantize_nf4,
 )
 
 
