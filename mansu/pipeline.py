@@ -36,9 +36,9 @@ from mansu.quant.twin import nf4_twin, paired_gap
 from mansu.runs import layout
 from mansu.runs.store import RunState, create_run, read_config, run_dir, update_metrics, validate_run_id, write_status
 from mansu.scorecard import build_scorecard
-from mansu.spec import RunSpec, run_slug
-from mansu.unlearn.config import UnlearnConfig
+from mansu.spec import DEMO, RunSpec, run_slug
 from mansu.unlearn.artifacts import update_tensors, write_update
+from mansu.unlearn.config import UnlearnConfig
 from mansu.unlearn.data import encode_records
 from mansu.unlearn.engine import NonFiniteLossError, run_unlearning
 from mansu.unlearn.methods import METHODS
@@ -74,6 +74,11 @@ class RunInputs:
     model: str
     forget: str
     retain: str
+
+
+def resolve_model_path(name: str) -> str:
+    """'demo' names the cached demo model in every command (built first when missing); anything else passes."""
+    return str(ensure_demo().model_dir) if name == DEMO else name
 
 
 def resolve_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs:

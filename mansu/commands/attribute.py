@@ -15,6 +15,7 @@ from mansu.data.records import load_records, mcq_only
 from mansu.models.demo import ensure_demo
 from mansu.models.loading import load_model
 from mansu.runs.store import create_run, write_status
+from mansu.spec import DEMO
 
 
 def register(subparsers) -> None:
@@ -43,10 +44,10 @@ def register(subparsers) -> None:
 
 
 def _inputs(args: argparse.Namespace) -> tuple[str, str]:
-    if args.demo:
-
+    """--demo (or --model demo) is the demo model, with its forget split unless --data names other data."""
+    if args.demo or args.model == DEMO:
         assets = ensure_demo()
-        return str(assets.model_dir), str(assets.forget_path)
+        return str(assets.model_dir), args.data or str(assets.forget_path)
     if not (args.model and args.data):
         raise ValueError("give --demo, or both --model and --data")
     return args.model, args.data

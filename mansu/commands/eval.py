@@ -7,8 +7,8 @@ import json
 
 from mansu.data.records import load_records, mcq_only
 from mansu.metrics.accuracy import mcq_accuracy
-from mansu.models.demo import ensure_demo
 from mansu.models.loading import load_model
+from mansu.pipeline import resolve_model_path
 from mansu.quant.twin import nf4_twin, paired_gap
 
 
@@ -35,14 +35,6 @@ def register(subparsers) -> None:
                         "(bitsandbytes Linear4bit via transformers); prints the PTQ gap")
     p.add_argument("--json", action="store_true", help="print one JSON line per file")
     p.set_defaults(func=run)
-
-
-def resolve_model_path(name: str) -> str:
-    """'demo' names the cached demo model (built if missing); anything else passes through."""
-    if name != "demo":
-        return name
-
-    return str(ensure_demo().model_dir)
 
 
 def run(args: argparse.Namespace) -> int:
