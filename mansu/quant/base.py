@@ -70,7 +70,7 @@ class Quantized:
 class ElementGrid:
     """Per-element state for the fixed-scale geometry, flat [n] tensors (so a chunk is a slice):
 
-    params: quantizer-specific tensors the level function needs (e.g. the element's scale)   4-8 B per weight
+    params: quantizer-specific tensors the level function needs (e.g. the element's scale)   3-9 B per weight
     cap_lo, cap_hi: fp32, the range a move must stay within to keep the scales              8 B per weight
     """
 
