@@ -5,8 +5,9 @@ accuracy bars per run."""
 import streamlit as st
 
 from mansu.viz.circuit import circuit_figure, diff_figure
-from mansu.viz.compare import cad_figure, cad_value, forget_drop, fp_nf4_bars, quadrant_figure
-from ui.state import run_name, load_graph, not_computed, page_preamble, require_run
+from mansu.viz.compare import cad_figure
+from mansu.viz.report import comparison_figures
+from ui.state import load_graph, not_computed, page_preamble, require_run
 
 sel = page_preamble("Before / after")
 run = require_run(sel)
@@ -43,28 +44,20 @@ else:
     st.plotly_chart(cad_figure(cad), key="ba-cad", width="stretch")
 
 st.subheader("across runs")
-finished = [r for r in sel.runs if r.metrics]
-if sel.compare is not None and sel.compare not in finished:
-    finished.append(sel.compare)
-labels = {}
-for r in finished:
-    label = run_name(r)
-    labels[label if label not in labels else f"{label} ({r.run_id[-6:]})"] = r
+runs = [r for r in sel.runs if r.metrics]
+if sel.compare is not None and sel.compare not in runs:
+    runs.append(sel.compare)
 which = st.radio("quadrant plot in", ["nf4", "fp"], horizontal=True, key="ba-quadrant-which",
                  format_func=lambda w: "NF4 (deployed model)" if w == "nf4" else "full precision")
-points = {}
-for label, r in labels.items():
-    drop, cad_r = forget_drop(r.metrics, which), cad_value(r.cad, which)
-    if drop is not None and cad_r is not None:
-        points[label] = (drop, cad_r[0])
 card_cfg = (run.scorecard or {}).get("config", {}) if isinstance(run.scorecard, dict) else {}
-if points:
-    st.plotly_chart(quadrant_figure(points, drop_margin=float(card_cfg.get("forget_margin", 0.2)),
-                                    cad_threshold=float(card_cfg.get("cad_threshold", 0.3))),
-                    key="ba-quadrant", width="stretch")
+figs = comparison_figures(runs, which=which, drop_margin=float(card_cfg.get("forget_margin", 0.2)),
+                          cad_threshold=float(card_cfg.get("cad_threshold", 0.3)))
+quadrant = [k for k in figs if k.startswith("suppression")]
+if quadrant:
+    st.plotly_chart(figs[quadrant[0]], key="ba-quadrant", width="stretch")
 else:
     st.info("quadrant plot: needs runs with both evaluation and CAD; not computed for any run yet.")
-if labels:
-    st.plotly_chart(fp_nf4_bars({k: r.metrics for k, r in labels.items()}), key="ba-bars", width="stretch")
+if "fp vs NF4 accuracy" in figs:
+    st.plotly_chart(figs["fp vs NF4 accuracy"], key="ba-bars", width="stretch")
 else:
     st.info("fp vs NF4 accuracy: no run has finished its evaluation yet.")

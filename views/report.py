@@ -6,11 +6,10 @@ import zipfile
 
 import streamlit as st
 
-from mansu.launch import exports_dir
 from mansu.io import stamp
+from mansu.launch import exports_dir
 from mansu.runs.store import library_versions
-from mansu.viz.report import build_report_html, export_images, scorecard_html, scorecard_rows
-from ui.figures import run_figures
+from mansu.viz.report import build_report_html, export_images, run_figures, scorecard_html, scorecard_rows
 from ui.state import page_preamble, require_run
 
 sel = page_preamble("Report")

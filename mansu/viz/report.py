@@ -19,6 +19,13 @@ from typing import Any
 import plotly.graph_objects as go
 
 from mansu.io import portable_paths
+from mansu.runs import layout
+from mansu.runs.store import RunSummary
+from mansu.spec import run_label
+from mansu.viz import survival as sv
+from mansu.viz.artifacts import load_graph, read_json_or_none
+from mansu.viz.circuit import circuit_figure, diff_figure
+from mansu.viz.compare import cad_figure, cad_value, forget_drop, fp_nf4_bars, quadrant_figure
 from mansu.scorecard import PROPERTIES, Scorecard
 
 log = logging.getLogger(__name__)
@@ -156,3 +163,61 @@ def export_images(figures: dict[str, go.Figure], out_dir: Path, formats: tuple[s
         log.warning("image export failed: %s", exc)
         result.error = f"image export failed ({type(exc).__name__}: {exc}); the HTML report still works"
     return result
+
+
+def _labelled(runs: list[RunSummary]) -> dict[str, RunSummary]:
+    """Runs with evaluation metrics by their label (mansu.spec.run_label: method, base, seed, short id)."""
+    return {run_label(r.run_id, r.config): r for r in runs if r.metrics}
+
+
+def comparison_figures(runs: list[RunSummary], *, which: str = "nf4", drop_margin: float = 0.2,
+                       cad_threshold: float = 0.3) -> dict[str, go.Figure]:
+    """Across runs: fp vs NF4 accuracy bars, and forget drop vs CAD (suppression vs erasure) in `which`."""
+    labelled = _labelled(runs)
+    figs: dict[str, go.Figure] = {}
+    if not labelled:
+        return figs
+    figs["fp vs NF4 accuracy"] = fp_nf4_bars({k: r.metrics for k, r in labelled.items()})
+    points = {}
+    for label, r in labelled.items():
+        drop, c = forget_drop(r.metrics, which), cad_value(r.cad, which)
+        if drop is not None and c is not None:
+            points[label] = (drop, c[0])
+    if points:
+        name = "NF4" if which == "nf4" else "fp"
+        figs[f"suppression vs erasure ({name})"] = quadrant_figure(points, drop_margin=drop_margin,
+                                                                   cad_threshold=cad_threshold)
+    return figs
+
+
+def run_figures(run: RunSummary, others: list[RunSummary]) -> tuple[dict[str, go.Figure], list[str]]:
+    """(figures by title, what is missing) for a run's report, read from its folder; the same builders the
+    pages use."""
+    figs: dict[str, go.Figure] = {}
+    missing: list[str] = []
+    graphs = {stage: load_graph(Path(run.path), stage) for stage in ("before", "after_fp", "after_nf4")}
+    for stage, graph in graphs.items():
+        if graph is None:
+            missing.append(f"attribution {stage}")
+            continue
+        figs[f"circuit {stage}"] = circuit_figure(graph, top_n=200, title=f"circuit {stage}")
+        if stage != "before" and graphs["before"] is not None:
+            figs[f"diff before vs {stage}"] = diff_figure(graphs["before"], graph, top_n=200)
+    surv = read_json_or_none(Path(run.path) / layout.SURVIVAL)
+    hist = sv.histogram_of(sv.overall(surv), sv.shared_edges(surv)) if isinstance(surv, dict) else None
+    name = run_label(run.run_id, run.config)
+    if hist is None:
+        missing.append("survival under NF4")
+    else:
+        figs["update vs NF4 bin width"] = sv.histogram_figure({name: hist})
+        rows = sv.by_kind_and_layer(sv.per_tensor(surv)) or {name: sv.per_layer(surv)}
+        if any(rows.values()):
+            figs["NF4 codes changed"] = sv.code_change_heatmap(rows)
+    if run.cad is None:
+        missing.append("CAD")
+    else:
+        figs["CAD"] = cad_figure(run.cad)
+    comparison = comparison_figures([run, *others])
+    if not comparison:
+        missing.append("evaluation metrics")
+    return {**figs, **comparison}, missing
