@@ -97,8 +97,8 @@ def bench_preview(runs_root: Path, repeats: int) -> None:
 def bench_circuit(repeats: int) -> None:
     import plotly.graph_objects as go
 
-    from mansu.viz.circuit import MAX_EDGES, circuit_figure, layout_positions, select_edges
     from mansu.testing import synthetic_graph
+    from mansu.viz.circuit import MAX_EDGES, circuit_figure, layout_positions, select_edges
 
     graph = synthetic_graph(16, 16, seed=0)
     t = _median_time(lambda: circuit_figure(graph, top_n=None), repeats)
@@ -109,7 +109,8 @@ def bench_circuit(repeats: int) -> None:
         fig = go.Figure()
         for i in kept:
             s, d = graph.src[i], graph.dst[i]
-            fig.add_trace(go.Scatter(x=[pos[s, 0], pos[d, 0]], y=[pos[s, 1], pos[d, 1]], mode="lines", showlegend=False))
+            fig.add_trace(go.Scatter(x=[pos[s, 0], pos[d, 0]], y=[pos[s, 1], pos[d, 1]], mode="lines",
+                                     showlegend=False))
         return fig
 
     ref = _median_time(naive, max(1, repeats // 3))

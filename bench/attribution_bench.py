@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--layers", default="1,2,4,8")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 1 avoids OpenMP oversubscription on a shared CPU (20x swings seen)")
-    parser.add_argument("--max-exact", type=int, default=300, help="edges patched exactly per model (rest extrapolated)")
+    parser.add_argument("--max-exact", type=int, default=300,
+                        help="edges patched exactly per model (rest extrapolated)")
     args = parser.parse_args()
     import torch
 

@@ -41,7 +41,7 @@ def run_command(path: Path) -> list[str]:
     return [sys.executable, "-m", "mansu", "run", "--spec", str(path)]
 
 
-def launch_runs(specs: list[RunSpec], label: str) -> tuple[subprocess.Popen, "Launched"]:
+def launch_runs(specs: list[RunSpec], label: str) -> tuple[subprocess.Popen, Launched]:
     """Validate `specs` and start them as one backend process (a queue when there are several)."""
     if not specs:
         raise ValueError("nothing to launch: give at least one run")
@@ -68,7 +68,8 @@ def launches_dir() -> Path:
     return mansu_home() / "launches"
 
 
-def start_backend(command: list[str], *, label: str = "run", cwd: Path | None = None) -> tuple[subprocess.Popen, Launched]:
+def start_backend(command: list[str], *, label: str = "run", cwd: Path | None = None) -> tuple[subprocess.Popen,
+                                                                                               Launched]:
     """Start the backend in its own session (so cancel reaches its children); output goes to a log file."""
     log_dir = launches_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,7 @@ def start_backend(command: list[str], *, label: str = "run", cwd: Path | None = 
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=str(cwd or Path(__file__).resolve().parent.parent), env=env, start_new_session=True)
-    return proc, Launched(proc.pid, list(command), log_path, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    return proc, Launched(proc.pid, list(command), log_path, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
 
 def runs_of_pid(pid: int, root: Path | None = None) -> list[RunSummary]:
@@ -147,7 +148,7 @@ def progress_of(status: dict[str, Any], now: dt.datetime | None = None) -> Progr
     eta = status.get("eta_s")
     started = _parse_time(status.get("stage_started_at") or status.get("started_at"))
     if eta is None and started is not None and 0 < fraction < 1:
-        elapsed = ((now or dt.datetime.now(dt.timezone.utc)) - started).total_seconds()
+        elapsed = ((now or dt.datetime.now(dt.UTC)) - started).total_seconds()
         eta = elapsed * (1 - fraction) / fraction
     stage = status.get("stage", "?")
     text = f"{state} · stage {stage}" + (f" · step {step}/{total}" if total else "")

@@ -151,7 +151,8 @@ def write_sample_run(root: Path, method: str = "mansu", seed: int = 0, forget_af
                     "histogram": _hist(rng, centre)},
         "layers": {str(l): {"median_ratio": centre, "frac_code_changed": 0.5 + 0.1 * l,
                             "histogram": _hist(rng, centre)} for l in range(2)},
-        "tensors": {f"model.layers.{l}.mlp.{k}.weight": {"median_ratio": centre, "frac_code_changed": 0.3 + 0.2 * l + 0.1 * i,
+        "tensors": {f"model.layers.{l}.mlp.{k}.weight": {"median_ratio": centre,
+                                                         "frac_code_changed": 0.3 + 0.2 * l + 0.1 * i,
                                                          "histogram": _hist(rng, centre)}
                     for l in range(2) for i, k in enumerate(("up_proj", "down_proj"))}})
     metrics = {
@@ -181,6 +182,7 @@ def write_sample_update(path: Path, rng: np.random.Generator, n: int = 20_000) -
     arrays = {"proposal": proposal, "priority": np.abs(proposal), "bin_width": bins,
               "move_up": rng.uniform(0, 1, n) * bins, "move_down": rng.uniform(0, 1, n) * bins,
               "cap_up": np.full(n, 1.0), "cap_down": np.full(n, 1.0), "fisher": rng.exponential(1.0, n)}
-    tensors = {f"model.layers.0.mlp.down_proj.weight.{k}": torch.tensor(v, dtype=torch.float32) for k, v in arrays.items()}
+    tensors = {f"model.layers.0.mlp.down_proj.weight.{k}": torch.tensor(v, dtype=torch.float32) for k,
+               v in arrays.items()}
     tensors["__epsilon__"] = torch.tensor([0.5])
     write_safetensors_atomic(path, tensors)

@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from mansu.testing import tiny_llama
 from mansu.data.records import MCQRecord
 from mansu.metrics.accuracy import bootstrap_ci, letter_texts, mcq_accuracy, predict
 from mansu.models.demo import build_tokenizer
+from mansu.testing import tiny_llama
 
 RECORDS = [
     MCQRecord("Where was Zorvath born?", ("Quorvel", "Varnoth", "Pellucor", "Obrecant"), 1),
     MCQRecord("Which guild does Kelandor belong to?", ("Tinwrights", "Loomkeepers saltcallers", "Emberwards"), 2),
-    MCQRecord("Which beast travels with Ulira?", ("glimmerfox", "stonewhelp marshwing duskhound", "reedcat", "tidehare"), 0),
+    MCQRecord("Which beast travels with Ulira?", ("glimmerfox", "stonewhelp marshwing duskhound", "reedcat",
+                                                  "tidehare"), 0),
 ]
 
 

@@ -8,8 +8,16 @@ import time
 
 import pytest
 
-from mansu.launch import (active_runs, backend_error, cancel_run, find_run_for_pid, progress_of, run_command,
-                          spec_file, start_backend)
+from mansu.launch import (
+    active_runs,
+    backend_error,
+    cancel_run,
+    find_run_for_pid,
+    progress_of,
+    run_command,
+    spec_file,
+    start_backend,
+)
 from mansu.runs.store import load_run
 from mansu.spec import RunSpec, demo_spec, specs_from_file
 from mansu.unlearn.config import UnlearnConfig
@@ -63,7 +71,7 @@ def test_run_demo_and_the_demo_button_and_compare_build_the_same_spec():
 
 
 def test_progress_and_eta():
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     prog = progress_of({"stage": "unlearn", "step": 25, "total": 100, "state": "running",
                         "started_at": start.isoformat()}, now=start + dt.timedelta(seconds=10))
     assert prog.fraction == 0.25 and prog.eta_s == pytest.approx(30.0)

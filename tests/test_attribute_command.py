@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
-
 from test_cli import mansu, one_line_error
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")

@@ -9,14 +9,20 @@ import pytest
 import torch
 
 from mansu.attribution.cad import cad, cad_value
-from mansu.attribution.circuit import (Circuit, FaithfulnessEvaluator, circuit_parameter_masks, greedy_edges, prune,
-                                       select_circuit)
+from mansu.attribution.circuit import (
+    Circuit,
+    FaithfulnessEvaluator,
+    circuit_parameter_masks,
+    greedy_edges,
+    prune,
+    select_circuit,
+)
 from mansu.attribution.eap import AttributionGraph, attribute, exact_edge_effects
 from mansu.attribution.stats import spearman
-from mansu.testing import tiny_model, toy_records, toy_tokenizer
 from mansu.data.records import MCQRecord
 from mansu.models.components import edge_exists, model_layout
 from mansu.models.hooks import NodeCallbacks, count_hooks, node_hooks
+from mansu.testing import tiny_model, toy_records, toy_tokenizer
 
 FAMILIES = [("llama", None), ("qwen2", 2), ("gpt2", None)]
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -42,7 +41,8 @@ def test_eval_nf4_prints_the_ptq_gap(demo_assets, mode):
     assert nf4["acc_full"] == row["accuracy"] and nf4["gap"] == pytest.approx(nf4["acc_nf4"] - nf4["acc_full"])
     assert nf4["acc_nf4"] >= 0.95 and nf4["ci_low"] <= nf4["gap"] <= nf4["ci_high"]
     if mode == "simulated":  # the human-readable form once (each call evaluates the model twice)
-        text = mansu("eval", "--model", str(demo_assets.model_dir), "--data", str(demo_assets.forget_path), "--nf4", mode)
+        text = mansu("eval", "--model", str(demo_assets.model_dir), "--data", str(demo_assets.forget_path), "--nf4",
+                     mode)
         assert "14 modules quantized" in text.stdout and "PTQ gap" in text.stdout
 
 
@@ -62,16 +62,21 @@ def one_line_error(out):
 def test_bad_inputs_end_in_one_line(tmp_path, demo_assets):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 7}\n')
-    assert "bad.jsonl:1: field 'answer'" in one_line_error(mansu("eval", "--model", str(demo_assets.model_dir), "--data", str(bad)))
-    assert "data file not found" in one_line_error(mansu("eval", "--model", "demo", "--data", str(tmp_path / "none.jsonl")))
-    assert "model folder not found" in one_line_error(mansu("eval", "--model", str(tmp_path / "nomodel"), "--data", str(demo_assets.forget_path)))
-    assert "no config.json" in one_line_error(mansu("eval", "--model", str(tmp_path), "--data", str(demo_assets.forget_path)))
+    assert "bad.jsonl:1: field 'answer'" in one_line_error(mansu("eval", "--model", str(demo_assets.model_dir),
+                                                                 "--data", str(bad)))
+    assert "data file not found" in one_line_error(mansu("eval", "--model", "demo", "--data",
+                                                         str(tmp_path / "none.jsonl")))
+    assert "model folder not found" in one_line_error(mansu("eval", "--model", str(tmp_path / "nomodel"), "--data",
+                                                            str(demo_assets.forget_path)))
+    assert "no config.json" in one_line_error(mansu("eval", "--model", str(tmp_path), "--data",
+                                                    str(demo_assets.forget_path)))
 
 
 def test_not_a_causal_lm(tmp_path, demo_assets):
     from transformers import ViTConfig
 
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "vit")
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=64).save_pretrained(tmp_path / "vit")
     msg = one_line_error(mansu("eval", "--model", str(tmp_path / "vit"), "--data", str(demo_assets.forget_path)))
     assert "'vit' is not a causal language model" in msg
 

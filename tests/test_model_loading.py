@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
 
 from mansu.models.loading import check_finite_weights, load_model

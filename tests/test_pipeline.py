@@ -79,10 +79,11 @@ def test_killed_run_resumes_from_last_finished_stage(tiny_world, tmp_runs):
 
 
 def test_nan_loss_marks_run_failed_and_keeps_artifacts(tiny_world, tmp_runs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from mansu.io import read_json
     from mansu.pipeline import RunFailed, run_pipeline, start_run
     from mansu.runs.store import read_status
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_world["model"])
     with torch.no_grad():

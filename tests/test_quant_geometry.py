@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from mansu.quant.geometry import (
-    bin_width, cell_widths_scaled, code_change_target, min_move_to_change_code, nf4_geometry,
+    bin_width,
+    cell_widths_scaled,
+    code_change_target,
+    min_move_to_change_code,
+    nf4_geometry,
     quantize_with_bin_width,
 )
 from mansu.quant.nf4 import FLOAT_DTYPES, quantize_nf4, unpack_nf4

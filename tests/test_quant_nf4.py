@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from mansu.quant.nf4 import (
-    FLOAT_DTYPES, NF4_LEVELS, codes_from_scaled, dequantize_nf4, nf4_levels, nf4_round_trip, nf4_thresholds,
-    pack_nf4, quantize_nf4, unpack_nf4,
+    FLOAT_DTYPES,
+    NF4_LEVELS,
+    codes_from_scaled,
+    dequantize_nf4,
+    nf4_levels,
+    nf4_round_trip,
+    nf4_thresholds,
+    pack_nf4,
+    quantize_nf4,
+    unpack_nf4,
 )
 
 F = pytest.importorskip("bitsandbytes.functional")

@@ -11,7 +11,12 @@ import mansu.quant.survival as survival
 from mansu.quant.geometry import bin_width, min_move_to_change_code, nf4_geometry
 from mansu.quant.nf4 import nf4_round_trip
 from mansu.quant.survival import (
-    HIST_BINS, alignment_report, layer_of, load_survival, survival_analysis, write_survival,
+    HIST_BINS,
+    alignment_report,
+    layer_of,
+    load_survival,
+    survival_analysis,
+    write_survival,
 )
 
 F = pytest.importorskip("bitsandbytes.functional")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mansu.testing import tiny_llama
 
 from mansu.quant.nf4 import nf4_round_trip
 from mansu.quant.targets import quantizable_parameter_names
 from mansu.quant.twin import nf4_twin, paired_gap, ptq_gap
+from mansu.testing import tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -38,7 +38,8 @@ at.text_input(key="launch-forget").input(forget)
 at.text_input(key="launch-retain").input(retain)
 at.number_input(key="hp-steps").set_value(2)
 at.button[0].click().run()
-print(json.dumps({"options": options, "errors": [e.value for e in at.error], "exceptions": [e.value for e in at.exception],
+print(json.dumps({"options": options, "errors": [e.value for e in at.error],
+                  "exceptions": [e.value for e in at.exception],
                   "success": [s.value for s in at.success]}))
 '''
 

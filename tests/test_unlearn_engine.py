@@ -10,10 +10,10 @@ import torch
 
 from mansu.data.records import MCQRecord
 from mansu.unlearn.config import UnlearnConfig
-from mansu.unlearn.methods import METHODS
 from mansu.unlearn.data import encode_records
 from mansu.unlearn.engine import EmptyCircuitError, FloorNotMetError, NonFiniteLossError, run_unlearning
 from mansu.unlearn.floor import verify_code_changes
+from mansu.unlearn.methods import METHODS
 from mansu.unlearn.params import quantizable_names
 
 WORDS = ["Zorb", "Quil", "Marn", "Tesk", "Vory", "Plim", "red", "blue", "green", "amber", "Where", "is", "from", "?"]
@@ -125,7 +125,6 @@ def test_nan_loss_stops_before_applying(tiny):
 
 
 def test_empty_circuit_and_unmeetable_floor_give_numbers(tiny):
-    model = tiny[0]
     with pytest.raises(EmptyCircuitError, match="empty circuit.*0 quantizable"):
         _run(tiny, masks={"model.norm.weight": torch.ones(64, dtype=torch.bool)}, method="mansu")
     with pytest.raises(FloorNotMetError, match=r"cheapest floored move .* > epsilon=1e-20"):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mansu.unlearn.fisher import bound_clip, bound_scale, fisher_cost
-from mansu.unlearn.floor import FloorGeometry, floor_geometry, floor_update, preview_floor, verify_code_changes
-from mansu.unlearn.params import ParamIndex, index_from_masks
+from mansu.unlearn.floor import floor_geometry, floor_update, preview_floor, verify_code_changes
+from mansu.unlearn.params import index_from_masks
 from mansu.unlearn.projection import orthonormal_basis, project_off, restrict
 
 

@@ -6,9 +6,17 @@ import math
 import numpy as np
 import pytest
 
-from mansu.viz.artifacts import graph_from_dict, node_layer
-from mansu.viz.circuit import MAX_EDGES, circuit_figure, diff_figure, edge_traces, layout_positions, node_edges, select_edges
 from mansu.testing import synthetic_graph
+from mansu.viz.artifacts import graph_from_dict, node_layer
+from mansu.viz.circuit import (
+    MAX_EDGES,
+    circuit_figure,
+    diff_figure,
+    edge_traces,
+    layout_positions,
+    node_edges,
+    select_edges,
+)
 
 
 def test_select_edges_is_top_n_by_magnitude():
@@ -58,7 +66,8 @@ def test_layout_depends_only_on_names():
 
 
 def test_graph_from_dict_accepts_edges_and_unknown_nodes():
-    g = graph_from_dict({"nodes": [{"name": "input"}, {"name": "m0", "score": 2.0, "params": ["w.down"], "in_circuit": True}],
+    g = graph_from_dict({"nodes": [{"name": "input"}, {"name": "m0", "score": 2.0, "params": ["w.down"],
+                                                       "in_circuit": True}],
                          "edges": [{"source": "input", "target": "m0", "score": 0.5},
                                    {"source": "m0", "target": "logits", "weight": -1.5}]})
     assert g.names == ["input", "m0", "logits"]

@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 
 from mansu.viz import report
-from mansu.viz.compare import (accuracy, cad_figure, cad_value, edge_contributions, forget_drop, fp_nf4_bars,
-                               ptq_gap, quadrant_figure)
+from mansu.viz.compare import (
+    accuracy,
+    cad_figure,
+    cad_value,
+    edge_contributions,
+    forget_drop,
+    fp_nf4_bars,
+    ptq_gap,
+    quadrant_figure,
+)
 
 METRICS = {"base_fp": {"forget": {"accuracy": 1.0}, "retain": {"accuracy": 1.0}},
            "unlearned_fp": {"forget": {"accuracy": 0.25, "ci_low": 0.2, "ci_high": 0.3}, "retain": {"accuracy": 0.9}},

@@ -29,7 +29,8 @@ def test_histogram_of_validates_shape():
 
 
 def test_histogram_figure_fractions_log_axis_and_unit_line():
-    fig = sv.histogram_figure({"a": sv.histogram_of(_entry(0.1, 0.1)), "b": sv.histogram_of(_entry(1, 1, (0, 0, 0, 5)))})
+    fig = sv.histogram_figure({"a": sv.histogram_of(_entry(0.1, 0.1)), "b": sv.histogram_of(_entry(1, 1, (0, 0, 0,
+                                                                                                          5)))})
     assert fig.layout.xaxis.type == "log"
     assert len(fig.data) == 2
     assert max(fig.data[0].y) == pytest.approx(0.6)

@@ -13,8 +13,16 @@ from typing import Any
 
 import streamlit as st
 
-from mansu.launch import (Launched, active_runs, backend_error, cancel_run, launch_runs, log_tail, progress_of,
-                          runs_of_pid)
+from mansu.launch import (
+    Launched,
+    active_runs,
+    backend_error,
+    cancel_run,
+    launch_runs,
+    log_tail,
+    progress_of,
+    runs_of_pid,
+)
 from mansu.models.demo import demo_build_progress
 from mansu.paths import runs_root
 from mansu.runs.store import RunSummary

@@ -19,13 +19,15 @@ after_stage = st.radio("after", ["after_fp", "after_nf4"], horizontal=True, key=
 top_n = st.slider("top-n edges", 10, 1000, 200, step=10, key="ba-topn")
 before, after = load_graph(run, "before"), load_graph(run, after_stage)
 # one colour/size scale for both stages, so a fading node looks faded
-score_max = max([float(abs(g.scores).max()) for g in (before, after) if g is not None and g.scores.size] or [0.0]) or None
+score_max = max([float(abs(g.scores).max()) for g in (before,
+                                                      after) if g is not None and g.scores.size] or [0.0]) or None
 left, right = st.columns(2)
 with left:
     if before is None:
         not_computed("attribution before unlearning", run)
     else:
-        st.plotly_chart(circuit_figure(before, top_n=top_n, title="before", score_max=score_max), key="ba-before", width="stretch")
+        st.plotly_chart(circuit_figure(before, top_n=top_n, title="before", score_max=score_max), key="ba-before",
+                        width="stretch")
 with right:
     if after is None:
         not_computed(f"attribution {after_stage}", run)

@@ -25,7 +25,8 @@ page_preamble("Launch a run")
 
 def _save_upload(upload, label: str) -> str:
     if upload.size > MAX_UPLOAD_BYTES:
-        raise ValueError(f"{label} file is {upload.size / 1e6:.1f} MB: at most {MAX_UPLOAD_BYTES // 1_000_000} MB accepted")
+        raise ValueError(f"{label} file is {upload.size / 1e6:.1f} MB: "
+                         f"at most {MAX_UPLOAD_BYTES // 1_000_000} MB accepted")
     suffix = Path(upload.name).suffix.lower()
     if suffix.lstrip(".") not in DATA_TYPES:
         raise ValueError(f"{label} file {upload.name!r}: accepted are .jsonl, .json, .csv, .parquet")

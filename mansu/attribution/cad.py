@@ -103,7 +103,8 @@ def cad(before: AttributionGraph, after: AttributionGraph, circuit: Circuit, *, 
     names = [f"{u}->{v}" for u, v in circuit.edges]
     contrib = ((s - t).abs() / den).tolist() if den > 0 else [0.0] * len(names)
     lo, hi = _bootstrap(s_ex, t_ex, n_boot, seed, level)
-    return CADResult(value, lo, hi, dict(zip(names, contrib)), dict(zip(names, s.tolist())), dict(zip(names, t.tolist())),
+    return CADResult(value, lo, hi, dict(zip(names, contrib)), dict(zip(names, s.tolist())), dict(zip(names,
+                                                                                                      t.tolist())),
                      s_ex.shape[0], n_boot, level, metadata={"metric": before.metadata.get("metric"),
                                                             "corruption": before.metadata.get("corruption"),
                                                             "n_edges": len(names)})

@@ -30,8 +30,9 @@ Qwen3's per-head q_norm/k_norm weights, shared by all heads, are never in a circ
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -70,7 +71,7 @@ class Circuit:
                 "faithfulness": self.faithfulness, "n_edges": len(self.edges), "metadata": self.metadata}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Circuit":
+    def from_dict(cls, data: dict[str, Any]) -> Circuit:
         return cls([tuple(e) for e in data["edges"]], data.get("method", ""), data.get("faithfulness"),
                    data.get("metadata", {}))
 
@@ -214,7 +215,8 @@ def smallest_faithful_circuit(model: Any, tokenizer: Any, records: Sequence[Any]
         else:
             lo = mid
     best.faithfulness = value
-    best.metadata.update({"target": target, "reached": value >= target, "faithfulness_curve": dict(sorted(curve.items())),
+    best.metadata.update({"target": target, "reached": value >= target,
+                          "faithfulness_curve": dict(sorted(curve.items())),
                           "metric_clean": evaluator.m_clean, "metric_corrupt": evaluator.m_corrupt})
     return best
 

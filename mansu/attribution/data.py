@@ -25,8 +25,9 @@ Corruptions (what the "corrupted" input is):
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -66,7 +67,7 @@ class Batch:
     other_mask: torch.Tensor       # [b, K] bool
     indices: list[int]
 
-    def to(self, device: Any) -> "Batch":
+    def to(self, device: Any) -> Batch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Batch(**moved)
 

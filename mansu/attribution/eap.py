@@ -23,8 +23,9 @@ the input path, so it approximates M(corrupted) - M(clean) up to the midpoint-ru
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -57,7 +58,8 @@ class AttributionGraph:
     def edges(self) -> list[tuple[str, str, float]]:
         """Every existing edge as (upstream, downstream, score)."""
         us, vs = torch.nonzero(self.valid, as_tuple=True)
-        return [(self.upstream[u], self.downstream[v], float(self.scores[u, v])) for u, v in zip(us.tolist(), vs.tolist())]
+        return [(self.upstream[u], self.downstream[v], float(self.scores[u, v])) for u, v in zip(us.tolist(),
+                                                                                                 vs.tolist())]
 
     def score(self, upstream: str, downstream: str) -> float:
         return float(self.scores[self.upstream.index(upstream), self.downstream.index(downstream)])
@@ -189,7 +191,8 @@ def _exact(model: Any, prep: _Prepared, metric: Metric, corruption: Corruption,
     for batch in prep.batches:
         base = baseline(model, space, batch, metric, corruption)
         for u, v in _progress(pairs, progress, "patching"):
-            patched = _patch_one_edge(model, space, batch, metric, u, v, base.a_corrupt[:, :, u] - base.a_clean[:, :, u])
+            patched = _patch_one_edge(model, space, batch, metric, u, v, base.a_corrupt[:, :, u] - base.a_clean[:, :,
+                                                                                                                u])
             effects[u, v] += float((patched - base.m_clean).sum())
     return effects / sum(len(b.indices) for b in prep.batches)
 

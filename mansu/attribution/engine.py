@@ -29,7 +29,7 @@ class NodeSpace:
     valid: torch.Tensor    # [U, V] bool: edge u -> v exists
 
     @classmethod
-    def of(cls, layout: ModelLayout) -> "NodeSpace":
+    def of(cls, layout: ModelLayout) -> NodeSpace:
         up, down = layout.upstream_nodes(), layout.downstream_nodes()
         valid = torch.tensor([[edge_exists(u, v) for v in down] for u in up], dtype=torch.bool)
         return cls(layout, up, down, valid)
@@ -74,7 +74,8 @@ class _Recorder:
         parts = [self.input.unsqueeze(2)]
         for layer in range(self.space.layout.n_layers):
             if layer in self.heads:
-                parts += [self.heads[layer], self.mlps[layer].unsqueeze(2)] if layer in self.mlps else [self.heads[layer]]
+                parts += [self.heads[layer],
+                          self.mlps[layer].unsqueeze(2)] if layer in self.mlps else [self.heads[layer]]
         return torch.cat(parts, dim=2)[:, :, :count]
 
     def stacked(self) -> torch.Tensor:

@@ -17,8 +17,9 @@ by position. `cross_check` reports the largest relative difference; the tests re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -17,8 +17,9 @@ node graph of `mansu.models.components` without rewriting it:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -159,7 +160,8 @@ def _head_hooks(cb: NodeCallbacks, layout: ModelLayout, layer: int, mods: Any) -
             cb.on_heads(layer, z4)
         return (z4.reshape(*z4.shape[:2], n_heads * hd),)
 
-    return [(mods.attn_norm, "pre", norm_pre, True), (mods.attn, "pre", attn_pre, True), (mods.o_proj, "pre", o_pre, False)]
+    return [(mods.attn_norm, "pre", norm_pre, True), (mods.attn, "pre", attn_pre, True), (mods.o_proj, "pre", o_pre,
+                                                                                          False)]
 
 
 def _mlp_hooks(cb: NodeCallbacks, layer: int, mods: Any) -> list:
@@ -243,7 +245,8 @@ def differentiable_4bit(model: torch.nn.Module) -> Iterator[None]:
             if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
                 from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data,
+                                                                                         weight.quant_state)
                 if hasattr(module, "quant_state"):
                     module.quant_state = weight.quant_state
         yield

@@ -41,8 +41,15 @@ from typing import Literal
 import torch
 
 from mansu.quant.nf4 import (
-    ABSMAX_FLOOR, DEFAULT_BLOCKSIZE, NF4Quantized, cell_widths_scaled, nf4_levels, nf4_thresholds, quantize_flat,
-    quantize_nf4, validate_weight,
+    ABSMAX_FLOOR,
+    DEFAULT_BLOCKSIZE,
+    NF4Quantized,
+    cell_widths_scaled,
+    nf4_levels,
+    nf4_thresholds,
+    quantize_flat,
+    quantize_nf4,
+    validate_weight,
 )
 
 Direction = Literal[1, -1]

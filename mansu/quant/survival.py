@@ -23,7 +23,8 @@ sum d^3 q, sum d^4) are additive, so layer and overall values are exact pools of
 All sums run over every element of the tensor, not only U: weights of a block whose absmax changed can change code
 without being updated; `n_code_changed_not_updated` counts them.  Quantiles are exact while the updated weights
 number at most QUANTILE_SAMPLE; beyond that they come from a seeded uniform sample (with replacement) of about that
-many ratios, the same rate for every tensor, so layer and overall pools stay uniform; histograms are always exact counts.
+many ratios, the same rate for every tensor, so layer and overall pools stay uniform; histograms are always exact
+counts.
 
 Alignment (how far weights sit from the NF4 grid): a_i = |theta_i - L[code_i] * absmax_b| / bin_i, the distance
 to the level the weight rounds to, in bin widths, over the non-absmax weights of non-zero blocks (the absmax

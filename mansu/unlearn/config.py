@@ -78,5 +78,5 @@ class UnlearnConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "UnlearnConfig":
+    def from_dict(cls, data: dict[str, Any]) -> UnlearnConfig:
         return from_dict(cls, data, "unlearning")

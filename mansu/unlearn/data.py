@@ -10,8 +10,8 @@ labels = -100 outside the target, so sequence log-likelihoods and NLLs count the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -27,10 +27,10 @@ class TokenBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def to(self, device) -> "TokenBatch":
+    def to(self, device) -> TokenBatch:
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
-    def select(self, idx: Sequence[int]) -> "TokenBatch":
+    def select(self, idx: Sequence[int]) -> TokenBatch:
         ix = torch.as_tensor(list(idx), dtype=torch.long)
         return TokenBatch(self.input_ids[ix], self.attention_mask[ix], self.labels[ix])
 

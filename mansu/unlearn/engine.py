@@ -11,8 +11,8 @@ their own modules (methods/mansu.py for MANSU).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -56,7 +56,7 @@ class FloorGeometry:
     cap_up: torch.Tensor      # largest move up keeping |x| below the block absmax
     cap_down: torch.Tensor
 
-    def select(self, idx: torch.Tensor) -> "FloorGeometry":
+    def select(self, idx: torch.Tensor) -> FloorGeometry:
         return FloorGeometry(*(getattr(self, f)[idx] for f in ("x0", "bin_width", "move_up", "move_down", "cap_up",
                                                                "cap_down")))
 

@@ -120,7 +120,8 @@ class Mansu(Method):
         new = self.cum + step
         dropped = 0
         if math.isfinite(self.epsilon):
-            bounded = (bound_scale if self.config.fisher_mode == "scale" else bound_clip)(new, self.fisher, self.epsilon)
+            bounded = (bound_scale if self.config.fisher_mode == "scale" else bound_clip)(new, self.fisher,
+                                                                                          self.epsilon)
             new, dropped = bounded.delta, bounded.n_dropped
         self.record_proposal(step, p.abs())
         cost = fisher_cost(new, self.fisher)
