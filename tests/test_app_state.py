@@ -107,3 +107,19 @@ def test_start_find_and_cancel_a_real_process_from_the_store(home):
     for run in (load_run(r.run_id) for r in __import__("mansu.runs.store", fromlist=["list_runs"]).list_runs()):
         assert run.status["state"] == "cancelled" and run.status["error"] == "cancelled by the user"
     assert not active_runs() and info.log_path.is_file()
+
+
+def test_mansu_runs_shows_a_queue_and_cancels_it(home):
+    """The queue is visible and cancellable from the terminal too (`mansu runs`, `mansu runs --cancel ID`)."""
+    import subprocess
+
+    proc, info = start_backend([sys.executable, "-c", _fake_backend(2)], label="t")
+    deadline = time.time() + 30
+    while len(active_runs()) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    listing = subprocess.run([sys.executable, "-m", "mansu", "runs"], capture_output=True, text=True, check=True)
+    assert " running " in listing.stdout and " queued " in listing.stdout
+    run_id = find_run_for_pid(info.pid)
+    out = subprocess.run([sys.executable, "-m", "mansu", "runs", "--cancel", run_id], capture_output=True, text=True)
+    assert out.returncode == 0 and proc.wait(10) != 0
+    assert not active_runs()

@@ -4,15 +4,15 @@ delete; on a fresh install one action: build and run the demo."""
 import pandas as pd
 import streamlit as st
 
+from mansu.launch import ACTIVE, cancel_run
 from mansu.paths import runs_root
 from mansu.runs.store import delete_run
 from mansu.viz.report import badge_markdown, scorecard_rows
 from mansu.viz.tables import run_row
 from ui import launch as ui_launch
-from ui.state import COMPARE_KEY, RUN_KEY, selection
+from ui.state import COMPARE_KEY, RUN_KEY, page_preamble
 
-st.title("Runs")
-sel = selection()
+sel = page_preamble("Runs")
 
 if not sel.runs:
     st.markdown("### Welcome to mansu\nNo runs yet. One click builds the embedded demo world (a fictitious "
@@ -36,7 +36,8 @@ if corrupt:
     st.warning(f"{len(corrupt)} run folder(s) cannot be read and are listed as corrupt: "
                + "; ".join(f"`{r.run_id}`: {r.corrupt}" for r in corrupt), icon="⚠️")
 st.caption("scorecard: meaningful forgetting · retain preservation · non-positive PTQ gap · structural erasure "
-           "(✓ pass, ✗ fail, ? not available); accuracies are cloze MCQ after unlearning; PTQ gap = forget NF4 − forget fp.")
+           "(✓ pass, ✗ fail, ? not available); accuracies are cloze MCQ after unlearning; "
+           "PTQ gap = forget NF4 − forget fp.")
 
 ids = [r.run_id for r in sel.runs]
 col1, col2, col3 = st.columns(3)
@@ -57,8 +58,8 @@ with col3:
     confirm = st.checkbox("yes, delete this run folder", key="runs-delete-confirm")
     if st.button("Delete", key="delete-run", disabled=not confirm):
         run = next(r for r in sel.runs if r.run_id == victim)
-        if run.status.get("state") == "running":
-            st.error("this run is still running: cancel it on Launch first")
+        if run.status.get("state") in ACTIVE:
+            st.error("this run is still queued or running: cancel it first (the Cancel button below, any tab)")
         else:
             delete_run(victim, runs_root())
             st.session_state.pop(RUN_KEY, None)
@@ -66,6 +67,9 @@ with col3:
 
 if sel.run is not None:
     run = sel.run
+    if run.status.get("state") in ACTIVE and st.button("Cancel this run", key="runs-cancel"):
+        cancel_run(run.run_id, runs_root())  # stops its backend process (and the rest of its queue)
+        st.rerun()
     st.subheader(f"Selected: {run.run_id}")
     rows = scorecard_rows(run.scorecard)
     if rows:
