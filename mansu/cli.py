@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("demo", "eval", "attribute", "runs", "run", "compare")
+COMMANDS = ("demo", "eval", "attribute", "runs", "run", "compare", "report")
 
 
 class Parser(argparse.ArgumentParser):

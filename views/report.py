@@ -1,41 +1,50 @@
-"""Report: one self-contained HTML file for reviewers (plotly figures embedded, scorecard table,
-config and versions) plus each figure as PNG and SVG."""
+"""Report: the reviewer report (mansu/viz/reviewer.py) of the selected run, compared with the sidebar's "compare
+with" run only: one self-contained HTML file (claim and verdict, setup, results with intervals, captioned figures,
+limitations, reproduce commands; prints to A4 PDF), the same document as `mansu report RUN [RUN] --out FILE`.
+Each figure can also be exported as PNG and SVG."""
 
+import datetime as dt
 import io
 import zipfile
 
 import streamlit as st
 
-from mansu.io import stamp
 from mansu.launch import exports_dir
-from mansu.runs.store import library_versions
-from mansu.viz.report import build_report_html, export_images, run_figures, scorecard_html, scorecard_rows
+from mansu.viz.report import export_images, run_figures, scorecard_html, scorecard_rows
+from mansu.viz.reviewer import SECTIONS, labels_of, reviewer_report, verdict
 from ui.state import page_preamble, require_run
 
 sel = page_preamble("Report")
 run = require_run(sel)
 if run is None:
     st.stop()
-others = [r for r in sel.runs if r.run_id != run.run_id]
-figs, missing = run_figures(run, others)
+runs = [run, *([sel.compare] if sel.compare is not None else [])]
+labels = labels_of(runs)
+st.markdown(f"**{labels[0]}**" + (f", compared with **{labels[1]}**" if len(runs) > 1 else
+                                   " (pick a run under *compare with* in the sidebar to compare)"))
+if run.metrics:
+    st.info(verdict(runs, labels))
 st.markdown(scorecard_html(scorecard_rows(run.scorecard)), unsafe_allow_html=True)
-st.write(f"{len(figs)} figures: " + ", ".join(figs) if figs else "no figures yet")
+figs, missing = run_figures(run, runs[1:])
 for item in missing:
     st.caption(f"{item}: not computed for this run")
+st.caption("The report's sections: " + ", ".join(SECTIONS) + ". Open it in a browser and print it to save a PDF.")
 
 out = exports_dir(run.run_id)
 if st.button("Build HTML report", type="primary", key="report-build"):
-    versions = {**run.config.get("versions", {}), **library_versions(), "mansu": stamp()}
-    html = build_report_html(f"mansu report: {run.run_id}", figs, run.scorecard, run.config, versions,
-                             notes=[f"{m}: not computed for this run" for m in missing])
+    generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    html = reviewer_report(runs, generated=generated)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
     path.write_text(html, encoding="utf-8")
     st.session_state["report-path"] = str(path)
-if st.session_state.get("report-path", "").startswith(str(out)):
+    st.session_state["report-runs"] = [r.run_id for r in runs]
+if (st.session_state.get("report-path", "").startswith(str(out))
+        and st.session_state.get("report-runs") == [r.run_id for r in runs]):
     path = st.session_state["report-path"]
     st.success(f"report written to {path}")
-    st.download_button("Download report.html", open(path, "rb").read(), file_name=f"{run.run_id}-report.html",
+    name = "-vs-".join(r.run_id for r in runs)
+    st.download_button("Download report.html", open(path, "rb").read(), file_name=f"{name}-report.html",
                        mime="text/html", key="report-download")
 
 if st.button("Export figures as PNG and SVG", key="report-images", disabled=not figs):

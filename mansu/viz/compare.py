@@ -1,6 +1,7 @@
 """Cross-run figures: fp vs NF4 accuracy bars (the PTQ gap at a glance), the CAD interval and
 per-edge contributions, and the quadrant plot separating behavioural suppression from structural
-erasure (x = forget-accuracy drop in full precision, y = CAD).
+erasure (x = forget-accuracy drop of the unlearned model in fp or NF4 from the fp base, y = CAD in the same
+precision).
 
 metrics.json is keyed by stage (base_fp, base_nf4, unlearned_fp, unlearned_nf4); each stage holds
 per-split accuracy results ({"forget": {"accuracy", "ci_low", "ci_high", ...}, "retain": ...}), and
@@ -85,25 +86,51 @@ def fp_nf4_bars(runs: dict[str, Metrics], *, title: str = "forget and retain acc
     return fig
 
 
+# label positions tried in turn, so that labels of nearby points do not print over each other
+_POSITIONS = ("top center", "bottom center", "middle right", "middle left", "top right", "bottom left",
+              "top left", "bottom right")
+
+
+def label_positions(xs: list[float], ys: list[float], *, near: float = 0.08) -> list[str]:
+    """A textposition per point: each point takes the first position not used by an earlier point within `near`
+    (in units of the axes' spans), so clustered runs get their labels above, below and beside each other."""
+    span_x = (max(xs) - min(xs)) or 1.0 if xs else 1.0
+    span_y = (max(ys) - min(ys)) or 1.0 if ys else 1.0
+    out: list[str] = []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        taken = {out[j] for j in range(i) if abs(xs[j] - x) / span_x < near and abs(ys[j] - y) / span_y < near * 3}
+        out.append(next((p for p in _POSITIONS if p not in taken), _POSITIONS[i % len(_POSITIONS)]))
+    return out
+
+
 def quadrant_figure(points: dict[str, tuple[float, float]], *, drop_margin: float = 0.1,
-                    cad_threshold: float = 0.3) -> go.Figure:
-    """Runs as points (forget drop, CAD); dashed lines at the scorecard's margin and threshold."""
+                    cad_threshold: float = 0.3, which: str = "nf4") -> go.Figure:
+    """Runs as points (forget drop, CAD), both in `which` (nf4: the deployed model; fp: full precision); dashed
+    lines at the scorecard's margin and threshold."""
+    if which not in ("fp", "nf4"):
+        raise ValueError(f"which must be 'fp' or 'nf4', got {which!r}")
+    name = "NF4" if which == "nf4" else "fp"
     labels = list(points)
     xs = [points[k][0] for k in labels]
     ys = [points[k][1] for k in labels]
-    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="markers+text", text=labels, textposition="top center",
-                               marker={"size": 12, "color": "#ff7f0e"}, name="runs"))
+    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="markers+text", text=labels, textposition=label_positions(xs, ys),
+                               marker={"size": 12, "color": "#ff7f0e"}, name="runs", cliponaxis=False,
+                               hovertemplate="%{text}<br>drop %{x:.3g}<br>CAD %{y:.3g}<extra></extra>"))
     fig.add_vline(x=drop_margin, line={"dash": "dash", "color": "grey"})
     fig.add_hline(y=cad_threshold, line={"dash": "dash", "color": "grey"})
-    x_hi = max([drop_margin * 2, *xs]) * 1.1 if xs else 1.0
-    y_hi = max([cad_threshold * 2, *ys]) * 1.1 if ys else 1.0
-    for x, y, text in ((x_hi * 0.8, y_hi * 0.95, "structural erasure"), (x_hi * 0.8, cad_threshold * 0.3, "behavioural suppression"),
-                       (drop_margin * 0.4, y_hi * 0.95, "circuit changed, output kept"), (drop_margin * 0.4, cad_threshold * 0.3, "no effect")):
+    x_hi = max([drop_margin * 2, *xs]) * 1.15 if xs else 1.0
+    y_hi = max([cad_threshold * 2, *ys]) * 1.15 if ys else 1.0
+    corners = ((x_hi * 0.8, y_hi * 0.95, "structural erasure"),
+               (x_hi * 0.8, cad_threshold * 0.3, "behavioural suppression"),
+               (drop_margin * 0.4, y_hi * 0.95, "circuit changed, output kept"),
+               (drop_margin * 0.4, cad_threshold * 0.3, "no effect"))
+    for x, y, text in corners:
         fig.add_annotation(x=x, y=y, text=text, showarrow=False, font={"color": "grey"})
-    fig.update_layout(title="behavioural suppression vs structural erasure", height=420,
-                      xaxis={"title": "forget-accuracy drop (fp)", "range": [min([0.0, *xs]) - 0.02, x_hi]},
-                      yaxis={"title": "CAD", "range": [min([0.0, *ys]) - 0.02, y_hi]},
-                      margin={"l": 50, "r": 10, "t": 50, "b": 40})
+    fig.update_layout(title=f"behavioural suppression vs structural erasure ({name})", height=420,
+                      xaxis={"title": f"forget-accuracy drop: base fp − unlearned {name}",
+                             "range": [min([0.0, *xs]) - 0.05, x_hi]},
+                      yaxis={"title": f"CAD after {name}", "range": [min([0.0, *ys]) - 0.05, y_hi]},
+                      margin={"l": 50, "r": 30, "t": 50, "b": 40})
     return fig
 
 
@@ -118,7 +145,8 @@ def cad_figure(cad: CadFile | None, *, top: int = 20, which: str = "nf4") -> go.
         if value is None:
             continue
         v, lo, hi = value
-        err = None if lo is None or hi is None else {"type": "data", "symmetric": False, "array": [hi - v], "arrayminus": [v - lo]}
+        err = (None if lo is None or hi is None
+               else {"type": "data", "symmetric": False, "array": [hi - v], "arrayminus": [v - lo]})
         fig.add_trace(go.Bar(x=[f"after {which}"], y=[v], error_y=err, name=f"CAD {which}", showlegend=False), 1, 1)
     contribs = edge_contributions(cad, which)[:top]
     fig.add_trace(go.Bar(y=[c[0] for c in contribs][::-1], x=[c[1] for c in contribs][::-1], orientation="h",

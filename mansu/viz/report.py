@@ -21,12 +21,12 @@ import plotly.graph_objects as go
 from mansu.io import portable_paths
 from mansu.runs import layout
 from mansu.runs.store import RunSummary
+from mansu.scorecard import PROPERTIES, Scorecard
 from mansu.spec import run_label
 from mansu.viz import survival as sv
 from mansu.viz.artifacts import load_graph, read_json_or_none
 from mansu.viz.circuit import circuit_figure, diff_figure
 from mansu.viz.compare import cad_figure, cad_value, forget_drop, fp_nf4_bars, quadrant_figure
-from mansu.scorecard import PROPERTIES, Scorecard
 
 log = logging.getLogger(__name__)
 PROPERTY_ORDER = PROPERTIES
@@ -81,12 +81,16 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def _result_word(row: ScoreRow) -> str:
+    return "not available" if row.passed is None else ("pass" if row.passed else "fail")
+
+
 def scorecard_html(rows: list[ScoreRow]) -> str:
     if not rows:
         return "<p><em>scorecard not computed for this run</em></p>"
     body = "".join(
         f"<tr><td>{html.escape(title(r.name))}</td>"
-        f"<td class='{'pass' if r.passed else 'fail'}'>{'pass' if r.passed else ('fail' if r.passed is False else 'not available')}</td>"
+        f"<td class='{'pass' if r.passed else 'fail'}'>{_result_word(r)}</td>"
         f"<td>{_fmt(r.value)}</td><td>{_fmt(r.threshold)}</td><td>{_fmt(r.margin)}</td></tr>" for r in rows)
     return ("<table><thead><tr><th>property</th><th>result</th><th>value</th><th>threshold</th><th>margin</th>"
             f"</tr></thead><tbody>{body}</tbody></table>")
@@ -133,7 +137,8 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_")[:60] or "figure"
 
 
-def export_images(figures: dict[str, go.Figure], out_dir: Path, formats: tuple[str, ...] = ("png", "svg")) -> ImageExport:
+def export_images(figures: dict[str, go.Figure], out_dir: Path,
+                  formats: tuple[str, ...] = ("png", "svg")) -> ImageExport:
     """Write each figure as PNG and SVG under out_dir; on failure return the files written and a message."""
     for fmt in formats:
         if fmt not in ("png", "svg", "pdf"):
@@ -153,7 +158,8 @@ def export_images(figures: dict[str, go.Figure], out_dir: Path, formats: tuple[s
         try:
             for name, fig in figures.items():
                 for fmt in formats:
-                    data = kaleido.calc_fig_sync(fig, opts={"format": fmt, "width": 1100, "height": fig.layout.height or 500})
+                    opts = {"format": fmt, "width": 1100, "height": fig.layout.height or 500}
+                    data = kaleido.calc_fig_sync(fig, opts=opts)
                     path = out_dir / f"{safe_name(name)}.{fmt}"
                     path.write_bytes(data)
                     result.written.append(path)
@@ -166,8 +172,11 @@ def export_images(figures: dict[str, go.Figure], out_dir: Path, formats: tuple[s
 
 
 def _labelled(runs: list[RunSummary]) -> dict[str, RunSummary]:
-    """Runs with evaluation metrics by their label (mansu.spec.run_label: method, base, seed, short id)."""
-    return {run_label(r.run_id, r.config): r for r in runs if r.metrics}
+    """Runs with evaluation metrics by their label (mansu.spec.run_label: method, base, seed, short id); a label two
+    runs share gets the run id, so no run is dropped from a figure. A run passed twice is shown once."""
+    runs = list({r.run_id: r for r in runs if r.metrics}.values())
+    labels = [run_label(r.run_id, r.config) for r in runs]
+    return {(f"{lab} ({r.run_id})" if labels.count(lab) > 1 else lab): r for lab, r in zip(labels, runs)}
 
 
 def comparison_figures(runs: list[RunSummary], *, which: str = "nf4", drop_margin: float = 0.2,
@@ -186,7 +195,7 @@ def comparison_figures(runs: list[RunSummary], *, which: str = "nf4", drop_margi
     if points:
         name = "NF4" if which == "nf4" else "fp"
         figs[f"suppression vs erasure ({name})"] = quadrant_figure(points, drop_margin=drop_margin,
-                                                                   cad_threshold=cad_threshold)
+                                                                   cad_threshold=cad_threshold, which=which)
     return figs
 
 
