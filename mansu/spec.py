@@ -16,6 +16,7 @@ from typing import Any
 from mansu.choices import Alignment, Device, DType, MCQFormat, NF4Mode
 from mansu.io import read_json
 from mansu.options import from_dict, opt, validate
+from mansu.quant.alignment import DEFAULT_QUANTIZERS, parse_alignment, parse_quantizers
 from mansu.scorecard import ScorecardConfig
 from mansu.unlearn.config import UnlearnConfig
 from mansu.unlearn.demo_settings import DEMO_ALIGNMENT, demo_settings
@@ -32,9 +33,12 @@ class RunSpec:
                                       "as saved (default: AutoTokenizer)")
     unlearn: UnlearnConfig = opt(UnlearnConfig(), "unlearning settings", flag=False)
     scorecard: ScorecardConfig = opt(ScorecardConfig(), "scorecard thresholds", flag=False)
-    base_alignment: Alignment = opt("natural", "natural base, or every Linear weight snapped to its NF4 round "
-                                               "trip first (SPEC.md: where the dual failure appears)")
+    base_alignment: Alignment = opt("natural", "natural base, or its Linear weights snapped to a quantizer's round "
+                                               "trip first: nf4-grid, <quantizer>, or <quantizer>:<fraction> for a "
+                                               "seeded fraction of its blocks (SPEC.md: where the dual failure shows)")
     fmt: MCQFormat = opt("cloze", "MCQ scoring format")
+    quantizers: str = opt(DEFAULT_QUANTIZERS, "quantizers the eval stage scores (comma-separated, simulated "
+                                                      "bit-exact; nf4 is the headline)")
     nf4_mode: NF4Mode = opt("simulated", "NF4 twin: simulated (bit-exact dequantized) or real (bitsandbytes)")
     attribution: bool = opt(True, "EAP-IG circuit and CAD (off: MANSU uses every Linear weight)")
     circuit_target: float = opt(0.8, "faithfulness of the smallest faithful circuit", lo=0.0, hi=1.5, lo_open=True)
@@ -55,6 +59,8 @@ class RunSpec:
         if not isinstance(self.unlearn, UnlearnConfig) or not isinstance(self.scorecard, ScorecardConfig):
             raise ValueError("unlearn and scorecard must be JSON objects of their settings")
         validate(self)
+        parse_alignment(self.base_alignment)
+        parse_quantizers(self.quantizers)
         if not self.model.strip():
             raise ValueError("model path or id is empty: give a local model folder or a hub id, or 'demo'")
         if self.model != DEMO and not (self.forget and self.retain):
@@ -102,7 +108,8 @@ def run_label(run_id: str, config: dict[str, Any]) -> str:
     """The one human label of a run, in pickers, legends and reports: method, base, seed, kappa for a re-floored
     child, and a short id (the run's HHMMSS plus its same-second suffix) that tells two runs of one method apart."""
     spec = config.get("spec") if isinstance(config, dict) else None
-    spec = spec if isinstance(spec, dict) else {}
+    if not isinstance(spec, dict):  # an unreadable config: the folder name is all there is
+        return run_id
     unlearn = spec.get("unlearn") if isinstance(spec.get("unlearn"), dict) else {}
     parts = [str(unlearn.get("method") or config.get("method", "?") if isinstance(config, dict) else "?"),
              str(spec.get("base_alignment", "?")), f"s{unlearn.get('seed', '?')}"]

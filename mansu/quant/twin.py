@@ -1,6 +1,19 @@
-"""A model's NF4 twin, and the PTQ gap acc(NF4(model)) - acc(model) with a paired bootstrap CI.
+"""A model's quantized twins (NF4 and any registered quantizer), and the PTQ gap acc(Q(model)) - acc(model) with a
+paired bootstrap CI.
 
-Two modes:
+Any quantizer q of mansu.quant.registry, simulated: every quantizable weight W replaced by its round trip
+RT_q(W) = q.dequantize(q.quantize(W)) in q's view (bit-exact with q's library; Conv1D weights transposed), compute
+in the model's dtype.  Two ways to get it:
+
+* `quant_twin(model, q)`: a deep copy (the original untouched), the twin object callers keep;
+* `quantized(model, q)`: a context manager that rounds the caller's model in place and restores it bit-exactly in
+  `finally`; it holds a copy of the quantizable weights only (their bytes per weight, on their device), never a
+  copy of the model.  The pipeline scores every quantizer of a run this way.
+
+A weight the quantizer cannot quantize (int4-g128 on rows not a multiple of 128) stays in full precision and is
+listed in `skipped_modules`, as deployment tools keep such layers.
+
+NF4 has two modes:
 
 * "simulated": a deep copy whose quantizable weights (mansu.quant.targets) are replaced by their NF4 round trip
   W -> dequantize(quantize(W)) (mansu.quant.nf4, bit-exact with bitsandbytes); compute stays in the model's
@@ -22,17 +35,20 @@ A positive forget gap means NF4 brought forgotten answers back (the failure of Z
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from mansu.metrics.accuracy import bootstrap_ci, mcq_accuracy
-from mansu.quant.nf4 import DEFAULT_BLOCKSIZE, nf4_round_trip, validate_blocksize
+from mansu.quant.alignment import fits, round_trip
+from mansu.quant.nf4 import DEFAULT_BLOCKSIZE, validate_blocksize
+from mansu.quant.registry import get_quantizer
 from mansu.quant.targets import quant_layout, quantizable_modules
 
 log = logging.getLogger(__name__)
@@ -42,32 +58,77 @@ MODES = ("simulated", "real")
 
 
 @dataclass
-class NF4Twin:
+class QuantTwin:
     model: Any  # the quantized copy, eval mode; the original is untouched
     mode: str
-    quantized_modules: list[str]  # module names whose weights are NF4
+    quantized_modules: list[str]  # module names whose weights are quantized
     blocksize: int
+    quantizer: str = "nf4"
+    skipped_modules: list[str] = field(default_factory=list)  # quantizable, but not by this quantizer's shape rule
 
 
-def nf4_twin(model: Any, mode: TwinMode = "simulated", *, blocksize: int = DEFAULT_BLOCKSIZE) -> NF4Twin:
+NF4Twin = QuantTwin  # the name nf4_twin's callers know
+
+
+def nf4_twin(model: Any, mode: TwinMode = "simulated", *, blocksize: int = DEFAULT_BLOCKSIZE) -> QuantTwin:
     """The NF4 twin of `model` (a transformers causal LM) in `mode`; the original model is not modified."""
     if mode not in MODES:
         raise ValueError(f"unknown NF4 twin mode {mode!r}: accepted are {', '.join(MODES)}")
     validate_blocksize(blocksize, "nf4_twin")
-    return _simulated_twin(model, blocksize) if mode == "simulated" else _real_twin(model, blocksize)
+    return quant_twin(model, "nf4", blocksize=blocksize) if mode == "simulated" else _real_twin(model, blocksize)
+
+
+def quant_twin(model: Any, quantizer: str = "nf4", *, blocksize: int = DEFAULT_BLOCKSIZE) -> QuantTwin:
+    """The simulated twin of `model` under any registered quantizer (a deep copy; the original is not modified).
+    `blocksize` applies to nf4 only (the other grids have fixed groups)."""
+    get_quantizer(quantizer)
+    validate_blocksize(blocksize, "quant_twin")
+    twin = copy.deepcopy(model).eval()
+    done, skipped = _round_in_place(twin, quantizer, blocksize)
+    return QuantTwin(model=twin, mode="simulated", quantized_modules=done, blocksize=blocksize, quantizer=quantizer,
+                     skipped_modules=skipped)
+
+
+@contextlib.contextmanager
+def quantized(model: Any, quantizer: str = "nf4", *, blocksize: int = DEFAULT_BLOCKSIZE) -> Iterator[QuantTwin]:
+    """`model` itself, its quantizable weights rounded through `quantizer` for the duration of the block and
+    restored bit-exactly afterwards (also on error).  Holds the original quantizable weights (their own bytes per
+    weight, on their device)."""
+    get_quantizer(quantizer)
+    validate_blocksize(blocksize, "quantized")
+    saved = {name: model.get_submodule(name).weight.detach().clone() for name in quantizable_modules(model)}
+    was_training = model.training
+    try:
+        done, skipped = _round_in_place(model.eval(), quantizer, blocksize)
+        yield QuantTwin(model=model, mode="simulated", quantized_modules=done, blocksize=blocksize,
+                        quantizer=quantizer, skipped_modules=skipped)
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                model.get_submodule(name).weight.copy_(weight)
+        model.train(was_training)
 
 
 @torch.no_grad()
-def _simulated_twin(model: Any, blocksize: int) -> NF4Twin:
-    twin = copy.deepcopy(model).eval()
-    modules = quantizable_modules(twin)
-    layout = quant_layout(twin)
-    for name in modules:
-        weight, pname = twin.get_submodule(name).weight, f"{name}.weight"
-        rt = layout.unview(pname, nf4_round_trip(layout.view(pname, weight.detach()), blocksize, name=pname))
-        weight.copy_(rt)  # the twin's only parameter write: the copy, never the caller's model
-    log.info("simulated NF4 twin: %d modules quantized (blocksize %d)", len(modules), blocksize)
-    return NF4Twin(model=twin, mode="simulated", quantized_modules=list(modules), blocksize=blocksize)
+def _round_in_place(model: Any, quantizer: str, blocksize: int) -> tuple[list[str], list[str]]:
+    """W <- RT_q(W) for every quantizable weight q can quantize (in its view); (quantized, skipped) module names.
+    Only twins call it: on a deep copy, or inside `quantized`, which restores the weights."""
+    qz = get_quantizer(quantizer)
+    layout = quant_layout(model)
+    done, skipped = [], []
+    for name in quantizable_modules(model):
+        weight, pname = model.get_submodule(name).weight, f"{name}.weight"
+        view = layout.view(pname, weight.detach())
+        if not fits(qz, view):
+            skipped.append(name)
+            continue
+        weight.copy_(layout.unview(pname, round_trip(qz, view, blocksize=blocksize, name=pname)))
+        done.append(name)
+    if skipped:
+        log.warning("%s twin: %d module(s) kept in full precision (shape): %s", quantizer, len(skipped),
+                    ", ".join(skipped))
+    log.info("simulated %s twin: %d modules quantized", quantizer, len(done))
+    return done, skipped
 
 
 def _real_twin(model: Any, blocksize: int) -> NF4Twin:

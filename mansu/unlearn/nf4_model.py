@@ -1,45 +1,61 @@
-"""NF4-grid alignment of a base model (SPEC.md, last section), a named setting of every run:
+"""Grid alignment of a base model (SPEC.md, last section), a named setting of every run (mansu.quant.alignment
+parses it and holds the equation):
 
-    natural:   the weights as trained
-    nf4-grid:  W <- dequant(quant_NF4(W)) for every quantizable Linear weight before unlearning (bit-exact with
-               bitsandbytes, in blocks of the quantizer's view of each weight, mansu.quant.targets.QuantLayout:
-               GPT-2's Conv1D weights transposed; head and norms untouched): the checkpoint a dequantized-NF4
-               distribution, a QLoRA merge or QAT produces.  Written through `params.apply_update`, on the
-               in-memory model only.
-The NF4 twin used for evaluation is `mansu.quant.twin.nf4_twin`.
+    natural:          the weights as trained
+    nf4-grid (nf4):   W <- dequant(quant_NF4(W)) for every quantizable Linear weight before unlearning (bit-exact
+                      with bitsandbytes), the checkpoint a dequantized-NF4 distribution, a QLoRA merge or QAT gives
+    <q>, <q>:<f>:     the same on any registered quantizer's grid, on all of its groups or a seeded fraction f
+
+Blocks are formed on the quantizer's view of each weight (mansu.quant.targets.QuantLayout: GPT-2's Conv1D weights
+transposed; head and norms untouched).  Written through `params.apply_update`, on the in-memory model only.  The
+quantized twins used for evaluation are in mansu.quant.twin.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
 
 import torch
 
-from mansu.quant.nf4 import nf4_round_trip
+from mansu.quant.alignment import ALIGNMENT_SEED, aligned_view, describe, fits, parse_alignment
+from mansu.quant.registry import get_quantizer
 from mansu.quant.targets import quant_layout
 from mansu.unlearn.params import apply_update, full_masks, index_from_masks, quantizable_names
 
-BaseAlignment = Literal["natural", "nf4-grid"]
-ALIGNMENTS = ("natural", "nf4-grid")
+log = logging.getLogger(__name__)
 
 
-def round_trip_in_place(model, blocksize: int = 64) -> None:
-    """Replace every quantizable weight by its NF4 round trip, in blocks of the quantizer's view (Conv1D: W.T)."""
-    names = quantizable_names(model)
+def round_trip_in_place(model, blocksize: int = 64, *, quantizer: str = "nf4", fraction: float = 1.0,
+                        seed: int = ALIGNMENT_SEED) -> list[str]:
+    """Replace every quantizable weight (or a seeded `fraction` of its quantizer groups) by its round trip through
+    `quantizer`, in the quantizer's view (Conv1D: W.T).  Returns the names left as they are because the
+    quantizer cannot quantize their shape (int4-g128 with rows not a multiple of 128)."""
+    qz = get_quantizer(quantizer)
     layout = quant_layout(model)
-    index = index_from_masks(full_masks(model, names), model)
     params = dict(model.named_parameters())
+    names, skipped = [], []
+    for n in quantizable_names(model):
+        (names if fits(qz, layout.view(n, params[n].detach())) else skipped).append(n)
+    index = index_from_masks(full_masks(model, names), model)
 
-    def moved(n: str) -> torch.Tensor:  # Q(W) - W in the parameter's layout, flat
-        w = params[n].detach().cpu()
-        rt = layout.unview(n, nf4_round_trip(layout.view(n, w), blocksize, name=n))
-        return (rt.float() - w.float()).reshape(-1)
+    def moved(i: int, n: str) -> torch.Tensor:  # W' - W in the parameter's layout, flat
+        w = params[n].detach()
+        view = aligned_view(qz, layout.view(n, w), fraction, seed=seed + i, blocksize=blocksize, name=n)
+        return (layout.unview(n, view).float() - w.float()).reshape(-1).cpu()
 
-    apply_update(model, index, torch.cat([moved(n) for n in index.names]))
+    if names:
+        apply_update(model, index, torch.cat([moved(i, n) for i, n in enumerate(index.names)]))
+    if skipped:
+        log.warning("%s alignment left %d weight(s) natural (shape not quantizable): %s", quantizer, len(skipped),
+                    ", ".join(skipped))
+    return skipped
 
 
-def align_base(model, alignment: str, blocksize: int = 64) -> None:
-    if alignment not in ALIGNMENTS:
-        raise ValueError(f"base alignment {alignment!r} is not supported; accepted are {', '.join(ALIGNMENTS)}")
-    if alignment == "nf4-grid":
-        round_trip_in_place(model, blocksize)
+def align_base(model, alignment: str, blocksize: int = 64) -> list[str]:
+    """Align `model`'s quantizable weights as the setting `alignment` says (mansu.quant.alignment.parse_alignment:
+    natural, nf4-grid, <quantizer>, <quantizer>:<fraction>); returns the weights left natural."""
+    parsed = parse_alignment(alignment)
+    if parsed.is_natural:
+        return []
+    log.info("base alignment %s: %s", alignment, describe(parsed))
+    return round_trip_in_place(model, blocksize, quantizer=parsed.quantizer, fraction=parsed.fraction)
