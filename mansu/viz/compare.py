@@ -91,14 +91,13 @@ _POSITIONS = ("top center", "bottom center", "middle right", "middle left", "top
               "top left", "bottom right")
 
 
-def label_positions(xs: list[float], ys: list[float], *, near: float = 0.08) -> list[str]:
-    """A textposition per point: each point takes the first position not used by an earlier point within `near`
-    (in units of the axes' spans), so clustered runs get their labels above, below and beside each other."""
-    span_x = (max(xs) - min(xs)) or 1.0 if xs else 1.0
-    span_y = (max(ys) - min(ys)) or 1.0 if ys else 1.0
+def label_positions(xs: list[float], ys: list[float], span_x: float, span_y: float) -> list[str]:
+    """A textposition per point: each point takes the first position not used by an earlier point whose label box
+    could overlap (closer than a fifth of the x axis' span and a twelfth of the y axis'), so clustered runs get their
+    labels above, below and beside each other."""
     out: list[str] = []
     for i, (x, y) in enumerate(zip(xs, ys)):
-        taken = {out[j] for j in range(i) if abs(xs[j] - x) / span_x < near and abs(ys[j] - y) / span_y < near * 3}
+        taken = {out[j] for j in range(i) if abs(xs[j] - x) < span_x / 5 and abs(ys[j] - y) < span_y / 12}
         out.append(next((p for p in _POSITIONS if p not in taken), _POSITIONS[i % len(_POSITIONS)]))
     return out
 
@@ -113,13 +112,14 @@ def quadrant_figure(points: dict[str, tuple[float, float]], *, drop_margin: floa
     labels = list(points)
     xs = [points[k][0] for k in labels]
     ys = [points[k][1] for k in labels]
-    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="markers+text", text=labels, textposition=label_positions(xs, ys),
+    x_lo, x_hi = min([0.0, *xs]) - 0.05, max([drop_margin * 2, *xs]) * 1.15
+    y_lo, y_hi = min([0.0, *ys]) - 0.05, max([cad_threshold * 2, *ys]) * 1.15
+    positions = label_positions(xs, ys, x_hi - x_lo, y_hi - y_lo)
+    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="markers+text", text=labels, textposition=positions,
                                marker={"size": 12, "color": "#ff7f0e"}, name="runs", cliponaxis=False,
                                hovertemplate="%{text}<br>drop %{x:.3g}<br>CAD %{y:.3g}<extra></extra>"))
     fig.add_vline(x=drop_margin, line={"dash": "dash", "color": "grey"})
     fig.add_hline(y=cad_threshold, line={"dash": "dash", "color": "grey"})
-    x_hi = max([drop_margin * 2, *xs]) * 1.15 if xs else 1.0
-    y_hi = max([cad_threshold * 2, *ys]) * 1.15 if ys else 1.0
     corners = ((x_hi * 0.8, y_hi * 0.95, "structural erasure"),
                (x_hi * 0.8, cad_threshold * 0.3, "behavioural suppression"),
                (drop_margin * 0.4, y_hi * 0.95, "circuit changed, output kept"),
@@ -128,8 +128,8 @@ def quadrant_figure(points: dict[str, tuple[float, float]], *, drop_margin: floa
         fig.add_annotation(x=x, y=y, text=text, showarrow=False, font={"color": "grey"})
     fig.update_layout(title=f"behavioural suppression vs structural erasure ({name})", height=420,
                       xaxis={"title": f"forget-accuracy drop: base fp − unlearned {name}",
-                             "range": [min([0.0, *xs]) - 0.05, x_hi]},
-                      yaxis={"title": f"CAD after {name}", "range": [min([0.0, *ys]) - 0.05, y_hi]},
+                             "range": [x_lo, x_hi]},
+                      yaxis={"title": f"CAD after {name}", "range": [y_lo, y_hi]},
                       margin={"l": 50, "r": 30, "t": 50, "b": 40})
     return fig
 
