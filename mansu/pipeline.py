@@ -17,9 +17,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mansu.attribution.cad import cad
 from mansu.attribution.circuit import circuit_parameter_masks, smallest_faithful_circuit
@@ -27,15 +28,26 @@ from mansu.attribution.eap import attribute
 from mansu.attribution.serialize import load_circuit, load_graph, save_circuit, save_graph
 from mansu.data.records import load_records, mcq_only
 from mansu.io import read_json, read_safetensors, write_json_atomic
-from mansu.metrics.accuracy import mcq_accuracy
+from mansu.metrics.accuracy import check_records_fit, context_length, mcq_accuracy
 from mansu.models.demo import demo_assets, ensure_demo, is_complete
-from mansu.models.loading import load_config, load_model, require_causal_lm
+from mansu.models.loading import load_config, load_model, load_tokenizer, require_causal_lm
 from mansu.quant.survival import alignment_report, survival_analysis, write_survival
 from mansu.quant.targets import quant_layout
 from mansu.quant.twin import nf4_twin, paired_gap
 from mansu.runs import layout
-from mansu.runs.store import RunState, create_run, read_config, run_dir, update_metrics, validate_run_id, write_status
-from mansu.scorecard import build_scorecard
+from mansu.runs.store import (
+    RunState,
+    create_run,
+    read_cad,
+    read_config,
+    read_metrics,
+    run_dir,
+    update_metrics,
+    validate_run_id,
+    write_cad,
+    write_status,
+)
+from mansu.scorecard import build_scorecard, write_scorecard
 from mansu.spec import DEMO, RunSpec, run_slug
 from mansu.unlearn.artifacts import update_tensors, write_update
 from mansu.unlearn.config import UnlearnConfig
@@ -103,9 +115,14 @@ def check_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs | None:
     if spec.is_demo and not build_demo and not is_complete(demo_assets()):
         return None
     inputs = resolve_inputs(spec, build_demo=build_demo)
-    require_causal_lm(load_config(inputs.model), inputs.model)
+    config = load_config(inputs.model)
+    require_causal_lm(config, inputs.model)
+    try:
+        tokenizer = load_tokenizer(inputs.model, spec.tokenizer)
+    except OSError as exc:
+        raise ValueError(f"{inputs.model}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
     for path in (inputs.forget, inputs.retain):
-        load_split(path)
+        check_records_fit(tokenizer, context_length(config), load_split(path), fmt=spec.fmt, source=path)
     return inputs
 
 
@@ -310,16 +327,14 @@ def stage_attribution_after(ctx: Context) -> None:
 
 def stage_cad(ctx: Context) -> None:
     if not _circuit_ok(ctx):
-        write_json_atomic(ctx.run / layout.CAD, {"status": "not available",
-                                                 "reason": "no circuit (attribution off or unavailable)"}, add_stamp=True)
+        write_cad(ctx.run, {"status": "not available", "reason": "no circuit (attribution off or unavailable)"})
         return
-
     circuit, _ = load_circuit(ctx.run)
     before = load_graph(ctx.run, "before")
     out = {"status": "ok"}
     for stage in ("after_fp", "after_nf4"):
         out[stage] = cad(before, load_graph(ctx.run, stage), circuit).to_dict()
-    write_json_atomic(ctx.run / layout.CAD, out, add_stamp=True)
+    write_cad(ctx.run, out)
 
 
 def stage_survival(ctx: Context) -> None:
@@ -335,10 +350,8 @@ def stage_survival(ctx: Context) -> None:
 
 
 def stage_scorecard(ctx: Context) -> None:
-    metrics = read_json(ctx.run / layout.METRICS)
-    cad = read_json(ctx.run / layout.CAD) if (ctx.run / layout.CAD).is_file() else None
-    card = build_scorecard(metrics, cad, ctx.spec.scorecard)
-    write_json_atomic(ctx.run / layout.SCORECARD, card, add_stamp=True)
+    card = build_scorecard(read_metrics(ctx.run), read_cad(ctx.run), ctx.spec.scorecard)
+    write_scorecard(ctx.run, card)
 
 
 STAGE_FUNCS: dict[str, Callable[[Context], None]] = {

@@ -15,8 +15,8 @@ import numpy as np
 from mansu.data.records import MCQRecord
 from mansu.io import write_json_atomic
 from mansu.runs import layout
-from mansu.runs.store import create_run, write_status
-from mansu.scorecard import build_scorecard
+from mansu.runs.store import create_run, write_cad, write_status
+from mansu.scorecard import build_scorecard, write_scorecard
 from mansu.viz.artifacts import GraphData
 
 Family = Literal["llama", "qwen2", "gpt2", "mistral", "qwen3", "gemma"]
@@ -164,8 +164,8 @@ def write_sample_run(root: Path, method: str = "mansu", seed: int = 0, forget_af
     cad = {f"after_{w}": {"value": v, "ci_low": v - 0.1, "ci_high": v + 0.1, "n_examples": 64,
                           "per_edge": {f"a0.h{i % 8}->m{i % 2}": 0.1 / (i + 1) for i in range(10)}}
            for w, v in (("fp", 0.6 if method == "mansu" else 0.1), ("nf4", 0.55 if method == "mansu" else 0.08))}
-    write_json_atomic(run / layout.CAD, cad)
-    write_json_atomic(run / layout.SCORECARD, build_scorecard(metrics, cad))
+    write_cad(run, cad)
+    write_scorecard(run, build_scorecard(metrics, cad))
     write_sample_update(run / layout.UPDATE, rng)
     write_status(run, "done", 1, 1, state="finished")
     return run
