@@ -153,7 +153,7 @@ def test_a_queue_survives_the_tab_and_any_tab_cancels_it(home, tmp_path):
     spec = RunSpec(model=world["model"], forget=world["forget"], retain=world["retain"], attribution=False,
                    unlearn=UnlearnConfig(method="graddiff", steps=100_000, batch_size=4))
     proc, info = launch_runs([spec, spec.replace(unlearn=UnlearnConfig(method="ga", steps=3, batch_size=4))], "q")
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # the backend imports torch and checks the inputs first: slow on a loaded machine
     while len(runs_of_pid(info.pid)) < 2 and time.time() < deadline:
         time.sleep(0.2)
     first, second = runs_of_pid(info.pid)
