@@ -11,6 +11,7 @@ from pathlib import Path
 from mansu.attribution.circuit import smallest_faithful_circuit
 from mansu.attribution.eap import attribute
 from mansu.attribution.serialize import save_circuit, save_graph
+from mansu.choices import DEVICES, DTYPES
 from mansu.data.records import load_records, mcq_only
 from mansu.models.demo import ensure_demo
 from mansu.models.loading import load_model
@@ -33,8 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob"],
                    help="metric of the correct answer (default logit_diff)")
     p.add_argument("--target", type=float, default=0.8, help="faithfulness the circuit must reach (default 0.8)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype (default fp32)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights dtype (default fp32)")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="cpu, cuda or auto")
     p.add_argument("--tokenizer", default=None, metavar="fast|PATH",
                    help="'fast': the model's tokenizer.json exactly as saved (AutoTokenizer may rebuild a saved "
                         "word-level tokenizer as the architecture's BPE); PATH: a tokenizer folder or tokenizer.json "

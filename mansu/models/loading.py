@@ -9,14 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from mansu.choices import DEVICES, DTYPES, Device, DType
 
 log = logging.getLogger(__name__)
 
-DType = Literal["fp32", "bf16"]
-Device = Literal["cpu", "cuda", "auto"]
-DTYPES = ("fp32", "bf16")
-DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass
@@ -53,7 +51,8 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
     local = Path(name_or_path).expanduser()
     looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
     if looks_local and not local.exists():
-        raise FileNotFoundError(f"model folder not found: {name_or_path}; give a local HF model folder or a hub id (org/name)")
+        raise FileNotFoundError(f"model folder not found: {name_or_path}; "
+                                "give a local HF model folder or a hub id (org/name)")
     if local.exists() and not (local / "config.json").is_file():
         raise ValueError(f"{name_or_path}: not a Hugging Face model folder (no config.json inside)")
     try:
@@ -61,7 +60,8 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"unknown model {name_or_path!r}: not a local model folder nor a reachable hub id ({first})") from None
+        raise ValueError(f"unknown model {name_or_path!r}: not a local model folder nor a reachable hub id "
+                         f"({first})") from None
 
 
 def require_causal_lm(config, name: str) -> None:
