@@ -162,3 +162,17 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_checked(path: Path, data: dict[str, Any], check) -> Path:
+    """Write one of mansu's own JSON files (stamped) after `check(data, where)` accepts its shape."""
+    write_json_atomic(path, dict(check(data, f"{path} (writing)")), add_stamp=True)
+    return path
+
+
+def read_checked(path: Path, check) -> Any | None:
+    """One of mansu's own JSON files through its shape check (None when not written yet; ValueError on a wrong
+    shape, naming the field)."""
+    if not Path(path).is_file():
+        return None
+    return check(read_json_object(path), str(path))

@@ -10,6 +10,9 @@ With accuracies on the forget (f) and retain (r) MCQ splits, "fp" the unlearned 
     4. structural erasure      CAD(before, after NF4) over the original circuit   pass iff CAD >= cad_threshold
                                 (NF4: the erasure must hold in the model that is deployed)
 
+NF4 is the headline (the paper's).  `survives` applies property 3 to every quantizer the run scored (nf4, fp4,
+int8, int4-g128 by default): survives iff acc_f(q) - acc_f(fp) <= max_ptq_gap, with the gap's paired CI.
+
 `margin` is how far inside (+) or outside (-) the threshold the value lies.  A property whose inputs are
 missing (e.g. attribution not available) is reported as status "not available", never as a pass.
 
@@ -27,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
-from mansu.io import read_json_object, write_json_atomic
+from mansu.io import read_checked, write_checked
 from mansu.runs import layout
 
 PropertyName = Literal["forgetting", "retain", "ptq_gap", "structural_erasure"]
@@ -67,7 +70,8 @@ class ScorecardConfig:
 
 def _prop(value: float | None, threshold: float, higher_is_better: bool, **extra: Any) -> dict[str, Any]:
     if value is None:
-        return {"status": "not available", "pass": False, "value": None, "threshold": threshold, "margin": None, **extra}
+        return {"status": "not available", "pass": False, "value": None, "threshold": threshold, "margin": None,
+                **extra}
     value = round(value, DECIMALS)
     margin = round(value - threshold if higher_is_better else threshold - value, DECIMALS)
     passed = margin >= -TOLERANCE
@@ -82,7 +86,8 @@ def _acc(metrics: dict, key: str, split: str) -> float | None:
         return None
 
 
-def build_scorecard(metrics: dict[str, Any], cad: dict[str, Any] | None, config: ScorecardConfig = ScorecardConfig()) -> dict:
+def build_scorecard(metrics: dict[str, Any], cad: dict[str, Any] | None,
+                    config: ScorecardConfig = ScorecardConfig()) -> dict:
     """Scorecard dict from metrics.json (keys base_fp, unlearned_fp, unlearned_nf4, ptq_gap) and cad.json."""
     bf, uf = _acc(metrics, "base_fp", "forget"), _acc(metrics, "unlearned_fp", "forget")
     br, ur = _acc(metrics, "base_fp", "retain"), _acc(metrics, "unlearned_fp", "retain")
@@ -103,7 +108,22 @@ def build_scorecard(metrics: dict[str, Any], cad: dict[str, Any] | None, config:
                                     rule="CAD(before, after NF4) >= threshold"),
     }
     return {"properties": props, "all_pass": all(p["pass"] for p in props.values()),
-            "n_pass": sum(p["pass"] for p in props.values()), "config": asdict(config)}
+            "n_pass": sum(p["pass"] for p in props.values()), "config": asdict(config),
+            "survives": survives(metrics, config)}
+
+
+def survives(metrics: dict[str, Any], config: ScorecardConfig = ScorecardConfig()) -> dict[str, dict[str, Any]]:
+    """Property 3 per quantizer (metrics.json ptq_gap_by_quantizer): {quantizer: {survives, gap, ci_low, ci_high,
+    margin, recovery_significant}}, survives iff gap <= max_ptq_gap (ties pass, as above).  NF4 stays the
+    headline property; this says which other deployed formats the forgetting survives."""
+    out = {}
+    for q, entry in (metrics.get("ptq_gap_by_quantizer") or {}).items():
+        gap = (entry or {}).get("forget") or {}
+        p = _prop(gap.get("gap"), config.max_ptq_gap, False)
+        out[q] = {"survives": p["pass"], "status": p["status"], "gap": p["value"], "margin": p["margin"],
+                  "ci_low": gap.get("ci_low"), "ci_high": gap.get("ci_high"),
+                  "recovery_significant": (gap.get("ci_low") or 0) > 0}
+    return out
 
 
 def _bad(where: str, what: str, value: Any) -> ValueError:
@@ -147,17 +167,12 @@ def check_scorecard(data: Any, where: str = layout.SCORECARD) -> Scorecard:
 
 def write_scorecard(run: Path, card: dict[str, Any]) -> Path:
     """Write scorecard.json (stamped) after checking its shape; returns the path."""
-    path = Path(run) / layout.SCORECARD
-    write_json_atomic(path, dict(check_scorecard(card, f"{path} (writing)")), add_stamp=True)
-    return path
+    return write_checked(Path(run) / layout.SCORECARD, card, check_scorecard)
 
 
 def read_scorecard(run: Path) -> Scorecard | None:
     """scorecard.json of a run (None when not written yet); a wrong shape raises ValueError naming the field."""
-    path = Path(run) / layout.SCORECARD
-    if not path.is_file():
-        return None
-    return check_scorecard(read_json_object(path), str(path))
+    return read_checked(Path(run) / layout.SCORECARD, check_scorecard)
 
 
 def format_scorecard(card: dict) -> str:

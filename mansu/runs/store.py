@@ -19,11 +19,12 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, TypedDict, get_args
+from typing import Any, Literal, TypedDict, get_args
 
-from mansu.io import read_json_object, stamp, write_json_atomic
+from mansu.io import read_checked, read_json_object, stamp, write_checked, write_json_atomic
 from mansu.paths import runs_root
 from mansu.runs import layout
 from mansu.scorecard import read_scorecard
@@ -34,7 +35,7 @@ _RUN_ID = re.compile(r"[0-9]{8}-[0-9]{6}(-[0-9]{1,3})?-[a-z0-9][a-z0-9_-]{0,63}"
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def slugify(text: str) -> str:
@@ -186,8 +187,8 @@ def read_status(run: Path) -> dict[str, Any]:
     if status.get("state") in ("running", "queued") and status.get("host") == socket.gethostname():
         pid = status.get("pid")
         if isinstance(pid, int) and not _process_alive(pid):
-            status = {**status, "state": "failed",
-                      "error": status.get("error") or f"backend process {pid} died during stage {status.get('stage')!r}"}
+            died = f"backend process {pid} died during stage {status.get('stage')!r}"
+            status = {**status, "state": "failed", "error": status.get("error") or died}
     return status
 
 
@@ -335,17 +336,12 @@ def check_cad(data: Any, where: str = layout.CAD) -> CadFile:
 
 def write_cad(run: Path, cad: dict[str, Any]) -> Path:
     """Write cad.json (stamped) after checking its shape; returns the path."""
-    path = Path(run) / layout.CAD
-    write_json_atomic(path, dict(check_cad(cad, f"{path} (writing)")), add_stamp=True)
-    return path
+    return write_checked(Path(run) / layout.CAD, cad, check_cad)
 
 
 def read_cad(run: Path) -> CadFile | None:
     """cad.json of a run (None when not written yet); a wrong shape raises ValueError naming the field."""
-    path = Path(run) / layout.CAD
-    if not path.is_file():
-        return None
-    return check_cad(read_json_object(path), str(path))
+    return read_checked(Path(run) / layout.CAD, check_cad)
 
 
 # ---------------------------------------------------------------- listing and loading
