@@ -31,9 +31,10 @@ from mansu.io import read_json, read_safetensors, write_json_atomic
 from mansu.metrics.accuracy import check_records_fit, context_length, mcq_accuracy
 from mansu.models.demo import demo_assets, ensure_demo, is_complete
 from mansu.models.loading import load_config, load_model, load_tokenizer, require_causal_lm
+from mansu.quant.alignment import parse_quantizers
 from mansu.quant.survival import alignment_report, survival_analysis, write_survival
 from mansu.quant.targets import quant_layout
-from mansu.quant.twin import nf4_twin, paired_gap
+from mansu.quant.twin import nf4_twin, paired_gap, quantized
 from mansu.runs import layout
 from mansu.runs.store import (
     RunState,
@@ -194,11 +195,32 @@ def _twin(ctx: Context, model):
     return nf4_twin(model, ctx.spec.nf4_mode, blocksize=ctx.config.blocksize).model
 
 
+def _quant_evals(ctx: Context, model, nf4: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{quantizer: evaluation} of the spec's quantizers, each a simulated bit-exact twin (the model rounded in place
+    and restored); nf4 reuses the headline evaluation `nf4` when that one is simulated too."""
+    out = {}
+    for q in parse_quantizers(ctx.spec.quantizers):
+        if q == "nf4" and ctx.spec.nf4_mode == "simulated":
+            out[q] = {**nf4, "skipped_modules": []}
+            continue
+        with quantized(model, q, blocksize=ctx.config.blocksize) as twin:
+            out[q] = {**_evaluate(ctx, twin.model), "skipped_modules": twin.skipped_modules}
+    return out
+
+
+def _gaps(fp: dict[str, Any], quant: dict[str, Any], mode: str) -> dict[str, Any]:
+    """PTQ gap per split, acc(quantized) - acc(fp), paired bootstrap CI (mansu.quant.twin.paired_gap)."""
+    gaps = {split: paired_gap(fp[split]["correct"], quant[split]["correct"]).to_dict()
+            for split in ("forget", "retain")}
+    return {**gaps, "mode": mode}
+
+
 def stage_base_eval(ctx: Context) -> None:
     if not ctx.cache.metrics:
 
         model, _ = ctx.base()
         ctx.cache.metrics = {"base_fp": _evaluate(ctx, model), "base_nf4": _evaluate(ctx, _twin(ctx, model))}
+        ctx.cache.metrics["base_quant"] = _quant_evals(ctx, model, ctx.cache.metrics["base_nf4"])
         state = {n: p.detach().cpu() for n, p in model.named_parameters()}
         report = alignment_report(state, quantizable_names(model), blocksize=ctx.config.blocksize,
                                   layout=quant_layout(model))
@@ -301,8 +323,12 @@ def stage_eval_nf4(ctx: Context) -> None:
     nf4 = _evaluate(ctx, _twin(ctx, ctx.model_after()))
     update_metrics(ctx.run, "unlearned_nf4", nf4)
     fp = read_json(ctx.run / layout.METRICS)["unlearned_fp"]
-    gaps = {split: paired_gap(fp[split]["correct"], nf4[split]["correct"]).to_dict() for split in ("forget", "retain")}
-    update_metrics(ctx.run, "ptq_gap", {**gaps, "mode": ctx.spec.nf4_mode})
+    update_metrics(ctx.run, "ptq_gap", _gaps(fp, nf4, ctx.spec.nf4_mode))
+    quant = _quant_evals(ctx, ctx.model_after(), nf4)  # every quantizer of the spec; nf4 above stays the headline
+    update_metrics(ctx.run, "unlearned_quant", quant)
+    update_metrics(ctx.run, "ptq_gap_by_quantizer", {q: {**_gaps(fp, ev, "simulated"),
+                                                         "skipped_modules": ev["skipped_modules"]}
+                                                     for q, ev in quant.items()})
 
 
 def _circuit_ok(ctx: Context) -> bool:
@@ -442,7 +468,7 @@ def start_queue(specs: list[RunSpec], *, root: Path | None = None) -> list[Path]
 def copy_parent_stages(parent: Path, run: Path) -> None:
     """--from-run: reuse the parent's base evaluation and circuit (artifacts copied, stages marked finished)."""
     metrics = read_json(parent / layout.METRICS)
-    for key in ("base_fp", "base_nf4", "base_alignment"):
+    for key in ("base_fp", "base_nf4", "base_quant", "base_alignment"):
         if key in metrics:
             update_metrics(run, key, metrics[key])
     mark_finished(run, "base_eval", 0.0)

@@ -1,15 +1,19 @@
-"""`python -m mansu eval`: MCQ accuracy of any model on any MCQ file, fp or NF4."""
+"""`python -m mansu eval`: MCQ accuracy of any model on any MCQ file, in full precision and, with --quant, under any
+registered quantizer (simulated, bit-exact: mansu.quant.twin.quantized), with the PTQ gap per quantizer."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from mansu.choices import DEVICES, DTYPES
 from mansu.data.records import load_records, mcq_only
 from mansu.metrics.accuracy import mcq_accuracy
 from mansu.models.loading import load_model
 from mansu.pipeline import resolve_model_path
-from mansu.quant.twin import nf4_twin, paired_gap
+from mansu.quant.alignment import parse_quantizers
+from mansu.quant.registry import QUANTIZERS
+from mansu.quant.twin import nf4_twin, paired_gap, quantized
 
 
 def register(subparsers) -> None:
@@ -17,15 +21,17 @@ def register(subparsers) -> None:
                               description="Score a causal LM on WMDP-format MCQ records (JSONL, CSV or Parquet) in the "
                                           "cloze or letter format, with a 95% bootstrap confidence interval; "
                                           "with --nf4, also its NF4 twin and the PTQ gap (NF4 - full precision, "
-                                          "paired bootstrap CI).")
+                                          "paired bootstrap CI); with --quant, the same under each listed quantizer "
+                                          "(simulated, bit-exact).")
     p.add_argument("--model", required=True, help="local HF model folder or hub id ('demo' for the demo model)")
     p.add_argument("--data", required=True, nargs="+", help="one or more MCQ files (question, choices, answer)")
     p.add_argument("--format", default="cloze", choices=["cloze", "letter"], help="scoring format (default cloze)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype (default fp32)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights dtype (default fp32)")
+    p.add_argument("--device", default="cpu", choices=DEVICES,
                    help="cpu, cuda, or auto (accelerate device_map for models larger than one GPU)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model's own Python code (off by default)")
     p.add_argument("--tokenizer", default=None, metavar="fast|PATH",
                    help="'fast': the model's tokenizer.json exactly as saved (AutoTokenizer may rebuild a saved "
                         "word-level tokenizer as the architecture's BPE); PATH: a tokenizer folder or tokenizer.json "
@@ -33,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--nf4", choices=["simulated", "real"], default=None,
                    help="also score the NF4 twin: simulated (bit-exact round trip, fp32 compute) or real "
                         "(bitsandbytes Linear4bit via transformers); prints the PTQ gap")
+    p.add_argument("--quant", default=None, metavar="|".join(QUANTIZERS),
+                   help="also score the simulated twin (bit-exact round trip of every quantizable weight) under "
+                        "each of these quantizers (comma-separated, e.g. nf4,int4-g128); prints each PTQ gap")
     p.add_argument("--json", action="store_true", help="print one JSON line per file")
     p.set_defaults(func=run)
 
@@ -40,26 +49,31 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    quants = parse_quantizers(args.quant) if args.quant is not None else []
     datasets = {path: mcq_only(load_records(path, "mcq"), path) for path in args.data}  # validate all first
     lm = load_model(resolve_model_path(args.model), dtype=args.dtype, device=args.device,
                     trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     twin = None
     if args.nf4:
-
         twin = nf4_twin(lm.model, args.nf4)
         if not args.json:
             print(f"NF4 twin ({args.nf4}, blocksize {twin.blocksize}): {len(twin.quantized_modules)} modules quantized "
                   f"(the transformers default: every Linear layer except lm_head)")
+    scored = []  # (row, line parts, records, per-example correctness in full precision)
     for path, records in datasets.items():
         r = mcq_accuracy(lm.model, lm.tokenizer, records, fmt=args.format, batch_size=args.batch_size, source=path)
         row = {"data": path, **{k: v for k, v in r.to_dict().items() if k != "correct"}}
-        line = f"{path}: {args.format} accuracy {r.accuracy:.3f} (95% CI {r.ci_low:.3f}-{r.ci_high:.3f}, n={r.n})"
+        parts = [f"{path}: {args.format} accuracy {r.accuracy:.3f} (95% CI {r.ci_low:.3f}-{r.ci_high:.3f}, n={r.n})"]
         if twin is not None:
             gap = _ptq_gap(twin, lm.tokenizer, records, r.correct, args)
             row["nf4"] = {"mode": args.nf4, "n_quantized_modules": len(twin.quantized_modules), **gap.to_dict()}
-            line += (f"; NF4 {gap.acc_nf4:.3f}, PTQ gap {gap.gap:+.3f} "
-                     f"(95% CI {gap.ci_low:+.3f} to {gap.ci_high:+.3f})")
-        print(json.dumps(row) if args.json else line)
+            parts.append(f"NF4 {gap.acc_nf4:.3f}, PTQ gap {gap.gap:+.3f} "
+                         f"(95% CI {gap.ci_low:+.3f} to {gap.ci_high:+.3f})")
+        scored.append((row, parts, records, r.correct))
+    for quantizer in quants:  # one in-place rounding per quantizer, every file scored under it
+        _score_quantizer(lm, quantizer, scored, args)
+    for row, parts, _, _ in scored:
+        print(json.dumps(row) if args.json else "; ".join(parts))
     return 0
 
 
@@ -67,3 +81,16 @@ def _ptq_gap(twin, tokenizer, records, correct_full, args):
     """acc(NF4 twin) - acc(model) on the same records, paired (mansu.quant.twin.paired_gap)."""
     quant = mcq_accuracy(twin.model, tokenizer, records, fmt=args.format, batch_size=args.batch_size, n_boot=10)
     return paired_gap(correct_full, quant.correct)
+
+
+def _score_quantizer(lm, quantizer: str, scored: list, args: argparse.Namespace) -> None:
+    """Score every file under `quantizer` (the model's weights rounded in place, restored afterwards) and add its
+    PTQ gap, acc(q) - acc(fp) with a paired bootstrap CI, to each file's row and line."""
+    with quantized(lm.model, quantizer) as twin:
+        for row, parts, records, correct in scored:
+            gap = _ptq_gap(twin, lm.tokenizer, records, correct, args)
+            row.setdefault("quant", {})[quantizer] = {"mode": "simulated",
+                                                     "n_quantized_modules": len(twin.quantized_modules),
+                                                     "skipped_modules": twin.skipped_modules, **gap.to_dict()}
+            parts.append(f"{quantizer} {gap.acc_nf4:.3f}, PTQ gap {gap.gap:+.3f} "
+                         f"(95% CI {gap.ci_low:+.3f} to {gap.ci_high:+.3f})")
