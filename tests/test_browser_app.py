@@ -114,12 +114,13 @@ def _open(page, url: str) -> None:
     page.goto(url)
     page.wait_for_selector("[data-testid='stApp']", timeout=30_000)
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-                           " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
-                           timeout=30_000)
+                           " || !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+                           ".innerText.includes('Running')", timeout=30_000)
 
 
 def _no_exception(page) -> None:
-    assert page.locator("[data-testid='stException']").count() == 0, page.locator("[data-testid='stException']").first.inner_text()
+    errors = page.locator("[data-testid='stException']")
+    assert errors.count() == 0, errors.first.inner_text()
 
 
 @pytest.fixture(scope="module")
@@ -215,16 +216,19 @@ def test_floor_slider_updates_the_preview(server, page, with_runs):
                            "m => m.innerText.startsWith('kappa') && m.innerText.includes('1.1'))", timeout=20_000)
     after = {label: _metric(page, label) for label in before}
     assert after["kappa"] != before["kappa"]
-    assert int(after["n updated"].replace(",", "")) < int(before["n updated"].replace(",", ""))  # bigger moves, same budget
+    # bigger moves, same budget
+    assert int(after["n updated"].replace(",", "")) < int(before["n updated"].replace(",", ""))
     latency = page.get_by_text("preview computed in").first.inner_text()
     assert int(latency.split("in ")[1].split(" ms")[0]) <= 200
     page.screenshot(path=str(SHOTS / "floor-preview.png"), full_page=True)
     _no_exception(page)
 
 
-def _download_report(page, url: str) -> str:
-    """Open Report, build the HTML report and download it; returns its text."""
-    _open(page, f"{url}/report")
+def _download_report(page, url: str, *, reopen: bool = True) -> str:
+    """Open Report (unless it is open with the wanted selection), build the HTML report and download it; returns
+    its text."""
+    if reopen:
+        _open(page, f"{url}/report")
     page.get_by_role("button", name="Build HTML report").click()
     link = page.get_by_role("button", name="Download report.html")
     link.wait_for(timeout=120_000)
@@ -239,6 +243,44 @@ def test_report_downloads_a_self_contained_html(server, page, with_runs):
     assert "meaningful forgetting" in html
     page.screenshot(path=str(SHOTS / "report.png"), full_page=True)
     _no_exception(page)
+
+
+REPORT_SECTIONS = ("Claim and verdict", "Setup", "Results", "Figures", "Limitations", "Reproduce")
+
+
+def test_reviewer_report_of_a_run_and_its_comparison(server, page, with_runs):
+    """Issue 15: the Report page builds the reviewer report of the selected run and the sidebar's "compare with"
+    run (no other run of the folder); the downloaded file renders every section and figure in Chromium, and its
+    print stylesheet lays it out for A4 (toolbar hidden, a page per section)."""
+    ids = {p.name.rsplit("-", 1)[1]: p.name for p in with_runs.iterdir() if "sample-" in p.name}
+    _open(page, f"{server}/report?run={ids['mansu']}")
+    box = page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']", has_text="compare with")
+    box.click()
+    page.get_by_role("option", name=re.compile(r"^ga · ")).click()
+    page.get_by_text("compared with").first.wait_for(timeout=30_000)
+    html = _download_report(page, server, reopen=False)
+    others = [p.name for p in with_runs.iterdir() if p.is_dir() and p.name not in ids.values()]
+    assert ids["mansu"] in html and ids["ga"] in html and not any(o in html for o in others)
+    path = SHOTS / "reviewer-report.html"
+    path.write_text(html, encoding="utf-8")
+    page.goto(path.as_uri())
+    for heading in REPORT_SECTIONS:
+        assert page.get_by_role("heading", name=heading, exact=True).is_visible(), heading
+    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                           ".filter(p => p.querySelector('.main-svg')).length >= 5", timeout=60_000)
+    assert page.locator("figure figcaption").count() == page.locator("figure .js-plotly-plot").count() >= 5
+    verdict = page.locator("#claim").inner_text()
+    assert "lowered forget accuracy from 1 to 0.3 in full precision" in verdict and "Verdict:" in verdict
+    results = page.locator("#results table").first.inner_text()
+    assert "0.3 [0.25, 0.35]" in results and "+0.02 [-0.01, +0.05]" in results
+    page.set_viewport_size({"width": 1200, "height": 1500})
+    page.screenshot(path=str(REPO / "docs" / "report-screenshot.png"))
+    page.emulate_media(media="print")
+    assert not page.get_by_role("button", name="Print / save as PDF").is_visible()
+    assert page.get_by_role("heading", name="Limitations", exact=True).is_visible()
+    assert page.evaluate("() => getComputedStyle(document.querySelector('#setup')).breakBefore") == "page"
+    pdf = page.pdf(format="A4", print_background=True)
+    assert pdf[:5] == b"%PDF-" and len(re.findall(rb"/Type\s*/Page[^s]", pdf)) >= len(REPORT_SECTIONS)
 
 
 def test_click_a_node_pins_it_and_lists_its_edges(server, page, with_runs):
@@ -296,9 +338,11 @@ def test_circuit_exports_json_png_and_svg(server, page, with_runs):
 
 
 # true when the sidebar picker labelled arg[0] shows arg[1] (as text, or as the value of its input)
-_SIDEBAR_PICKS = """([label, value]) => [...document.querySelectorAll('[data-testid="stSidebar"] [data-testid="stSelectbox"]')]
+_SIDEBAR_PICKS = """([label, value]) =>
+    [...document.querySelectorAll('[data-testid="stSidebar"] [data-testid="stSelectbox"]')]
     .some(box => box.querySelector('label') && box.querySelector('label').innerText.trim() === label
-              && (box.innerText.includes(value) || [...box.querySelectorAll('input')].some(i => i.value.includes(value))))"""
+              && (box.innerText.includes(value)
+                  || [...box.querySelectorAll('input')].some(i => i.value.includes(value))))"""
 
 
 @pytest.mark.timeout(1800)

@@ -169,3 +169,13 @@ def test_formatting():
     assert reviewer.fmt(0.02, signed=True) == "+0.02" and reviewer.fmt(-0.0, signed=True) == "0"
     with pytest.raises(ValueError, match="at least one run"):
         reviewer.reviewer_report([])
+
+
+def test_comparison_runs_are_overlaid_on_the_update_histogram(sample):
+    from mansu.viz.report import run_figures
+
+    _, runs, _ = sample
+    mansu_run, ga_run = (load_run(r.name, r.parent) for r in runs[:2])
+    figs, missing = run_figures(mansu_run, [ga_run])
+    names = [t.name for t in figs["update vs NF4 bin width"].data]
+    assert len(names) == 2 and names[0].startswith("mansu") and names[1].startswith("ga") and not missing

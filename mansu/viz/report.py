@@ -199,9 +199,21 @@ def comparison_figures(runs: list[RunSummary], *, which: str = "nf4", drop_margi
     return figs
 
 
+def _other_histograms(others: list[RunSummary], taken: str) -> dict[str, sv.Histogram]:
+    """The comparison runs' |delta| / bin-width histograms (those with survival.json), by a label unlike `taken`."""
+    out = {}
+    for other in others:
+        surv = read_json_or_none(Path(other.path) / layout.SURVIVAL)
+        hist = sv.histogram_of(sv.overall(surv), sv.shared_edges(surv)) if isinstance(surv, dict) else None
+        label = run_label(other.run_id, other.config)
+        if hist is not None:
+            out[label if label != taken and label not in out else f"{label} ({other.run_id})"] = hist
+    return out
+
+
 def run_figures(run: RunSummary, others: list[RunSummary]) -> tuple[dict[str, go.Figure], list[str]]:
-    """(figures by title, what is missing) for a run's report, read from its folder; the same builders the
-    pages use."""
+    """(figures by title, what is missing) for a run's report, read from its folder, with its comparison runs in
+    the cross-run figures and overlaid on the update histogram; the same builders the pages use."""
     figs: dict[str, go.Figure] = {}
     missing: list[str] = []
     graphs = {stage: load_graph(Path(run.path), stage) for stage in ("before", "after_fp", "after_nf4")}
@@ -218,7 +230,7 @@ def run_figures(run: RunSummary, others: list[RunSummary]) -> tuple[dict[str, go
     if hist is None:
         missing.append("survival under NF4")
     else:
-        figs["update vs NF4 bin width"] = sv.histogram_figure({name: hist})
+        figs["update vs NF4 bin width"] = sv.histogram_figure({name: hist, **_other_histograms(others, name)})
         rows = sv.by_kind_and_layer(sv.per_tensor(surv)) or {name: sv.per_layer(surv)}
         if any(rows.values()):
             figs["NF4 codes changed"] = sv.code_change_heatmap(rows)
