@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("demo", "eval", "attribute", "runs", "run", "compare", "report")
+COMMANDS = ("demo", "eval", "attribute", "runs", "run", "compare", "report", "diagnose")
 
 
 class Parser(argparse.ArgumentParser):
