@@ -97,7 +97,7 @@ def test_setup_limitations_and_reproduce(sample):
                      "cad_threshold 0.3", "mansu on nf4-grid: 1 seed"):
         assert expected in setup, expected
     limits = text_of(section(doc, "limitations"))
-    assert "reconstruction" in limits and "not public" in limits and "NF4-grid-aligned base" in limits
+    assert "reconstruction" in limits and "not public" in limits and "grid-aligned base (nf4-grid)" in limits
     assert "Fewer than 3 seeds" in limits
     repro = text_of(section(doc, "reproduce"))
     assert f"mansu run --spec {runs[0].name}.spec.json" in repro
@@ -179,3 +179,12 @@ def test_comparison_runs_are_overlaid_on_the_update_histogram(sample):
     figs, missing = run_figures(mansu_run, [ga_run])
     names = [t.name for t in figs["update vs NF4 bin width"].data]
     assert len(names) == 2 and names[0].startswith("mansu") and names[1].startswith("ga") and not missing
+
+
+def test_base_alignment_diagnostic_in_words(sample):
+    _, runs, _ = sample
+    run = load_run(runs[0].name, runs[0].parent)
+    diag = {"setting": "nf4-grid", "frac_on_grid": 1.0, "n_weights": 94799, "mean_distance": 0.0}
+    aligned = dataclasses.replace(run, metrics={**run.metrics, "base_alignment": diag})
+    setup = text_of(section(reviewer.reviewer_report([aligned]), "setup"))
+    assert "nf4-grid: 100% of 94,799 quantizable weights on the NF4 grid" in setup

@@ -210,10 +210,12 @@ def verdict(runs: list[RunSummary], labels: list[str]) -> str:
 def _alignment_text(run: RunSummary) -> str:
     diag = (run.metrics or {}).get("base_alignment")
     base = base_of(run)
-    if not isinstance(diag, dict):
+    if not isinstance(diag, dict) or diag.get("frac_on_grid") is None:
         return f"{base} (diagnostic not recorded)"
-    return (f"{base}: {fmt(diag.get('frac_on_grid'))} of {diag.get('n_weights', '?')} Linear weights on the NF4 grid, "
-            f"mean distance {fmt(diag.get('mean_distance'))} bin")
+    n = diag.get("n_weights")
+    return (f"{base}: {fmt(100 * diag['frac_on_grid'])}% of {f'{n:,}' if isinstance(n, int) else '?'} quantizable "
+            f"weights on the NF4 grid; mean distance to the nearest NF4 level {fmt(diag.get('mean_distance'))} "
+            "bin widths")
 
 
 def _method_settings(run: RunSummary) -> str:
@@ -244,7 +246,8 @@ def _quantizer(run: RunSummary) -> str:
     spec, unlearn = _spec(run), _unlearn(run)
     mode = spec.get("nf4_mode", "simulated")
     how = "bit-exact dequantized simulation of bitsandbytes" if mode == "simulated" else "bitsandbytes 4-bit layers"
-    return f"NF4, blockwise absmax, blocksize {unlearn.get('blocksize', 64)} ({mode}: {how}); fp = fp32 weights"
+    scored = f"; scored: {spec['quantizers']}" if spec.get("quantizers") else ""
+    return f"NF4, blockwise absmax, blocksize {unlearn.get('blocksize', 64)} ({mode}: {how}){scored}; fp = fp32"
 
 
 def _seeds(runs: list[RunSummary]) -> str:
@@ -359,10 +362,13 @@ def limitations(runs: list[RunSummary]) -> list[str]:
              "its Sec. 4 and appendices B-E (exact equations) were not available; where the text is silent mansu "
              "chose the most faithful reading (SPEC.md, docs/unlearning.md). Numbers here are mansu's, not the "
              "paper's."]
-    if "nf4-grid" in bases:
-        items.append("On the NF4-grid-aligned base every Linear weight was first snapped to its NF4 round trip, so "
-                     "any update below half a bin rounds back to the base's code: the dual failure (fp forgetting "
-                     "that NF4 undoes) depends on that alignment and is not expected on a natural base.")
+    aligned = sorted(b for b in bases if b not in ("natural", "?"))
+    if aligned:
+        items.append(f"On the grid-aligned base ({', '.join(aligned)}) the quantizable weights (or the stated "
+                     "fraction of their blocks) were first snapped to the quantizer's round trip, so an update below "
+                     "half a bin rounds back to the base's code: the dual failure (fp forgetting that NF4 undoes) "
+                     "depends on that alignment (a checkpoint distributed as dequantized NF4, a QLoRA merge) and is "
+                     "not expected on a natural base.")
     if "natural" in bases:
         items.append("On the natural base weights lie at random places inside their NF4 cells: NF4 dithers sub-bin "
                      "updates and keeps their mean, so a PTQ gap near 0 there is expected for every method.")
