@@ -274,7 +274,7 @@ def test_reviewer_report_of_a_run_and_its_comparison(server, page, with_runs):
     results = page.locator("#results table").first.inner_text()
     assert "0.3 [0.25, 0.35]" in results and "+0.02 [-0.01, +0.05]" in results
     page.set_viewport_size({"width": 1200, "height": 1500})
-    page.screenshot(path=str(REPO / "docs" / "report-screenshot.png"))
+    page.screenshot(path=str(SHOTS / "reviewer-report.png"))  # docs/report-screenshot.png is of real demo runs
     page.emulate_media(media="print")
     assert not page.get_by_role("button", name="Print / save as PDF").is_visible()
     assert page.get_by_role("heading", name="Limitations", exact=True).is_visible()
