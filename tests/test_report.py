@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import html as htmllib
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -102,7 +104,11 @@ def test_setup_limitations_and_reproduce(sample):
     repro = text_of(section(doc, "reproduce"))
     assert f"mansu run --spec {runs[0].name}.spec.json" in repro
     assert f"mansu report {runs[0].name} {runs[1].name} --out report.html" in repro
-    assert '"method": "mansu"' in repro  # the spec JSON is shown
+    assert '"method": "mansu"' in repro  # the spec JSON is shown, and can be saved as the file the command reads
+    link = re.search(rf"<a download='{runs[0].name}.spec.json' href='data:application/json;charset=utf-8,([^']*)'",
+                     section(doc, "reproduce"))
+    saved = json.loads(unquote(htmllib.unescape(link.group(1))))
+    assert saved == {k: v for k, v in read_json(runs[0] / layout.CONFIG)["spec"].items()}
 
 
 def test_only_the_runs_asked_for_and_no_machine_paths(sample):

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import plotly.graph_objects as go
 
@@ -415,8 +416,10 @@ def reproduce_html(runs: list[RunSummary], labels: list[str]) -> str:
     parts = []
     for run, label in zip(runs, labels):
         spec_json = json.dumps(portable_paths(_spec(run)), indent=1, sort_keys=True)
+        href = "data:application/json;charset=utf-8," + quote(spec_json + "\n")
         parts.append(f"<h3>{_e(label)}</h3><pre class='cmd'>{_e(reproduce_command(run))}</pre>"
-                     f"<details open><summary>{_e(run.run_id)}.spec.json (the run's spec, as saved)</summary>"
+                     f"<details open><summary>{_e(run.run_id)}.spec.json (the run's spec, as saved; "
+                     f"<a download='{_e(run.run_id)}.spec.json' href='{_e(href)}'>save it</a>)</summary>"
                      f"<pre>{_e(spec_json)}</pre></details>")
     report = "mansu report " + " ".join(r.run_id for r in runs) + " --out report.html"
     parts.append(f"<p>This report: <code>{_e(report)}</code> (or the app's Report page).</p>")
