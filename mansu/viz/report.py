@@ -171,12 +171,17 @@ def export_images(figures: dict[str, go.Figure], out_dir: Path,
     return result
 
 
-def _labelled(runs: list[RunSummary]) -> dict[str, RunSummary]:
-    """Runs with evaluation metrics by their label (mansu.spec.run_label: method, base, seed, short id); a label two
-    runs share gets the run id, so no run is dropped from a figure. A run passed twice is shown once."""
-    runs = list({r.run_id: r for r in runs if r.metrics}.values())
+def unique_labels(runs: list[RunSummary]) -> list[str]:
+    """mansu.spec.run_label of each run (method, base, seed, short id); a label two runs share gets the run id, so
+    no run is dropped from a figure or a table."""
     labels = [run_label(r.run_id, r.config) for r in runs]
-    return {(f"{lab} ({r.run_id})" if labels.count(lab) > 1 else lab): r for lab, r in zip(labels, runs)}
+    return [f"{lab} ({r.run_id})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
+
+
+def _labelled(runs: list[RunSummary]) -> dict[str, RunSummary]:
+    """Runs with evaluation metrics by their unique label; a run passed twice is shown once."""
+    runs = list({r.run_id: r for r in runs if r.metrics}.values())
+    return dict(zip(unique_labels(runs), runs))
 
 
 def comparison_figures(runs: list[RunSummary], *, which: str = "nf4", drop_margin: float = 0.2,

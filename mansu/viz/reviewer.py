@@ -23,9 +23,9 @@ import plotly.graph_objects as go
 
 from mansu.io import portable_path, portable_paths
 from mansu.runs.store import RunSummary
-from mansu.spec import DEMO, run_label
+from mansu.spec import DEMO
 from mansu.viz.compare import accuracy, cad_value, ptq_gap
-from mansu.viz.report import PROPERTY_TITLES, run_figures, scorecard_rows
+from mansu.viz.report import PROPERTY_TITLES, run_figures, scorecard_rows, unique_labels
 
 SECTIONS = ("claim", "setup", "results", "figures", "limitations", "reproduce")
 DEMO_MODEL = "demo (embedded Llama: 2 layers, 512 wide, 8 heads, 8.8M parameters)"
@@ -106,10 +106,8 @@ def data_name(spec: dict[str, Any], split: str) -> str:
 
 
 def labels_of(runs: list[RunSummary]) -> list[str]:
-    """run_label of each run; a repeated label gets its run id, so no two runs share one."""
-    labels = [run_label(r.run_id, r.config) for r in runs]
-    counts = Counter(labels)
-    return [f"{lab} ({r.run_id})" if counts[lab] > 1 else lab for lab, r in zip(labels, runs)]
+    """The runs' labels in legends, tables and headings (unique: a shared label gets the run id)."""
+    return unique_labels(runs)
 
 
 # ---------------------------------------------------------------- claim and verdict
@@ -140,6 +138,17 @@ def _failing(run: RunSummary) -> list[str]:
     return [PROPERTY_TITLES.get(r.name, r.name) for r in scorecard_rows(run.scorecard) if r.passed is not True]
 
 
+def _moved(run: RunSummary) -> str:
+    """'lowered forget accuracy from X to Y' (or raised, or left it at X), as the numbers say."""
+    before, after = accuracy(run.metrics, "base_fp", "forget"), accuracy(run.metrics, "unlearned_fp", "forget")
+    if before is None or after is None:
+        return "has no forget accuracy to compare"
+    if fmt(before.value) == fmt(after.value):
+        return f"left forget accuracy at {fmt(after.value)}"
+    verb = "lowered" if after.value < before.value else "raised"
+    return f"{verb} forget accuracy from {fmt(before.value)} to {fmt(after.value)}"
+
+
 def run_sentence(run: RunSummary, label: str) -> str:
     """One sentence of numbers for a run: forget fp and NF4, the gap with its CI, retain, CAD, properties passed."""
     if not run.metrics:
@@ -149,8 +158,7 @@ def run_sentence(run: RunSummary, label: str) -> str:
     rows = scorecard_rows(run.scorecard)
     n_pass = sum(r.passed is True for r in rows)
     failing = _failing(run)
-    parts = [f"{method_of(run)} lowered forget accuracy from {_acc_text(run, 'base_fp', 'forget')} to "
-             f"{_acc_text(run, 'unlearned_fp', 'forget')} in full precision; after NF4 it is "
+    parts = [f"{method_of(run)} {_moved(run)} in full precision; after NF4 it is "
              f"{_acc_text(run, 'unlearned_nf4', 'forget')} (PTQ gap {fmt_ci(gap, low, high, signed=True)}, 95% CI): "
              f"{gap_verdict(run)}.",
              f"Retain accuracy went from {_acc_text(run, 'base_fp', 'retain')} to "
