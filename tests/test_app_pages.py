@@ -127,6 +127,21 @@ def test_report_written(sample_runs, home):
     assert not at.exception
     reports = list((home / "exports").glob("*/report.html"))
     assert len(reports) == 1 and reports[0].stat().st_size > 1_000_000
+    text = reports[0].read_text(encoding="utf-8")
+    assert sum(run.name in text for run in sample_runs) == 1  # no "compare with": the selected run only
+
+
+def test_report_compares_with_the_sidebar_run_only(sample_runs, home):
+    extra = write_sample_run(home / "runs", "npo", 2, 0.5)  # in the folder, never picked: not in the report
+    at = _page("views/report.py")
+    selected, other = (r.name for r in sample_runs)
+    at.selectbox(key="run_id").select(selected).run()
+    at.selectbox(key="compare_id").select(other).run()
+    at.button(key="report-build").click().run()
+    assert not at.exception
+    text = (home / "exports" / selected / "report.html").read_text(encoding="utf-8")
+    assert selected in text and other in text and extra.name not in text
+    assert text.index("<section id='claim'>") < text.index("For comparison")
 
 
 @pytest.mark.parametrize("page", PAGES)
