@@ -7,8 +7,11 @@ parses it and holds the equation):
     <q>, <q>:<f>:     the same on any registered quantizer's grid, on all of its groups or a seeded fraction f
 
 Blocks are formed on the quantizer's view of each weight (mansu.quant.targets.QuantLayout: GPT-2's Conv1D weights
-transposed; head and norms untouched).  Written through `params.apply_update`, on the in-memory model only.  The
-quantized twins used for evaluation are in mansu.quant.twin.
+transposed; head and norms untouched), on the in-memory model only.  The aligned values are written, not added:
+`params.apply_update` adds a delta, and fl(W + (RT(W) - W)) is not RT(W) when the level is much smaller than the
+weight (fp4's 1/192 level, a zero point), so an additive write would leave weights a few ulps off the grid.  This
+module's `_write` is the one other parameter write in mansu, and only for base alignment.  The quantized twins used
+for evaluation are in mansu.quant.twin.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from mansu.quant.alignment import ALIGNMENT_SEED, aligned_view, describe, fits, parse_alignment
 from mansu.quant.registry import get_quantizer
 from mansu.quant.targets import quant_layout
-from mansu.unlearn.params import apply_update, full_masks, index_from_masks, quantizable_names
+from mansu.unlearn.params import quantizable_names
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +39,19 @@ def round_trip_in_place(model, blocksize: int = 64, *, quantizer: str = "nf4", f
     names, skipped = [], []
     for n in quantizable_names(model):
         (names if fits(qz, layout.view(n, params[n].detach())) else skipped).append(n)
-    index = index_from_masks(full_masks(model, names), model)
-
-    def moved(i: int, n: str) -> torch.Tensor:  # W' - W in the parameter's layout, flat
+    for i, n in enumerate(names):  # the seed of a tensor's groups is its position among the aligned weights
         w = params[n].detach()
         view = aligned_view(qz, layout.view(n, w), fraction, seed=seed + i, blocksize=blocksize, name=n)
-        return (layout.unview(n, view).float() - w.float()).reshape(-1).cpu()
-
-    if names:
-        apply_update(model, index, torch.cat([moved(i, n) for i, n in enumerate(index.names)]))
+        _write(params[n], layout.unview(n, view))
     if skipped:
         log.warning("%s alignment left %d weight(s) natural (shape not quantizable): %s", quantizer, len(skipped),
                     ", ".join(skipped))
     return skipped
+
+
+@torch.no_grad()
+def _write(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
 def align_base(model, alignment: str, blocksize: int = 64) -> list[str]:
