@@ -32,6 +32,7 @@ from mansu.metrics.accuracy import check_records_fit, context_length, mcq_accura
 from mansu.models.demo import demo_assets, ensure_demo, is_complete
 from mansu.models.loading import load_config, load_model, load_tokenizer, require_causal_lm
 from mansu.quant.alignment import parse_quantizers
+from mansu.quant.diagnose import diagnose_model
 from mansu.quant.survival import alignment_report, survival_analysis, write_survival
 from mansu.quant.targets import quant_layout
 from mansu.quant.twin import nf4_twin, paired_gap, quantized
@@ -221,6 +222,7 @@ def stage_base_eval(ctx: Context) -> None:
         model, _ = ctx.base()
         ctx.cache.metrics = {"base_fp": _evaluate(ctx, model), "base_nf4": _evaluate(ctx, _twin(ctx, model))}
         ctx.cache.metrics["base_quant"] = _quant_evals(ctx, model, ctx.cache.metrics["base_nf4"])
+        ctx.cache.metrics["base_grid"] = diagnose_model(model, parse_quantizers(ctx.spec.quantizers))
         state = {n: p.detach().cpu() for n, p in model.named_parameters()}
         report = alignment_report(state, quantizable_names(model), blocksize=ctx.config.blocksize,
                                   layout=quant_layout(model))
@@ -468,7 +470,7 @@ def start_queue(specs: list[RunSpec], *, root: Path | None = None) -> list[Path]
 def copy_parent_stages(parent: Path, run: Path) -> None:
     """--from-run: reuse the parent's base evaluation and circuit (artifacts copied, stages marked finished)."""
     metrics = read_json(parent / layout.METRICS)
-    for key in ("base_fp", "base_nf4", "base_quant", "base_alignment"):
+    for key in ("base_fp", "base_nf4", "base_quant", "base_grid", "base_alignment"):
         if key in metrics:
             update_metrics(run, key, metrics[key])
     mark_finished(run, "base_eval", 0.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,6 +176,10 @@ def test_run_metrics_and_scorecard_carry_every_quantizer(tiny_world, tmp_runs):
                                            - metrics["unlearned_fp"]["forget"]["accuracy"])
         assert card["survives"][q]["survives"] == (gap["gap"] <= spec.scorecard.max_ptq_gap + 1e-9)
     assert set(card["properties"]) == {"forgetting", "retain", "ptq_gap", "structural_erasure"}
+    grid = metrics["base_grid"]["quantizers"]                           # the base's diagnostic, per quantizer
+    assert set(grid) == set(QUANTIZERS)
+    assert 0.45 < grid["nf4"]["overall"]["frac_on_grid"] < 0.55           # nf4:0.5: half the blocks on the grid
+    assert grid["int8"]["overall"]["frac_on_grid"] < 0.2
 
 
 def test_survives_applies_the_ptq_property_per_quantizer():
@@ -268,3 +273,28 @@ def test_viz_builders_on_a_report_and_a_run():
     bars = ptq_gap_by_quantizer_figure(metrics).data[0]
     assert list(bars.x) == ["nf4", "int4-g128"] and list(bars.y) == [0.0, 0.2]
     assert ptq_gap_by_quantizer_figure({}) is None
+
+
+def test_update_page_shows_the_grid_verdicts_and_gaps_per_quantizer(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from mansu.quant.diagnose import grid_alignment
+    from mansu.runs.store import update_metrics
+    from mansu.testing import write_sample_run
+
+    monkeypatch.setenv("MANSU_HOME", str(tmp_path))
+    monkeypatch.setenv("MANSU_RUNS", str(tmp_path / "runs"))
+    run = write_sample_run(tmp_path / "runs", "mansu", 0, 0.3)
+    w = {"model.layers.0.mlp.down_proj.weight": get_quantizer("nf4").round_trip(torch.randn(64, 128) * 0.02)}
+    update_metrics(run, "base_grid", grid_alignment(w, ["nf4", "int8"]))
+    update_metrics(run, "ptq_gap_by_quantizer", {q: {"forget": {"gap": g, "ci_low": g - 0.1, "ci_high": g + 0.1}}
+                                                 for q, g in (("nf4", 0.0), ("int4-g128", 0.2))})
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("views/update_nf4.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[-1].value
+    assert list(table["quantizer"]) == ["nf4", "int8"]
+    assert list(table["sub-bin forgetting"]) == ["undone", "kept in expectation"]
+    assert any("PTQ gap per quantizer" in c.proto.spec for c in at.get("plotly_chart"))

@@ -6,10 +6,11 @@ import streamlit as st
 
 from mansu.pipeline import child_spec
 from mansu.runs import layout
+from mansu.viz import quant as vq
 from mansu.viz import survival as sv
 from ui import launch as ui_launch
 from ui.floor import preview, show_preview
-from ui.state import run_name, load_json, not_computed, page_preamble, require_run
+from ui.state import load_json, not_computed, page_preamble, require_run, run_name
 
 sel = page_preamble("Update vs NF4")
 run = require_run(sel)
@@ -63,6 +64,17 @@ if align:
                     width="stretch")
 else:
     not_computed("base alignment diagnostic (metrics.json base_alignment)", run)
+
+grid = run.metrics.get("base_grid") if isinstance(run.metrics, dict) else None
+if isinstance(grid, dict) and grid.get("quantizers"):
+    st.markdown("**every quantizer's grid**: does sub-bin forgetting on this base survive it? (k: the kept "
+                "fraction of a sub-bin update; k < 0.5 means undone, docs/quantizers.md)")
+    st.dataframe(vq.verdict_rows(grid), hide_index=True)
+run_spec = run.config.get("spec") if isinstance(run.config.get("spec"), dict) else {}
+max_gap = float((run_spec.get("scorecard") or {}).get("max_ptq_gap") or 0.0)
+gap_fig = vq.ptq_gap_by_quantizer_figure(run.metrics, max_gap) if isinstance(run.metrics, dict) else None
+if gap_fig is not None:
+    st.plotly_chart(gap_fig, key="ptq-gap-by-quantizer", width="stretch")
 
 st.subheader("magnitude floor κ: live preview")
 st.caption("Every updated parameter must move at least κ NF4 bin widths so its 4-bit code changes. "

@@ -133,11 +133,12 @@ def sentence(quantizer: str, overall: dict[str, Any], ratio: float) -> str:
 def grid_alignment(weights: Mapping[str, torch.Tensor], quantizers: Sequence[str], *, ratio: float = RATIO,
                    layout: QuantLayout = NATURAL) -> dict[str, Any]:
     """The diagnostic of `weights` ({name: parameter as stored}) under each quantizer (see the module docstring):
-    {"kind", "ratio", "rule", "quantizers": {q: {"overall": {..., "verdict", "sentence"}, "layers": [per tensor],
-    "skipped": [names q cannot quantize]}}}.  `layout` maps each parameter to the quantizer's view."""
+    {"kind", "ratio", "rule", "order" (the quantizers as asked; JSON objects get sorted),
+     "quantizers": {q: {"overall": {..., "verdict", "sentence"}, "layers": [per tensor],
+                        "skipped": [names q cannot quantize]}}}.  `layout` maps each name to q's view."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 0.5:
         raise ValueError(f"ratio (the sub-bin update in bin widths) must be in (0, 0.5], got {ratio!r}")
-    out: dict[str, Any] = {"kind": KIND, "ratio": ratio, "rule": RULE, "quantizers": {}}
+    out: dict[str, Any] = {"kind": KIND, "ratio": ratio, "rule": RULE, "order": list(quantizers), "quantizers": {}}
     for q in quantizers:
         qz = get_quantizer(q)
         rows, pooled, skipped = [], dict.fromkeys(_SUMS, 0.0), []

@@ -8,11 +8,18 @@ from typing import Any
 import plotly.graph_objects as go
 
 
+def _order(report: dict[str, Any]) -> list[str]:
+    """The report's quantizers in the order they were asked for (metrics.json sorts object keys)."""
+    quants = report.get("quantizers") or {}
+    order = [q for q in report.get("order") or [] if q in quants]
+    return order + [q for q in quants if q not in order]
+
+
 def verdict_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per quantizer of a diagnose report: verdict, kept fraction k, mean distance, on-grid fraction, SNR."""
     rows = []
-    for q, entry in (report.get("quantizers") or {}).items():
-        o = entry.get("overall") or {}
+    for q in _order(report):
+        o = report["quantizers"][q].get("overall") or {}
         verdict = {"undone": "undone", "kept": "kept in expectation"}.get(o.get("verdict"), "n/a")
         rows.append({"quantizer": q, "sub-bin forgetting": verdict, "kept fraction k": o.get("kept_fraction"),
                      "mean distance (bins)": o.get("mean_distance"), "on grid": o.get("frac_on_grid"),
@@ -24,7 +31,7 @@ def kept_heatmap(report: dict[str, Any]) -> go.Figure:
     """Per weight (rows) and quantizer (columns): the kept fraction k of a sub-bin update (0: undone, 1: kept in
     expectation), hover with the distance to the grid and the predicted SNR; the 0.5 verdict line is the colour
     scale's midpoint."""
-    quants = list((report.get("quantizers") or {}).keys())
+    quants = _order(report)
     names: list[str] = []
     for q in quants:
         names += [r["name"] for r in report["quantizers"][q]["layers"] if r["name"] not in names]
