@@ -1,11 +1,13 @@
 """The run pipeline: base evaluation -> circuit -> unlearning -> evaluation (fp, NF4) -> attribution after ->
-CAD -> survival -> scorecard, one stage at a time, each writing its artifacts before the next starts.
+CAD -> survival -> scorecard, one stage at a time, each writing its artifacts before the next starts.  The eval
+stages also score every quantizer of `RunSpec.quantizers` (simulated twins, mansu.quant.twin.quantized: NF4 stays
+the headline) and base evaluation records the base's grid diagnostic per quantizer (mansu.quant.diagnose).
 
 Finished stages are listed in stages.json; `run_pipeline` on an existing run skips them (a killed run resumes
 from its last finished stage).  status.json shows the stage and progress throughout.  A NaN/Inf loss marks the
 run failed with the step and keeps everything written so far.  The base model on disk is never modified: base
-alignment (nf4-grid) and unlearning act on in-memory copies; the unlearned model is saved with save_pretrained
-into <run>/model when `save_model` is set.
+alignment (nf4-grid, any quantizer's grid or a fraction of it) and unlearning act on in-memory copies; the
+unlearned model is saved with save_pretrained into <run>/model when `save_model` is set.
 """
 
 from __future__ import annotations
