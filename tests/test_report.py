@@ -96,7 +96,7 @@ def test_setup_limitations_and_reproduce(sample):
     _, runs, doc = sample
     setup = text_of(section(doc, "setup"))
     for expected in ("forget.jsonl (200 records scored)", "nf4-grid", "blocksize 64", "kappa=1", "torch ",
-                     "cad_threshold 0.3", "mansu on nf4-grid: 1 seed"):
+                     "cad_threshold 0.3", "mansu on nf4-grid: 1 seed", "none (ga has no magnitude floor)"):
         assert expected in setup, expected
     limits = text_of(section(doc, "limitations"))
     assert "reconstruction" in limits and "not public" in limits and "grid-aligned base (nf4-grid)" in limits

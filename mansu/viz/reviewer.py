@@ -259,6 +259,20 @@ def _quantizer(run: RunSummary) -> str:
     return f"NF4, blockwise absmax, blocksize {unlearn.get('blocksize', 64)} ({mode}: {how}){scored}; fp = fp32"
 
 
+def _count(n: Any) -> str:
+    return f"{n:,}" if isinstance(n, int) else "not recorded"
+
+
+def _kappa(run: RunSummary) -> str:
+    """κ where the method reads it (MANSU and its ablations); other methods have no floor."""
+    from mansu.unlearn.methods import METHODS
+
+    method = method_of(run)
+    if method in METHODS and "kappa" not in METHODS[method].fields:
+        return f"none ({method} has no magnitude floor)"
+    return str(_unlearn(run).get("kappa", "?"))
+
+
 def _seeds(runs: list[RunSummary]) -> str:
     groups: dict[tuple[str, str], list[str]] = {}
     for r in runs:
@@ -269,7 +283,7 @@ def _seeds(runs: list[RunSummary]) -> str:
 
 SETUP_ROWS: tuple[tuple[str, Any], ...] = (
     ("model", lambda r: model_name(_spec(r))),
-    ("quantizable coordinates", lambda r: str((r.metrics.get("unlearn") or {}).get("n_coordinates", "not recorded"))),
+    ("quantizable coordinates", lambda r: _count((r.metrics.get("unlearn") or {}).get("n_coordinates"))),
     ("forget data", lambda r: f"{data_name(_spec(r), 'forget')} ({_split_size(r, 'forget')})"),
     ("retain data", lambda r: f"{data_name(_spec(r), 'retain')} ({_split_size(r, 'retain')})"),
     ("MCQ scoring", lambda r: str(_spec(r).get("fmt", "?"))),
@@ -278,7 +292,7 @@ SETUP_ROWS: tuple[tuple[str, Any], ...] = (
     ("method", method_of),
     ("seed", lambda r: str(_unlearn(r).get("seed", "?"))),
     ("method settings", _method_settings),
-    ("κ (floor, bin widths)", lambda r: str(_unlearn(r).get("kappa", "?"))),
+    ("κ (floor, bin widths)", _kappa),
     ("attribution", lambda r: "off" if _spec(r).get("attribution") is False else
         f"EAP-IG, {_spec(r).get('attribution_records', '?')} forget records, {_spec(r).get('ig_steps', '?')} steps, "
         f"circuit faithfulness {_spec(r).get('circuit_target', '?')}"),
