@@ -41,10 +41,18 @@ def circuit(demo_lm, forget, graph):
 
 
 def test_demo_scores_agree_with_exact_patching(demo_lm, forget, graph):
-    # all 134 edges, one exact patching pass each (with 16 records rho drops to ~0.75: near-zero edges rank noisily)
-    exact = exact_edge_effects(demo_lm.model, demo_lm.tokenizer, forget, batch_size=32)
+    # All 134 edges, one exact patching pass each, on each half of the records: the full effect is the mean of the
+    # halves, and half their difference estimates its standard error over records (the patching noise). Edges whose
+    # exact effect is within 2 standard errors of 0 rank at random (over all edges rho was 0.87 here and 0.75 on
+    # another CPU's demo model), so the rank agreement is asserted over the edges whose effect is above the noise.
+    half = len(forget) // 2
+    first, second = (exact_edge_effects(demo_lm.model, demo_lm.tokenizer, part, batch_size=32)
+                     for part in (forget[:half], forget[half:]))
+    exact, noise = (first + second) / 2, (first - second).abs() / 2
     valid = graph.valid
-    assert spearman(graph.scores[valid], exact[valid]) >= 0.8
+    clear = valid & (exact.abs() > 2 * noise)
+    assert int(clear.sum()) >= int(valid.sum()) // 3, "too few edges above the patching noise to rank"
+    assert spearman(graph.scores[clear], exact[clear]) >= 0.8
     top = torch.argsort(graph.scores[valid].abs(), descending=True)[:10]
     assert torch.equal(torch.sign(graph.scores[valid][top]), torch.sign(exact[valid][top]))
     target = float((graph.metric_corrupt - graph.metric_clean).mean())
