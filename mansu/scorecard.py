@@ -184,4 +184,9 @@ def format_scorecard(card: dict) -> str:
         else:
             lines.append(f"{name:<19} {'PASS' if p['pass'] else 'FAIL'}  value {p['value']:+.3f}  "
                          f"threshold {p['threshold']:.3f}  margin {p['margin']:+.3f}")
+    survived = card.get("survives") or {}
+    if survived:
+        lines.append("PTQ gap per quantizer: " + ", ".join(
+            f"{q} {'survives' if e['survives'] else 'NOT'} ({e['gap']:+.3f})" if e.get("gap") is not None
+            else f"{q} n/a" for q, e in survived.items()))
     return "\n".join(lines)

@@ -183,7 +183,7 @@ def test_run_metrics_and_scorecard_carry_every_quantizer(tiny_world, tmp_runs):
 
 
 def test_survives_applies_the_ptq_property_per_quantizer():
-    from mansu.scorecard import ScorecardConfig, build_scorecard
+    from mansu.scorecard import ScorecardConfig, build_scorecard, format_scorecard
 
     def gap(g, lo, hi):
         return {"forget": {"gap": g, "ci_low": lo, "ci_high": hi}}
@@ -196,6 +196,7 @@ def test_survives_applies_the_ptq_property_per_quantizer():
     assert [q for q in s if s[q]["survives"]] == ["nf4", "int8"]
     assert s["int4-g128"]["recovery_significant"] and s["int4-g128"]["margin"] == pytest.approx(-0.25)
     assert build_scorecard({}, None)["survives"] == {}
+    assert "int4-g128 NOT (+0.250), int8 survives (-0.050)" in format_scorecard(card)
 
 
 # ---------------------------------------------------------------- diagnose
