@@ -194,3 +194,15 @@ def test_base_alignment_diagnostic_in_words(sample):
     aligned = dataclasses.replace(run, metrics={**run.metrics, "base_alignment": diag})
     setup = text_of(section(reviewer.reviewer_report([aligned]), "setup"))
     assert "nf4-grid: 100% of 94,799 quantizable weights on the NF4 grid" in setup
+
+
+def test_ptq_gap_per_quantizer_in_results_and_figures(sample):
+    _, runs, _ = sample
+    run = load_run(runs[0].name, runs[0].parent)
+    by_q = {"nf4": {"forget": {"gap": 0.02, "ci_low": -0.01, "ci_high": 0.05}},
+            "int4-g128": {"forget": {"gap": 0.0833, "ci_low": 0.0417, "ci_high": 0.125}}}
+    doc = reviewer.reviewer_report([dataclasses.replace(run, metrics={**run.metrics, "ptq_gap_by_quantizer": by_q}),
+                                    load_run(runs[1].name, runs[1].parent)])
+    results = text_of(section(doc, "results"))
+    assert "PTQ gap (forget, int4-g128 − fp) +0.0833 [+0.0417, +0.125] n/a" in " ".join(results.split())
+    assert "Figure 2. PTQ gap per quantizer." in text_of(section(doc, "figures"))

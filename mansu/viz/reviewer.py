@@ -25,6 +25,7 @@ from mansu.io import portable_path, portable_paths
 from mansu.runs.store import RunSummary
 from mansu.spec import DEMO
 from mansu.viz.compare import accuracy, cad_value, ptq_gap
+from mansu.viz.quant import ptq_gap_by_quantizer_figure
 from mansu.viz.report import PROPERTY_TITLES, run_figures, scorecard_rows, unique_labels
 
 SECTIONS = ("claim", "setup", "results", "figures", "limitations", "reproduce")
@@ -34,6 +35,9 @@ CAPTIONS = {
     "fp vs NF4 accuracy": "Forget and retain accuracy after unlearning, full precision (dark) vs NF4 (light), with "
                           "95% intervals. Look at the forget bars: a light bar taller than its dark one is a positive "
                           "PTQ gap (NF4 brings forgotten answers back).",
+    "PTQ gap per quantizer": "The forget-set PTQ gap of the run under review for every quantizer it was scored "
+                             "with (simulated, bit-exact), with paired 95% intervals; red bars are above the "
+                             "scorecard's limit: there the quantized model recalls forgotten answers.",
     "suppression vs erasure (NF4)": "Each run as (forget-accuracy drop of its NF4 model from the full-precision base, "
                                     "CAD after NF4). Dashed lines: the scorecard's forget margin and CAD threshold. "
                                     "Top right is structural erasure; bottom right is behavioural suppression "
@@ -329,6 +333,12 @@ def results_rows(run: RunSummary) -> list[tuple[str, str]]:
     """(quantity, value with 95% CI) for one run, as shown in the results table."""
     rows = [(f"forget accuracy, {name}", _acc_ci(run, stage, "forget")) for stage, name in STAGE_NAMES]
     rows.append(("PTQ gap (forget, NF4 − fp)", fmt_ci(*_gap(run), signed=True)))
+    by_quantizer = (run.metrics or {}).get("ptq_gap_by_quantizer")
+    for q, entry in (by_quantizer.items() if isinstance(by_quantizer, dict) else ()):
+        g = (entry or {}).get("forget") if isinstance(entry, dict) else None
+        if isinstance(g, dict) and q != "nf4":
+            rows.append((f"PTQ gap (forget, {q} − fp)", fmt_ci(g.get("gap"), g.get("ci_low"), g.get("ci_high"),
+                                                              signed=True)))
     rows += [(f"retain accuracy, {name}", _acc_ci(run, stage, "retain")) for stage, name in STAGE_NAMES]
     for which in ("fp", "nf4"):
         cad = cad_value(run.cad, which)
@@ -353,8 +363,9 @@ def _score_cell(run: RunSummary, name: str) -> str:
 
 def results_html(runs: list[RunSummary], labels: list[str]) -> str:
     per_run = [dict(results_rows(r)) for r in runs]
-    names = list(per_run[0])
-    table = _table(["quantity (95% CI)", *labels], [[_e(n), *(_e(p[n]) for p in per_run)] for n in names], "results")
+    names = list(dict.fromkeys(n for p in per_run for n in p))  # quantizers may differ between runs
+    table = _table(["quantity (95% CI)", *labels],
+                   [[_e(n), *(_e(p.get(n, "n/a")) for p in per_run)] for n in names], "results")
     card = _table(["scorecard property", *labels],
                   [[_e(PROPERTY_TITLES[p]), *(_score_cell(r, p) for r in runs)] for p in PROPERTY_TITLES], "scorecard")
     note = ("<p class='note'>Accuracies are cloze MCQ accuracies with bootstrap 95% intervals; the PTQ gap is paired "
@@ -489,12 +500,20 @@ PRINT_JS = """<script>
 })();</script>"""
 
 
+def _max_gap(run: RunSummary) -> float:
+    config = (run.scorecard or {}).get("config") or _spec(run).get("scorecard") or {}
+    return float(config.get("max_ptq_gap", 0.0))
+
+
 def reviewer_report(runs: list[RunSummary], *, generated: str | None = None) -> str:
     """The reviewer report of `runs[0]` compared with `runs[1:]`, as one self-contained HTML document."""
     if not runs:
         raise ValueError("a report needs at least one run")
     labels = labels_of(runs)
     figs, missing = run_figures(runs[0], runs[1:])
+    by_quantizer = ptq_gap_by_quantizer_figure(runs[0].metrics, _max_gap(runs[0]))
+    if by_quantizer is not None:
+        figs["PTQ gap per quantizer"] = by_quantizer
     figures = {name: figs[name] for name in CAPTIONS if name in figs}
     title = f"mansu reviewer report: {labels[0]}" + (f" vs {', '.join(labels[1:])}" if runs[1:] else "")
     stamp = (runs[0].config.get("_stamp") or {}) if isinstance(runs[0].config, dict) else {}
