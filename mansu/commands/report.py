@@ -15,7 +15,7 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="write the reviewer report (HTML, printable to PDF) of one or more runs",
                               description="Write the reviewer report of RUN (the first id), compared with the other "
-                                          "runs given: claim and verdict, setup, results with 95%% intervals, "
+                                          "runs given: claim and verdict, setup, results with 95 percent intervals, "
                                           "captioned figures, limitations and the commands that reproduce it. "
                                           "One self-contained HTML file; print it to PDF from a browser.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run ids (see `mansu runs`); the first is the primary run")
