@@ -78,7 +78,7 @@ def title(name: str) -> str:
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return "-" if value is None else f"{value:.3g}"  # 3 significant digits: 0.333, never 0.3333
 
 
 def _result_word(row: ScoreRow) -> str:
