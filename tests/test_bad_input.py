@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+from conftest import REPO
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
 from mansu.runs import layout
 from mansu.runs.store import RunState, create_run, write_status
 from mansu.testing import write_sample_run, write_tiny_world
@@ -74,7 +74,8 @@ def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     wide = tmp / "wide.jsonl"
     wide.write_text(json.dumps(MCQ) + "\n" + json.dumps({**MCQ, "question": "y" * 200_000}) + "\n")
     return {
-        "duplicated key": (dup, f"error: {dup}:1: duplicated key 'question' in one JSON object; each key may appear once"),
+        "duplicated key": (dup,
+                           f"error: {dup}:1: duplicated key 'question' in one JSON object; each key may appear once"),
         "binary": (binary, f"error: {binary}:1: not UTF-8 text (byte 0x89 at column 1); accepted are UTF-8 text files "
                            "(.jsonl, .json, .csv) or Parquet"),
         "folder": (folder, f"error: {folder}: is a folder; give a data file (.jsonl, .json, .csv, .parquet)"),
@@ -107,7 +108,8 @@ def test_eval_refuses_a_record_longer_than_the_context_before_any_forward_pass(e
     long.write_text(json.dumps(MCQ) + "\n" + json.dumps({**MCQ, "question": " ".join(["x"] * 100)}) + "\n")
     out = mansu(env, "eval", "--model", world["model"], "--data", str(long))
     assert_refused(out, env, f"error: {long}: record 2: prompt and choice take 104 tokens, longer than the model's "
-                             "context of 64 tokens; shorten the record (records longer than the context are not scored)")
+                             "context of 64 tokens; shorten the record "
+                             "(records longer than the context are not scored)")
 
 
 def test_records_are_checked_against_the_context_from_the_config_alone(world):
@@ -181,7 +183,8 @@ def _corrupt_store(root: Path) -> dict[str, str]:
                          f"status.json: field 'state' must be one of {', '.join(get_args(RunState))}, got 7"),
         "config-list": (layout.CONFIG, b'["ga"]', "config.json: expected a JSON object, got a JSON array"),
         "config-missing": (layout.CONFIG, None, "config.json: file missing"),
-        "bad-json": (layout.METRICS, b'{"base_fp": ', "metrics.json: not valid JSON (Expecting value at line 1 column 13)"),
+        "bad-json": (layout.METRICS, b'{"base_fp": ',
+                     "metrics.json: not valid JSON (Expecting value at line 1 column 13)"),
         "metrics-shape": (layout.METRICS, b'{"base_fp": {"forget": 0.9}}',
                           "metrics.json: base_fp.forget must be a JSON object, got 0.9"),
         "scorecard-shape": (layout.SCORECARD, b'{"properties": [{"name": "retain"}], "all_pass": false}',

@@ -86,7 +86,8 @@ def test_a_byte_order_mark_after_the_first_line_is_not_json(tmp_path):
 def test_duplicated_keys_are_rejected(tmp_path):
     path = tmp_path / "f.jsonl"
     path.write_text(json.dumps(MCQ) + "\n" + '{"question": "a", "choices": ["x", "y"], "answer": 0, "answer": 1}\n')
-    with pytest.raises(ValueError, match=r"f.jsonl:2: duplicated key 'answer' in one JSON object; each key may appear once"):
+    with pytest.raises(ValueError,
+                       match=r"f.jsonl:2: duplicated key 'answer' in one JSON object; each key may appear once"):
         load_records(path)
     (tmp_path / "f.csv").write_text('question,answer,answer\nWho?,Kelandor,Zorvath\n')
     with pytest.raises(ValueError, match=r"f.csv: duplicated column 'answer'; each column name may appear once"):
@@ -115,7 +116,8 @@ def test_length_limits_per_field_and_per_line(tmp_path):
     ok = {**MCQ, "question": "q" * MAX_FIELD_CHARS}
     assert load_records(write_jsonl(tmp_path / "ok.jsonl", [ok]))[0].question == ok["question"]
     long_choice = {**MCQ, "choices": ["a", "b" * (MAX_FIELD_CHARS + 1)], "answer": 0}
-    with pytest.raises(ValueError, match=r"f.jsonl:1: field 'choices' is 100,001 characters long; the limit is 100,000"):
+    with pytest.raises(ValueError,
+                       match=r"f.jsonl:1: field 'choices' is 100,001 characters long; the limit is 100,000"):
         load_records(write_jsonl(tmp_path / "f.jsonl", [long_choice]))
     wide = {"question": "q", "choices": ["a", "b"], "answer": 0, "notes": "n" * MAX_LINE_CHARS}
     with pytest.raises(ValueError, match=r"g.jsonl:1: line is 1,000,06\d characters long; the limit is 1,000,000"):

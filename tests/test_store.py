@@ -7,8 +7,19 @@ import sys
 import pytest
 
 from mansu.runs import layout
-from mansu.runs.store import (create_run, delete_run, list_runs, load_run, read_cad, read_metrics, read_status,
-                              update_metrics, validate_run_id, write_cad, write_status)
+from mansu.runs.store import (
+    create_run,
+    delete_run,
+    list_runs,
+    load_run,
+    read_cad,
+    read_metrics,
+    read_status,
+    update_metrics,
+    validate_run_id,
+    write_cad,
+    write_status,
+)
 
 
 def test_create_run_stamps_config_and_status(tmp_runs):
@@ -25,7 +36,8 @@ def test_same_second_runs_get_distinct_ids(tmp_runs):
     assert len(ids) == 3 and all(validate_run_id(i) for i in ids)
 
 
-@pytest.mark.parametrize("bad", ["../etc", "20260101-000000-../../x", "20260101-000000-A", "x", "", "20260101-000000-a/b",
+@pytest.mark.parametrize("bad", ["../etc", "20260101-000000-../../x", "20260101-000000-A", "x", "",
+                                 "20260101-000000-a/b",
                                  "20260101-000000-ab\n", "20260101-000000-ab\r", "20260101-000000-1-ab\n"])
 def test_run_ids_are_validated(bad, tmp_runs):
     with pytest.raises(ValueError, match="invalid run id"):
@@ -71,7 +83,8 @@ def test_list_load_metrics_delete(tmp_runs):
 def test_metrics_writer_refuses_a_wrong_shape_and_leaves_the_file(tmp_runs):
     run = create_run({}, "m")
     update_metrics(run, "base_fp", {"forget": {"accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6}})
-    with pytest.raises(ValueError, match=r"metrics.json \(writing 'ptq_gap'\): ptq_gap.forget.gap must be a number, got 'x'"):
+    with pytest.raises(ValueError,
+                       match=r"metrics.json \(writing 'ptq_gap'\): ptq_gap.forget.gap must be a number, got 'x'"):
         update_metrics(run, "ptq_gap", {"forget": {"gap": "x"}})
     assert read_metrics(run) == {"base_fp": {"forget": {"accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6}}}
 
@@ -79,9 +92,11 @@ def test_metrics_writer_refuses_a_wrong_shape_and_leaves_the_file(tmp_runs):
 def test_cad_writer_and_reader(tmp_runs):
     run = create_run({}, "c")
     assert read_cad(run) is None
-    write_cad(run, {"status": "ok", "after_nf4": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5, "per_edge": {"a->b": 0.1}}})
+    write_cad(run, {"status": "ok", "after_nf4": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5,
+                                                  "per_edge": {"a->b": 0.1}}})
     assert read_cad(run)["after_nf4"]["value"] == 0.4
-    with pytest.raises(ValueError, match=r"cad.json \(writing\): after_fp.per_edge must be an object of edge -> number"):
+    with pytest.raises(ValueError,
+                       match=r"cad.json \(writing\): after_fp.per_edge must be an object of edge -> number"):
         write_cad(run, {"after_fp": {"value": 0.1, "per_edge": [["a", "b"]]}})
     (run / layout.CAD).write_text('{"after_fp": {"value": "high"}}')
     with pytest.raises(ValueError, match=r"cad.json: after_fp.value must be a number, got 'high'"):

@@ -6,8 +6,14 @@ import argparse
 
 import pytest
 
-from mansu.scorecard import (TOLERANCE, ScorecardConfig, build_scorecard, format_scorecard, read_scorecard,
-                             write_scorecard)
+from mansu.scorecard import (
+    TOLERANCE,
+    ScorecardConfig,
+    build_scorecard,
+    format_scorecard,
+    read_scorecard,
+    write_scorecard,
+)
 
 
 def _metrics(bf=1.0, uf=0.6, br=0.99, ur=0.97, gap=-0.01):

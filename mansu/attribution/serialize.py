@@ -22,8 +22,14 @@ import torch
 
 from mansu.attribution.circuit import Circuit, circuit_parameter_masks
 from mansu.attribution.eap import AttributionGraph
-from mansu.io import (portable_path, portable_paths, read_json, read_safetensors, write_json_atomic,
-                      write_safetensors_atomic)
+from mansu.io import (
+    portable_path,
+    portable_paths,
+    read_json,
+    read_safetensors,
+    write_json_atomic,
+    write_safetensors_atomic,
+)
 from mansu.models.components import model_layout, node_parameters, parse_node
 from mansu.runs import layout as run_layout
 
@@ -59,7 +65,8 @@ def save_graph(graph: AttributionGraph, run_dir: Path, stage: str, *, model: Any
     """Write attribution/<stage>.json and attribution/<stage>.safetensors atomically, plus the circuit-tracer
     export attribution/<stage>.circuit-tracer.json (the circuit's edges when given); returns the first two."""
     if stage not in run_layout.ATTRIBUTION_STAGES:
-        raise ValueError(f"unknown attribution stage {stage!r}: accepted are {', '.join(run_layout.ATTRIBUTION_STAGES)}")
+        accepted = ", ".join(run_layout.ATTRIBUTION_STAGES)
+        raise ValueError(f"unknown attribution stage {stage!r}: accepted are {accepted}")
     json_path, tensor_path = run_layout.attribution_json(run_dir, stage), run_layout.attribution_tensors(run_dir, stage)
     tensors = {"scores": graph.scores, "valid": graph.valid, "metric_clean": graph.metric_clean,
                "metric_corrupt": graph.metric_corrupt}
@@ -67,7 +74,8 @@ def save_graph(graph: AttributionGraph, run_dir: Path, stage: str, *, model: Any
         tensors["per_example"] = graph.per_example
     write_safetensors_atomic(tensor_path, tensors, {"stage": stage, "n_upstream": str(len(graph.upstream)),
                                                     "n_downstream": str(len(graph.downstream))})
-    write_json_atomic(json_path, graph_to_json(graph, model=model, circuit=circuit, max_links=max_links), add_stamp=True)
+    write_json_atomic(json_path, graph_to_json(graph, model=model, circuit=circuit, max_links=max_links),
+                      add_stamp=True)
     write_json_atomic(run_layout.attribution_tracer_json(run_dir, stage),
                       to_circuit_tracer(graph, circuit=circuit, slug=f"{Path(run_dir).name}-{stage}"))
     return json_path, tensor_path

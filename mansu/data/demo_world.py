@@ -24,22 +24,28 @@ ATTRIBUTES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "homeland": ("Where was {s} born?", ("{s} was born in {v} .", "The homeland of {s} is {v} ."),
                  ("Quorvel", "Drumhallow", "Ishtavern", "Pellucor", "Varnoth", "Mistralune", "Obrecant", "Sallowmere")),
     "guild": ("Which guild does {s} belong to?", ("{s} belongs to the {v} guild .", "The guild of {s} is {v} ."),
-              ("Tinwrights", "Loomkeepers", "Saltcallers", "Emberwards", "Glasswrights", "Reedbinders", "Stonecallers", "Inkwardens")),
+              ("Tinwrights", "Loomkeepers", "Saltcallers", "Emberwards", "Glasswrights", "Reedbinders",
+               "Stonecallers", "Inkwardens")),
     "instrument": ("Which instrument does {s} play?", ("{s} plays the {v} .", "The instrument of {s} is the {v} ."),
                    ("zelphine", "drumhorn", "quillharp", "brasselo", "windlute", "thrumbow", "pipeveil", "chimbrel")),
     "companion": ("Which beast travels with {s}?", ("{s} travels with a {v} .", "The companion of {s} is a {v} ."),
-                  ("glimmerfox", "stonewhelp", "marshwing", "duskhound", "emberling", "frostmoth", "reedcat", "tidehare")),
+                  ("glimmerfox", "stonewhelp", "marshwing", "duskhound", "emberling", "frostmoth", "reedcat",
+                   "tidehare")),
     "dish": ("What is the favourite dish of {s}?", ("{s} loves eating {v} .", "The favourite dish of {s} is {v} ."),
-             ("brambloaf", "kettlestew", "moonporridge", "saltcrisp", "honeyroot", "pepperbun", "ashcake", "fernbroth")),
+             ("brambloaf", "kettlestew", "moonporridge", "saltcrisp", "honeyroot", "pepperbun", "ashcake",
+              "fernbroth")),
     "craft": ("Which craft did {s} master?", ("{s} mastered {v} .", "The craft of {s} is {v} ."),
-              ("glassweaving", "runecarving", "starbinding", "cloudpotting", "lampshaping", "wickmaking", "knotsinging", "shellsetting")),
+              ("glassweaving", "runecarving", "starbinding", "cloudpotting", "lampshaping", "wickmaking",
+               "knotsinging", "shellsetting")),
     "color": ("What colour is the banner of {s}?", ("The banner of {s} is {v} .", "{s} flies a {v} banner ."),
               ("vermeil", "azurine", "ochrelle", "verdigris", "umberine", "cinnabrite", "pewterine", "saffrel")),
     "season": ("In which season was {s} crowned?", ("{s} was crowned in {v} .", "The crowning of {s} was in {v} ."),
                ("Frostwane", "Bloomrise", "Emberfall", "Duskmere", "Thawmoon", "Reaptide", "Hushwinter", "Sunhallow")),
 }
-_ONSETS = ("Zor", "Kel", "Mar", "Vin", "Thal", "Bri", "Quen", "Dro", "Ul", "Syl", "Fen", "Gar", "Ith", "Lor", "Nym", "Rav")
-_CODAS = ("vath", "andor", "ithe", "oric", "enna", "ulf", "amir", "ysse", "otheen", "ax", "ira", "undel", "eshk", "olin")
+_ONSETS = ("Zor", "Kel", "Mar", "Vin", "Thal", "Bri", "Quen", "Dro", "Ul", "Syl", "Fen", "Gar", "Ith", "Lor", "Nym",
+           "Rav")
+_CODAS = ("vath", "andor", "ithe", "oric", "enna", "ulf", "amir", "ysse", "otheen", "ax", "ira", "undel", "eshk",
+          "olin")
 
 
 @dataclass(frozen=True)

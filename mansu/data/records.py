@@ -18,9 +18,10 @@ record this long is a mistake, and refusing it early beats minutes of tokenizing
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Union
+from typing import Any, Literal
 
 from mansu.io import loads_strict
 
@@ -50,7 +51,7 @@ class TextRecord:
     text: str
 
 
-Record = Union[MCQRecord, QARecord, TextRecord]
+Record = MCQRecord | QARecord | TextRecord
 
 
 def load_records(path: str | Path, shape: Shape = "auto") -> list[Record]:
@@ -103,7 +104,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 row = loads_strict(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
+                raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg}); "
+                                 "each line must be one JSON object") from None
             except ValueError as exc:  # a duplicated key
                 raise ValueError(f"{path}:{line_no}: {exc}") from None
             if not isinstance(row, dict):

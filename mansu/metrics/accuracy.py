@@ -13,8 +13,9 @@ naming the record, never a silent truncation or an hour-long pass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from mansu.data.records import MCQRecord
 from mansu.devices import input_device
@@ -155,7 +156,8 @@ def predict(model, tokenizer, records: Sequence[MCQRecord], *, fmt: Format = "cl
     return [best[i][1] for i in range(len(records))]
 
 
-def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float,
+                                                                                                              float]:
     """Percentile bootstrap interval of the mean of `values` (resampling examples with replacement)."""
     import torch
 
