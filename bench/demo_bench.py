@@ -58,7 +58,11 @@ def cold_build(extra_env: dict[str, str], cpus: set[int] | None, threads: int | 
             start = time.perf_counter()
             child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                      preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-            _, status, usage = os.wait4(child.pid, 0)
+            try:
+                _, status, usage = os.wait4(child.pid, 0)
+            except BaseException:           # interrupted: do not leave the build running
+                child.kill()
+                raise
             wall = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)
         text = log.read_text()

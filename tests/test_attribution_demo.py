@@ -13,8 +13,12 @@ import pytest
 import torch
 
 from mansu.attribution.cad import cad
-from mansu.attribution.circuit import (FaithfulnessEvaluator, circuit_parameter_masks, select_circuit,
-                                       smallest_faithful_circuit)
+from mansu.attribution.circuit import (
+    FaithfulnessEvaluator,
+    circuit_parameter_masks,
+    select_circuit,
+    smallest_faithful_circuit,
+)
 from mansu.attribution.eap import attribute, exact_edge_effects
 from mansu.attribution.stats import spearman
 from mansu.models.hooks import count_hooks, hooks

@@ -7,7 +7,8 @@ from mansu.metrics.accuracy import mcq_accuracy
 
 
 def test_world_is_deterministic_and_seeded():
-    a, b, c = generate_world(WorldConfig(seed=0)), generate_world(WorldConfig(seed=0)), generate_world(WorldConfig(seed=1))
+    a, b = generate_world(WorldConfig(seed=0)), generate_world(WorldConfig(seed=0))
+    c = generate_world(WorldConfig(seed=1))
     assert a.facts == b.facts and a.mcq == b.mcq
     assert a.facts != c.facts
 
@@ -64,7 +65,8 @@ def test_batch_plan_is_seeded_and_complete():
 
     config = DemoModelConfig(batch_size=50, epochs=2)
     plan = batch_plan(1000, config)
-    assert plan == batch_plan(1000, config) and plan != batch_plan(1000, DemoModelConfig(batch_size=50, epochs=2, seed=1))
+    assert plan == batch_plan(1000, config)
+    assert plan != batch_plan(1000, DemoModelConfig(batch_size=50, epochs=2, seed=1))
     assert len(plan) == 40 and plan[:20] != plan[20:]
     for epoch in (plan[:20], plan[20:]):                 # every example exactly once per epoch
         assert sorted(i for batch in epoch for i in batch) == list(range(1000))

@@ -91,5 +91,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"demo world and model in {assets.root}")
         for split, r in results.items():
-            print(f"  {split:<7} cloze accuracy {r['accuracy']:.3f}  (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}, n={r['n']})")
+            print(f"  {split:<7} cloze accuracy {r['accuracy']:.3f}  "
+                  f"(95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}, n={r['n']})")
     return 0

@@ -3,8 +3,9 @@
 Recipe (RECIPE_VERSION 2): AdamW (fused) lr 2e-3, 100 warmup steps, constant, then linear decay to zero over the
 last 40% of 16 epochs (208 steps); full-sequence LM loss on the cloze QA lines ("question\\nAnswer: value")
 (the fact corpus is in the vocabulary but not trained on: that cut the steps to memorise by ~2.5x). The schedule
-is the same on every CPU: the same data order, the same steps, the same learning rates. What differs between CPUs (AVX-512 or AVX2 kernels, thread count) is only the rounding of float
-sums, so the weights' bytes differ from machine to machine while the behaviour does not. The tolerance: after the
+is the same on every CPU: the same data order, the same steps, the same learning rates. What differs between CPUs
+(AVX-512 or AVX2 kernels, thread count) is only the rounding of float sums, so the weights' bytes differ from
+machine to machine while the behaviour does not. The tolerance: after the
 last step every split's cloze accuracy must be >= `target_accuracy` (0.99), else the build fails loudly; nothing
 downstream may depend on the exact bytes. The model, its word-level tokenizer and `demo_meta.json` are saved under
 `<MANSU_HOME>/demo` and reused; `build_progress.json` next to them says how far a build has got.
@@ -19,10 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from mansu.data.demo_world import WORLD_VERSION, DemoWorld, WorldConfig, generate_world, write_world
 from mansu.data.records import MCQRecord
