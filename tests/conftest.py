@@ -29,7 +29,8 @@ def demo_home() -> Path:
 def demo_assets(demo_home):
     """The demo world and model under the test home, built beforehand by scripts/test.sh (never under a test's
     timeout). MANSU_TEST_BUILD_DEMO=1 lets the fixture build it instead."""
-    from mansu.models.demo import demo_assets as assets_at, ensure_demo, is_complete
+    from mansu.models.demo import demo_assets as assets_at
+    from mansu.models.demo import ensure_demo, is_complete
 
     assets = assets_at(demo_home / "demo")
     if is_complete(assets):

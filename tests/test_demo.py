@@ -189,3 +189,26 @@ def test_cli_progress_lines_without_a_terminal():
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("training demo model: step 1/10 (10%)")
     assert "step 10/10 (100%)" in lines[1] and "ETA 0 s" in lines[1]
+
+
+def test_second_builder_waits_for_the_first_and_reuses_its_model(tmp_path):
+    import threading
+
+    from mansu.data.demo_world import WorldConfig
+    from mansu.models.demo import DemoModelConfig, _build, _build_lock, ensure_demo
+    from mansu.models.demo import demo_assets as assets_at
+
+    root, world, config = tmp_path / "demo", WorldConfig(n_entities=10), DemoModelConfig(**TINY, target_accuracy=0.01)
+    root.mkdir()
+    second: list = []
+    waiter = threading.Thread(target=lambda: second.append(ensure_demo(root, world_config=world, model_config=config,
+                                                                       threads=1)))
+    with _build_lock(root):                          # the first builder holds the lock while it builds
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not second      # the second waits instead of building alongside
+        first = _build(assets_at(root), world, config, None, 1)
+        mtime = (first.model_dir / "model.safetensors").stat().st_mtime_ns
+    waiter.join(timeout=60)
+    assert second and second[0].model_dir == first.model_dir
+    assert (first.model_dir / "model.safetensors").stat().st_mtime_ns == mtime      # reused, not rebuilt
