@@ -120,12 +120,12 @@ def quadrant_figure(points: dict[str, tuple[float, float]], *, drop_margin: floa
                                hovertemplate="%{text}<br>drop %{x:.3g}<br>CAD %{y:.3g}<extra></extra>"))
     fig.add_vline(x=drop_margin, line={"dash": "dash", "color": "grey"})
     fig.add_hline(y=cad_threshold, line={"dash": "dash", "color": "grey"})
-    corners = ((x_hi * 0.8, y_hi * 0.95, "structural erasure"),
-               (x_hi * 0.8, cad_threshold * 0.3, "behavioural suppression"),
-               (drop_margin * 0.4, y_hi * 0.95, "circuit changed, output kept"),
-               (drop_margin * 0.4, cad_threshold * 0.3, "no effect"))
-    for x, y, text in corners:
-        fig.add_annotation(x=x, y=y, text=text, showarrow=False, font={"color": "grey"})
+    # quadrant names in the plot's corners (paper coordinates), away from the points' labels
+    corners = ((1, 1, "right", "top", "structural erasure"), (1, 0, "right", "bottom", "behavioural suppression"),
+               (0, 1, "left", "top", "circuit changed, output kept"), (0, 0, "left", "bottom", "no effect"))
+    for x, y, xanchor, yanchor, text in corners:
+        fig.add_annotation(x=x, y=y, xref="paper", yref="paper", xanchor=xanchor, yanchor=yanchor, text=text,
+                           showarrow=False, font={"color": "grey"})
     fig.update_layout(title=f"behavioural suppression vs structural erasure ({name})", height=420,
                       xaxis={"title": f"forget-accuracy drop: base fp − unlearned {name}",
                              "range": [x_lo, x_hi]},
