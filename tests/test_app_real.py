@@ -15,7 +15,8 @@ APP = str(Path(__file__).resolve().parents[1] / "app.py")
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, demo_assets):
     """One finished MANSU run of the real pipeline (every stage; small attribution and evaluation sizes)."""
-    from mansu.pipeline import RunSpec, run_pipeline, start_run
+    from mansu.pipeline import run_pipeline, start_run
+    from mansu.spec import RunSpec
 
     root = tmp_path_factory.mktemp("real") / "runs"
     spec = RunSpec(model=str(demo_assets.model_dir), forget=str(demo_assets.forget_path),
@@ -60,11 +61,13 @@ def test_every_page_on_a_real_run(app_env, page):
 
 
 def test_apply_kappa_starts_a_child_run_of_the_backend(app_env):
-    """"Apply and evaluate" starts `python -m mansu run --from-run ID --kappa K`; the backend accepts it and
-    creates a child run that reuses the parent's circuit (then we cancel it)."""
+    """"Apply and evaluate" launches the child's RunSpec (`python -m mansu run --spec FILE`: the parent's spec with
+    the new kappa and `parent_run`); the backend accepts it and creates a child run that reuses the parent's
+    circuit (then we cancel it)."""
+    import json
     import time
 
-    from mansu.appstate import cancel_run, find_run_for_pid
+    from mansu.launch import cancel_run, find_run_for_pid
     from mansu.runs.store import load_run
 
     at = AppTest.from_file(APP, default_timeout=120).run()
@@ -74,9 +77,11 @@ def test_apply_kappa_starts_a_child_run_of_the_backend(app_env):
     assert not at.exception
     entry = at.session_state["_launches"][0]
     info = entry["info"]
-    assert info.command[3:] == ["run", "--from-run", app_env.name, "--kappa", "1.5"]
+    assert info.command[3:5] == ["run", "--spec"]
+    (launched,) = json.loads(open(info.command[5]).read())
+    assert launched["parent_run"] == app_env.name and launched["unlearn"]["kappa"] == 1.5
     child = None
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while child is None and time.time() < deadline and entry["proc"].poll() is None:
         child = find_run_for_pid(info.pid, app_env.parent)
         time.sleep(0.5)
@@ -84,6 +89,8 @@ def test_apply_kappa_starts_a_child_run_of_the_backend(app_env):
         assert child is not None, info.log_path.read_text()[-2000:]
         spec = load_run(child, app_env.parent).config["spec"]
         assert spec["parent_run"] == app_env.name and spec["unlearn"]["kappa"] == 1.5
+        assert (app_env.parent / child / "circuit.json").is_file()  # the parent's circuit, reused
     finally:
-        cancel_run(info.pid, child, app_env.parent)
+        if child is not None:
+            cancel_run(child, app_env.parent)
         entry["proc"].wait(30)
