@@ -299,18 +299,33 @@ def test_click_a_node_pins_it_and_lists_its_edges(server, page, with_runs):
     _no_exception(page)
 
 
-def test_launch_shows_a_backend_error_readably(server, page, app_runs_home):
-    home, _ = app_runs_home
+def _launch_own(page, server, home, model: str) -> None:
     _open(page, f"{server}/launch")
     page.get_by_text("use the embedded demo world and model").click()  # untick: use own model and data
-    page.get_by_label("model path or hub id (ignored for the demo)").fill(str(home / "no-such-model"))
+    page.get_by_label("model path or hub id (ignored for the demo)").fill(model)
     page.get_by_label("forget file path").fill(str(home / "demo" / "forget.jsonl"))
     page.get_by_label("retain file path").fill(str(home / "demo" / "retain.jsonl"))
     page.get_by_role("button", name="Start run").click()
+
+
+def test_launch_refuses_a_missing_model_and_shows_a_backend_error_readably(server, page, app_runs_home):
+    import shutil
+
+    home, runs = app_runs_home
+    before = sorted(p.name for p in runs.iterdir())
+    # checked before anything starts: no process, no run folder
+    _launch_own(page, server, home, str(home / "no-such-model"))
+    refused = page.locator("[data-testid='stAlert']", has_text="not started:").first
+    refused.wait_for(timeout=30_000)
+    assert "no-such-model" in refused.inner_text() and sorted(p.name for p in runs.iterdir()) == before
+    # a model folder whose config and tokenizer pass the checks but whose weights are missing fails in the backend
+    broken = home / "no-weights"
+    shutil.copytree(home / "demo" / "model", broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    _launch_own(page, server, home, str(broken))
     page.get_by_text("started:").first.wait_for(timeout=30_000)
-    alert = page.locator("[data-testid='stAlert']", has_text="backend error:").first
-    alert.wait_for(timeout=90_000)
-    assert "no-such-model" in alert.inner_text() and "Traceback" not in alert.inner_text()
+    alert = page.locator("[data-testid='stAlert']", has_text="backend error").first
+    alert.wait_for(timeout=180_000)
+    assert "no-weights" in alert.inner_text() and "Traceback" not in alert.inner_text()
     page.screenshot(path=str(SHOTS / "launch-backend-error.png"), full_page=True)
     _no_exception(page)
 

@@ -82,15 +82,13 @@ def _show_starting(entry: dict[str, Any]) -> None:
 
 def _show_ended(entry: dict[str, Any], runs: list[RunSummary], code: int) -> None:
     """What a finished launch of this tab did: its error, or the runs it made (the demo comparison selected)."""
-    if code != 0 and not runs:
-        message = backend_error(log_tail(entry["info"].log_path, 200)) or f"exit status {code}"
-        st.error(f"backend error ({entry['label']}): {message}")
-        with st.expander("backend log"):
-            st.code(log_tail(entry["info"].log_path, 40), language=None)
-        return
     states = ", ".join(f"`{r.run_id}` {r.status.get('state')}" for r in runs)
     if code != 0:
-        st.error(f"{entry['label']}: {states}")
+        failed = [r.status["error"] for r in runs if r.status.get("state") == "failed" and r.status.get("error")]
+        message = backend_error(log_tail(entry["info"].log_path, 200)) or (failed or [f"exit status {code}"])[0]
+        st.error(f"backend error ({entry['label']}): {message}" + (f" · runs: {states}" if runs else ""))
+        with st.expander("backend log"):
+            st.code(log_tail(entry["info"].log_path, 40), language=None)
         return
     if entry["select_last"] and len(runs) >= 2 and not entry.get("selected"):
         entry["selected"] = True
