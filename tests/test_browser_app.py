@@ -365,6 +365,7 @@ def test_first_time_user_gets_a_demo_comparison_and_a_report(tmp_path_factory, d
     """Issue 6's 'done when': from an empty install, one button gives a finished GradDiff vs MANSU comparison
     (real backend runs, the demo world's settings), and the Report page downloads the reviewer report."""
     from mansu.runs.store import list_runs
+    from mansu.spec import run_label
 
     home, runs = _fresh_home(tmp_path_factory.mktemp("first-time"), demo_assets)
     ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
@@ -381,12 +382,13 @@ def test_first_time_user_gets_a_demo_comparison_and_a_report(tmp_path_factory, d
                 done = [s for s in states if s == "finished"]
                 time.sleep(5)
             assert len(done) == 2, f"demo comparison did not finish in time: {states}"
-            by_method = {r.config["spec"]["unlearn"]["method"]: r.run_id for r in list_runs(runs)}
+            by_method = {r.config["spec"]["unlearn"]["method"]: r for r in list_runs(runs)}
             assert sorted(by_method) == ["graddiff", "mansu"]
+            label = {m: run_label(r.run_id, r.config) for m, r in by_method.items()}  # what the pickers show
             # the finished comparison opens by itself: MANSU selected, compared with GradDiff
             page.locator("[data-testid='stAlert']", has_text="is selected, compared with").wait_for(timeout=60_000)
-            page.wait_for_function(_SIDEBAR_PICKS, arg=["compare with", by_method["graddiff"]], timeout=30_000)
-            page.wait_for_function(_SIDEBAR_PICKS, arg=["run", by_method["mansu"]], timeout=30_000)
+            page.wait_for_function(_SIDEBAR_PICKS, arg=["compare with", label["graddiff"]], timeout=30_000)
+            page.wait_for_function(_SIDEBAR_PICKS, arg=["run", label["mansu"]], timeout=30_000)
             page.screenshot(path=str(SHOTS / "03-demo-finished.png"), full_page=True)
             html = _download_report(page, url)
             assert "meaningful forgetting" in html and html.count("Plotly.newPlot") >= 5

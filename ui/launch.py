@@ -93,6 +93,7 @@ def _show_ended(entry: dict[str, Any], runs: list[RunSummary], code: int) -> Non
     if entry["select_last"] and len(runs) >= 2 and not entry.get("selected"):
         entry["selected"] = True
         request_selection(runs[-1].run_id, runs[-2].run_id)
+        st.rerun(scope="app")  # the pickers take a pending selection only on a full rerun
     if entry["select_last"] and len(runs) >= 2:
         st.success(f"finished: `{runs[-1].run_id}` is selected, compared with `{runs[-2].run_id}`; "
                    "open Before / after or Report")
