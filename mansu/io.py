@@ -13,6 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mansu import __version__
+from mansu.paths import mansu_home, runs_root
+
 SCHEMA_VERSION = 1
 
 
@@ -31,8 +34,6 @@ def git_commit() -> str:
 
 def stamp() -> dict[str, Any]:
     """Provenance fields added to every artifact."""
-    from mansu import __version__
-
     return {"schema_version": SCHEMA_VERSION, "mansu_version": __version__, "git_commit": git_commit()}
 
 
@@ -112,8 +113,6 @@ def _json_type(value: Any) -> str:
 def portable_path(value: str) -> str:
     """An absolute path as "$MANSU_HOME/...", "$MANSU_RUNS/..." or its file name, so that exported artifacts never
     carry the machine's absolute paths (user names, mount points); other strings are returned unchanged."""
-    from mansu.paths import mansu_home, runs_root
-
     if not (isinstance(value, str) and value.startswith(("/", "~")) and "\n" not in value):
         return value
     path = Path(value).expanduser()

@@ -9,6 +9,7 @@ from typing import Any
 import streamlit as st
 
 from mansu.runs.store import RunSummary
+from mansu.unlearn.floor import preview_floor
 from ui.state import load_update
 
 
@@ -18,8 +19,6 @@ def preview(run: RunSummary, kappa: float) -> tuple[dict[str, Any] | None, float
     if tensors is None:
         return None, 0.0, "update.safetensors: not computed for this run"
     import torch
-
-    from mansu.unlearn.floor import preview_floor
 
     # One intra-op thread: the preview is ~10 vectorised passes over 1e5 elements, and on a busy machine (the
     # backend runs beside the app) OpenMP threads waiting on each other cost 10x more than they save.

@@ -12,6 +12,9 @@ import sys
 import time
 
 from mansu.io import read_json
+from mansu.metrics.accuracy import mcq_accuracy
+from mansu.models.demo import demo_assets, ensure_demo, is_complete, load_demo_split
+from mansu.models.loading import load_model
 
 
 def register(subparsers) -> None:
@@ -33,7 +36,6 @@ def register(subparsers) -> None:
 
 class LogProgress:
     """Plain progress lines for a non-terminal stderr: at the first step, every `every` seconds, and the last."""
-
     def __init__(self, every: float, stream=sys.stderr) -> None:
         self.every, self.stream, self.start, self.last = every, stream, time.perf_counter(), float("-inf")
         self.first_step_at = 0.0
@@ -53,8 +55,6 @@ class LogProgress:
 
 
 def _build(threads: int | None, every: float):
-    from mansu.models.demo import ensure_demo
-
     if sys.stderr.isatty():
         from tqdm import tqdm
 
@@ -69,10 +69,6 @@ def _build(threads: int | None, every: float):
 
 def run(args: argparse.Namespace) -> int:
     import shutil
-
-    from mansu.metrics.accuracy import mcq_accuracy
-    from mansu.models.demo import demo_assets, is_complete, load_demo_split
-    from mansu.models.loading import load_model
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -7,8 +7,11 @@ import argparse
 import json
 
 from mansu.choices import DEVICES, DTYPES
+from mansu.models.loading import check_finite_weights, load_config, require_causal_lm
+from mansu.pipeline import resolve_model_path
 from mansu.quant.alignment import DEFAULT_QUANTIZERS, parse_alignment, parse_quantizers
-from mansu.quant.diagnose import RATIO
+from mansu.quant.diagnose import RATIO, diagnose_model
+from mansu.unlearn.nf4_model import align_base
 
 
 def register(subparsers) -> None:
@@ -40,8 +43,6 @@ def load_weights_only(name: str, dtype: str, device: str, trust_remote_code: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mansu.models.loading import check_finite_weights, load_config, require_causal_lm
-
     require_causal_lm(load_config(name, trust_remote_code=trust_remote_code), name)
     placement = {"device_map": "auto"} if device == "auto" else {"device_map": {"": device}}
     try:
@@ -56,10 +57,6 @@ def load_weights_only(name: str, dtype: str, device: str, trust_remote_code: boo
 
 
 def run(args: argparse.Namespace) -> int:
-    from mansu.pipeline import resolve_model_path
-    from mansu.quant.diagnose import diagnose_model
-    from mansu.unlearn.nf4_model import align_base
-
     quants = parse_quantizers(args.quant)
     parse_alignment(args.base_alignment)  # before the weights load
     if not 0 < args.ratio <= 0.5:

@@ -11,6 +11,10 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
+from mansu.io import atomic_write_bytes
+from mansu.runs.store import load_run, validate_run_id
+from mansu.viz.reviewer import reviewer_report
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="write the reviewer report (HTML, printable to PDF) of one or more runs",
@@ -25,9 +29,6 @@ def register(subparsers) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from mansu.io import atomic_write_bytes
-    from mansu.runs.store import load_run, validate_run_id
-
     ids = [validate_run_id(r) for r in args.runs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"a run id is given twice: {' '.join(ids)}")
@@ -40,7 +41,6 @@ def handle(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
-    from mansu.viz.reviewer import reviewer_report
 
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     atomic_write_bytes(out, reviewer_report(runs, generated=generated).encode("utf-8"))

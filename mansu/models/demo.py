@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from mansu.data.demo_world import WORLD_VERSION, DemoWorld, WorldConfig, generate_world, write_world
-from mansu.data.records import MCQRecord
+from mansu.data.records import MCQRecord, load_records, mcq_only
+from mansu.io import read_json, write_json_atomic
+from mansu.metrics.accuracy import cloze_texts, encode_pair
 from mansu.paths import demo_root
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,6 @@ def build_tokenizer(texts: list[str]):
 
 def training_texts(world: DemoWorld, *, corpus: bool = True) -> list[str]:
     """Cloze QA lines for every MCQ record (all splits), then (with `corpus`) the fact corpus."""
-    from mansu.metrics.accuracy import cloze_texts
-
     qa = []
     for records in world.mcq.values():
         for r in records:
@@ -197,8 +197,6 @@ def cloze_check(model, tokenizer, records: list[MCQRecord], *, batch_size: int =
     """
     import torch
 
-    from mansu.metrics.accuracy import cloze_texts, encode_pair
-
     contexts, choice_ids, answers = [], [], []
     for r in records:
         context, conts = cloze_texts(r)
@@ -281,8 +279,6 @@ def train_demo_model(world: DemoWorld, config: DemoModelConfig = DemoModelConfig
 
 def is_complete(assets: DemoAssets, model_config: DemoModelConfig = DemoModelConfig()) -> bool:
     """True when `assets` holds a model of this world, recipe version and `model_config` (else it is rebuilt)."""
-    from mansu.io import read_json
-
     try:
         meta = read_json(assets.model_dir / "demo_meta.json")
     except (FileNotFoundError, ValueError):
@@ -297,7 +293,6 @@ class _ProgressRecorder:
     The ETA is honest: none until 3 steps have been timed, then the remaining steps plus the final check (about 4
     steps' worth of forward passes) at the rate measured so far, excluding the first (slower) step.
     """
-
     def __init__(self, path: Path) -> None:
         self.path, self.started, self.written = path, time.time(), 0.0
         self.state: dict[str, Any] = {"stage": "world", "step": 0, "total_steps": None, "eta_s": None,
@@ -326,8 +321,6 @@ class _ProgressRecorder:
             self._write()
 
     def _write(self) -> None:
-        from mansu.io import write_json_atomic
-
         now = time.time()
         self.state.update(updated_at=now, elapsed_s=round(now - self.started, 1))
         try:
@@ -366,8 +359,6 @@ def demo_build_progress(root: Path | None = None, *, now: float | None = None) -
       loss, error (when failed), started_at, updated_at (unix seconds), pid, host, recipe_version
     A record of a build that died without finishing comes back with active False and its last stage.
     """
-    from mansu.io import read_json
-
     assets = demo_assets(root)
     now = time.time() if now is None else now
     try:
@@ -460,8 +451,6 @@ def _save_model(assets: DemoAssets, model, tokenizer, meta: dict) -> None:
     import shutil
     import tempfile
 
-    from mansu.io import write_json_atomic
-
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=assets.root))
     try:
         tmp.chmod(0o755)
@@ -476,7 +465,5 @@ def _save_model(assets: DemoAssets, model, tokenizer, meta: dict) -> None:
 
 
 def load_demo_split(assets: DemoAssets, split: str) -> list[MCQRecord]:
-    from mansu.data.records import load_records, mcq_only
-
     path = {"forget": assets.forget_path, "retain": assets.retain_path, "probe": assets.probe_path}[split]
     return mcq_only(load_records(path, "mcq"), path)

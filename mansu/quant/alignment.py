@@ -32,6 +32,7 @@ import torch
 
 from mansu.quant.base import Quantizer
 from mansu.quant.nf4 import DEFAULT_BLOCKSIZE, nf4_round_trip
+from mansu.quant.quantizers.int4 import Int4G128
 from mansu.quant.registry import QUANTIZERS, get_quantizer
 
 NATURAL = "natural"
@@ -79,8 +80,6 @@ def parse_alignment(text: str) -> Alignment:
 
 def fits(qz: Quantizer, view: torch.Tensor) -> bool:
     """Whether `qz` can quantize a weight of this view's shape (int4-g128 needs rows of a multiple of 128)."""
-    from mansu.quant.quantizers.int4 import Int4G128
-
     return not (isinstance(qz, Int4G128) and view.shape[-1] % qz.group_size)
 
 

@@ -49,7 +49,7 @@ import torch
 from mansu.quant.alignment import fits
 from mansu.quant.registry import get_quantizer
 from mansu.quant.survival import layer_of
-from mansu.quant.targets import NATURAL, QuantLayout
+from mansu.quant.targets import NATURAL, QuantLayout, quant_layout, quantizable_parameter_names
 
 KIND = "grid_alignment"
 RATIO = 0.05  # the sub-bin update size r (bin widths) the verdict is stated for
@@ -162,8 +162,6 @@ def grid_alignment(weights: Mapping[str, torch.Tensor], quantizers: Sequence[str
 def diagnose_model(model: Any, quantizers: Sequence[str], *, ratio: float = RATIO) -> dict[str, Any]:
     """`grid_alignment` over a transformers model's quantizable weights (every Linear but the head), in each
     weight's quantizer view (Conv1D transposed)."""
-    from mansu.quant.targets import quant_layout, quantizable_parameter_names
-
     params = dict(model.named_parameters())
     weights = {n: params[n] for n in quantizable_parameter_names(model)}
     return grid_alignment(weights, quantizers, ratio=ratio, layout=quant_layout(model))

@@ -23,7 +23,9 @@ import plotly.graph_objects as go
 
 from mansu.io import portable_path, portable_paths
 from mansu.runs.store import RunSummary
-from mansu.spec import DEMO
+from mansu.spec import DEMO, RunSpec, demo_spec
+from mansu.unlearn.methods import METHODS
+from mansu.unlearn.methods.base import COMMON_FIELDS
 from mansu.viz.compare import accuracy, cad_value, ptq_gap
 from mansu.viz.quant import ptq_gap_by_quantizer_figure
 from mansu.viz.report import PROPERTY_TITLES, run_figures, scorecard_rows, unique_labels
@@ -233,9 +235,6 @@ def _alignment_text(run: RunSummary) -> str:
 
 def _method_settings(run: RunSummary) -> str:
     """The UnlearnConfig fields the method reads (METHODS[method].fields), with their values."""
-    from mansu.unlearn.methods import METHODS
-    from mansu.unlearn.methods.base import COMMON_FIELDS
-
     unlearn, method = _unlearn(run), method_of(run)
     names = [*COMMON_FIELDS, *(METHODS[method].fields if method in METHODS else ())]
     return ", ".join(f"{n}={unlearn[n]:g}" if isinstance(unlearn.get(n), float) else f"{n}={unlearn[n]}"
@@ -269,8 +268,6 @@ def _count(n: Any) -> str:
 
 def _kappa(run: RunSummary) -> str:
     """κ where the method reads it (MANSU and its ablations); other methods have no floor."""
-    from mansu.unlearn.methods import METHODS
-
     method = method_of(run)
     if method in METHODS and "kappa" not in METHODS[method].fields:
         return f"none ({method} has no magnitude floor)"
@@ -430,8 +427,6 @@ def limitations_html(runs: list[RunSummary]) -> str:
 
 def reproduce_command(run: RunSummary) -> str:
     """The shortest command that makes this run again: the demo flags when the spec is a demo spec, else --spec."""
-    from mansu.spec import RunSpec, demo_spec
-
     spec, unlearn = _spec(run), _unlearn(run)
     if spec.get("model") == DEMO:
         try:

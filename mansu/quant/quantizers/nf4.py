@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from mansu.quant.base import Direction, ElementGrid, Quantized, Quantizer
+from mansu.quant.geometry import bin_width, cell_bounds_scaled, code_change_target
 from mansu.quant.nf4 import (
     ABSMAX_FLOOR,
     DEFAULT_BLOCKSIZE,
@@ -46,15 +47,12 @@ class NF4(Quantizer):
         return codes_from_scaled(scaled_fixed(x, params)).long()
 
     def cell_bounds_flat(self, q: Quantized, grid: ElementGrid) -> tuple[torch.Tensor, torch.Tensor]:
-        from mansu.quant.geometry import cell_bounds_scaled
-
         lo, hi = cell_bounds_scaled(q.codes.device)
         c = q.codes.reshape(-1).long()
         return lo[c] * grid.cap_hi, hi[c] * grid.cap_hi
 
     def bin_width(self, w: torch.Tensor, *, name: str = "tensor") -> torch.Tensor:
         """(T^+_c - T^-_c) * a_b in one chunked pass (mansu.quant.geometry.bin_width, tested there)."""
-        from mansu.quant.geometry import bin_width
 
         return bin_width(w, self.group_size, name=name)
 
@@ -64,7 +62,6 @@ class NF4(Quantizer):
         subnormal (0 < a_b < 1e-38): bitsandbytes' clamped reciprocal (1 / 1e-38) then puts the boundaries far
         from t * a, where the stepping search does not converge (it raises).  tests/test_quantizers.py checks
         that the two agree element for element on every other input."""
-        from mansu.quant.geometry import code_change_target
 
         absmax = quantize_nf4(w, self.group_size, name=name).absmax
         if bool(((absmax > 0) & (absmax < ABSMAX_FLOOR)).any()):
