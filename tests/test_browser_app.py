@@ -212,8 +212,13 @@ def test_floor_slider_updates_the_preview(server, page, with_runs):
     page.mouse.click(*_centre(slider.locator("xpath=../..")))  # focus the slider's thumb
     slider.focus()
     slider.press("ArrowRight")
-    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some("
-                           "m => m.innerText.startsWith('kappa') && m.innerText.includes('1.1'))", timeout=20_000)
+    # Streamlit replaces the metrics one by one: wait until both κ and the count show the new script run
+    page.wait_for_function("""([n]) => {
+        const ms = [...document.querySelectorAll('[data-testid="stMetric"]')];
+        const kappa = ms.find(m => m.innerText.startsWith('kappa'));
+        const count = ms.find(m => m.innerText.startsWith('n updated'));
+        return kappa && kappa.innerText.includes('1.1') && count && !count.innerText.includes(n);
+    }""", arg=[before["n updated"]], timeout=20_000)
     after = {label: _metric(page, label) for label in before}
     assert after["kappa"] != before["kappa"]
     # bigger moves, same budget
