@@ -68,7 +68,12 @@ def load_records(path: str | Path, shape: Shape = "auto") -> list[Record]:
         raise ValueError(f"{path}: empty split (no records); give at least one record")
     if shape == "auto":
         shape = infer_shape(rows[0][1], path, rows[0][0])
+        for line, row in rows[1:]:
+            _check_same_shape(row, shape, path, line, rows[0][0])
     return [_parse(row, shape, path, line) for line, row in rows]
+
+
+ACCEPTED_SHAPES = "mcq (question, choices, answer), qa (question, answer) or text (text)"
 
 
 def infer_shape(row: dict[str, Any], path: Path, line: int) -> Shape:
@@ -79,7 +84,26 @@ def infer_shape(row: dict[str, Any], path: Path, line: int) -> Shape:
     if "text" in row:
         return "text"
     raise ValueError(f"{path}:{line}: cannot tell the record shape from fields {sorted(row)}; "
-                     "accepted are mcq (question, choices, answer), qa (question, answer) or text (text)")
+                     f"accepted are {ACCEPTED_SHAPES}")
+
+
+def _check_same_shape(row: dict[str, Any], shape: str, path: Path, line: int, first: int) -> None:
+    """One file holds one shape: a record of another shape is named here, not parsed as the first one's."""
+    try:
+        other = infer_shape(row, path, line)
+    except ValueError:  # no shape's fields at all: parsing names the missing field
+        return
+    if other != shape:
+        raise ValueError(f"{path}:{line}: a {other} record in a file of {shape} records (line {first} is {shape}); "
+                         f"one file holds one shape: {ACCEPTED_SHAPES}")
+
+
+def shape_of(records: list[Record]) -> str:
+    """'mcq', 'qa' or 'text': the shape of a parsed file's records (one shape per file)."""
+    kinds = {type(r) for r in records}
+    if len(kinds) != 1:
+        raise ValueError(f"records of {len(kinds)} shapes; one split holds one shape: {ACCEPTED_SHAPES}")
+    return {MCQRecord: "mcq", QARecord: "qa", TextRecord: "text"}[kinds.pop()]
 
 
 def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

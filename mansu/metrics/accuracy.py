@@ -1,9 +1,12 @@
-"""MCQ accuracy in two formats, batched, with a 95% percentile-bootstrap confidence interval.
+"""MCQ accuracy under any prompt template (mansu.data.templates), batched, with a 95% percentile-bootstrap
+confidence interval.  The two formats of `--format` are the templates of the same names:
 
     letter: lm-eval's WMDP template, context "question\\nA. c0\\nB. c1\\nC. c2\\nD. c3\\nAnswer:",
             prediction = argmax_k log p(" <letter_k>" | context)
     cloze:  context "question\\nAnswer:", prediction = argmax_k sum_t log p(choice_k token t | context, earlier tokens)
             over the tokens of " <choice_k>" (multi-token choices summed, not length-normalised)
+
+Any template without {choices} is scored like cloze, any with {choices} like letter.
 
 Context and continuation are tokenized separately and concatenated (as lm-eval does), so the
 continuation's tokens are the same whatever the context.  Every sequence is checked against the model's
@@ -18,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mansu.data.records import MCQRecord
+from mansu.data.templates import FORMAT_TEMPLATES, Template, get_template
 from mansu.devices import input_device
 
 Format = Literal["cloze", "letter"]
 FORMATS = ("cloze", "letter")
-LETTERS = "ABCDEFGH"
 
 
 @dataclass(frozen=True)
@@ -33,29 +36,36 @@ class AccuracyResult:
     n: int
     fmt: str
     correct: list[bool] = field(repr=False)
+    template: str = "cloze-answer"
 
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n,
-                "fmt": self.fmt, "correct": [int(c) for c in self.correct]}
+                "fmt": self.fmt, "template": self.template, "correct": [int(c) for c in self.correct]}
 
 
 def cloze_texts(record: MCQRecord) -> tuple[str, list[str]]:
     """Context and the continuations scored in the cloze format."""
-    return f"{record.question}\nAnswer:", [f" {c}" for c in record.choices]
+    return format_texts(record, "cloze")
 
 
 def letter_texts(record: MCQRecord) -> tuple[str, list[str]]:
     """Context and the continuations scored in lm-eval's WMDP letter format."""
-    if len(record.choices) > len(LETTERS):
-        raise ValueError(f"letter format supports at most {len(LETTERS)} choices, got {len(record.choices)}")
-    options = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(record.choices))
-    return f"{record.question}{options}\nAnswer:", [f" {LETTERS[i]}" for i in range(len(record.choices))]
+    return format_texts(record, "letter")
 
 
-def format_texts(record: MCQRecord, fmt: Format) -> tuple[str, list[str]]:
+def resolve_template(fmt: Format, template: str | Template | None) -> Template:
+    """The template to score with: `template` when given, else the one `fmt` names."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown MCQ format {fmt!r}: accepted are {', '.join(FORMATS)}")
-    return cloze_texts(record) if fmt == "cloze" else letter_texts(record)
+    return get_template(template if template is not None else FORMAT_TEMPLATES[fmt])
+
+
+def format_texts(record: MCQRecord, fmt: Format = "cloze", template: str | Template | None = None) -> tuple[str,
+                                                                                                           list[str]]:
+    """Context and the scored continuation of each choice of `record`."""
+    tmpl = resolve_template(fmt, template)
+    return (tmpl.context(record.question, choices=record.choices, subject=record.subject),
+            tmpl.continuations(record.choices))
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -96,12 +106,12 @@ def check_lengths(limit: int | None, lengths: Sequence[int], *, owners: Sequence
 
 
 def check_records_fit(tokenizer, limit: int | None, records: Sequence[MCQRecord], *, fmt: Format = "cloze",
-                      source: str | None = None) -> None:
+                      source: str | None = None, template: str | Template | None = None) -> None:
     """The context check `mcq_accuracy` makes, without a model (the limit from its config): for a preflight
     that refuses a run before its folder exists."""
     lengths, owners = [], []
     for r_i, record in enumerate(records):
-        context, continuations = format_texts(record, fmt)
+        context, continuations = format_texts(record, fmt, template)
         for cont in continuations:
             ctx_ids, cont_ids = encode_pair(tokenizer, context, cont)
             lengths.append(len(ctx_ids) + len(cont_ids))
@@ -138,11 +148,11 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
 
 
 def predict(model, tokenizer, records: Sequence[MCQRecord], *, fmt: Format = "cloze", batch_size: int = 64,
-            source: str | None = None) -> list[int]:
+            source: str | None = None, template: str | Template | None = None) -> list[int]:
     """The predicted choice index of each record (`source`, the records' file, names it in errors)."""
     pairs, owners = [], []
     for r_i, record in enumerate(records):
-        context, continuations = format_texts(record, fmt)
+        context, continuations = format_texts(record, fmt, template)
         pairs += [(context, c) for c in continuations]
         owners += [r_i] * len(continuations)
     scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, owners=owners, source=source)
@@ -172,13 +182,15 @@ def bootstrap_ci(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0, 
 
 
 def mcq_accuracy(model, tokenizer, records: Sequence[MCQRecord], *, fmt: Format = "cloze", batch_size: int = 64,
-                 n_boot: int = 1000, seed: int = 0, source: str | None = None) -> AccuracyResult:
+                 n_boot: int = 1000, seed: int = 0, source: str | None = None,
+                 template: str | Template | None = None) -> AccuracyResult:
     """Accuracy of `model` on `records` with a 95% bootstrap CI over examples; a record longer than the model's
     context is a ValueError naming it (and `source`, its file) before any forward pass."""
     if not records:
         raise ValueError("empty split: accuracy needs at least one MCQ record")
-    preds = predict(model, tokenizer, records, fmt=fmt, batch_size=batch_size, source=source)
+    tmpl = resolve_template(fmt, template)
+    preds = predict(model, tokenizer, records, fmt=fmt, batch_size=batch_size, source=source, template=tmpl)
     correct = [p == r.answer for p, r in zip(preds, records)]
     lo, hi = bootstrap_ci([float(c) for c in correct], n_boot=n_boot, seed=seed)
     return AccuracyResult(accuracy=sum(correct) / len(correct), ci_low=lo, ci_high=hi, n=len(correct),
-                          fmt=fmt, correct=correct)
+                          fmt=fmt, correct=correct, template=tmpl.name)

@@ -1,8 +1,9 @@
-"""Forget/retain records -> token batches with a loss mask on the answer tokens.
+"""Forget/retain records -> token batches with a loss mask on the target tokens (mansu.data.templates.target_texts):
 
-    MCQ  (question, choices, answer): context "question\\nAnswer:", target " <correct choice>"  (the cloze
-         line the demo model learned; the same text the cloze evaluation scores)
-    QA   (question, answer):          context "question\\nAnswer:", target " <answer>"
+    MCQ  (question, choices, answer): context template(question, choices), target the correct choice's continuation
+         (default template cloze-answer: "question\\nAnswer:" + " <correct choice>", the cloze line the demo model
+         learned and the cloze evaluation scores)
+    QA   (question, answer):          context template(question), target " <answer>"
     text (text):                       no context, every token after the first is a target
 
 labels = -100 outside the target, so sequence log-likelihoods and NLLs count the target tokens only.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mansu.data.records import MCQRecord, QARecord, TextRecord
+from mansu.data.templates import Template, get_template, target_texts
 
 
 @dataclass(frozen=True)
@@ -35,24 +36,19 @@ class TokenBatch:
         return TokenBatch(self.input_ids[ix], self.attention_mask[ix], self.labels[ix])
 
 
-def record_texts(record) -> tuple[str, str]:
+def record_texts(record, template: str | Template | None = None) -> tuple[str, str]:
     """(context, target) of one record (see the module docstring)."""
-    if isinstance(record, MCQRecord):
-        return f"{record.question}\nAnswer:", f" {record.choices[record.answer]}"
-    if isinstance(record, QARecord):
-        return f"{record.question}\nAnswer:", f" {record.answer}"
-    if isinstance(record, TextRecord):
-        return "", record.text
-    raise ValueError(f"unsupported record type {type(record).__name__}; accepted are MCQ, QA and text records")
+    return target_texts(record, template)
 
 
-def encode_records(tokenizer, records: Sequence) -> TokenBatch:
+def encode_records(tokenizer, records: Sequence, template: str | Template | None = None) -> TokenBatch:
     """All records as one right-padded batch (the demo's sequences are short; callers slice it)."""
     if not records:
         raise ValueError("empty split: unlearning needs at least one forget and one retain record")
+    tmpl = get_template(template)
     seqs, starts = [], []
     for record in records:
-        context, target = record_texts(record)
+        context, target = record_texts(record, tmpl)
         ctx = tokenizer(context, add_special_tokens=True)["input_ids"] if context else []
         tgt = tokenizer(target, add_special_tokens=not context)["input_ids"]
         seqs.append(ctx + tgt)
