@@ -136,11 +136,27 @@ def _acc(value: float) -> dict:
     return {"accuracy": value, "ci_low": max(0.0, value - 0.05), "ci_high": min(1.0, value + 0.05), "n": 200}
 
 
-def write_sample_run(root: Path, method: str = "mansu", seed: int = 0, forget_after: float = 0.3) -> Path:
-    """Create a finished run with every artifact the app draws; returns its folder."""
+def _quant_metrics(forget_after: float, recall: dict[str, float], n: int = 120) -> dict[str, Any]:
+    """Per-question forget correctness (fp: the first forget_after * n questions right; quantizer q: also the next
+    recall[q] * n) and the per-quantizer entries an eval stage writes, so the PTQ-gap matrix has data."""
+    k = round(forget_after * n)
+    fp = [int(i < k) for i in range(n)]
+    quant = {q: [int(i < k + round(r * n)) for i in range(n)] for q, r in recall.items()}
+    split = lambda c: {**_acc(sum(c) / n), "n": n, "correct": c}  # noqa: E731
+    gap = {q: {"forget": {"gap": (sum(c) - k) / n, "ci_low": (sum(c) - k) / n - 0.03, "ci_high": (sum(c) - k) / n
+                          + 0.03}} for q, c in quant.items()}
+    return {"unlearned_fp": {"forget": split(fp), "retain": _acc(0.97)},
+            "unlearned_quant": {q: {"forget": split(c), "retain": _acc(0.94)} for q, c in quant.items()},
+            "ptq_gap_by_quantizer": gap}
+
+
+def write_sample_run(root: Path, method: str = "mansu", seed: int = 0, forget_after: float = 0.3, *,
+                     quant_recall: dict[str, float] | None = None, base_alignment: str = "nf4-grid") -> Path:
+    """Create a finished run with every artifact the app draws; returns its folder.  `quant_recall` ({quantizer:
+    fraction of the forget questions it brings back}) adds per-question correctness and per-quantizer results."""
     rng = np.random.default_rng(seed)
     spec = {"model": "demo/model", "forget": "demo/forget.jsonl", "retain": "demo/retain.jsonl",
-            "unlearn": {"method": method, "kappa": 1.0}, "base_alignment": "nf4-grid"}
+            "unlearn": {"method": method, "kappa": 1.0}, "base_alignment": base_alignment}
     run = create_run({"kind": "unlearn", "method": method, "spec": spec}, f"sample-{method}", root)
     for stage, scale in (("before", 1.0), ("after_fp", 0.4), ("after_nf4", 0.45)):
         write_json_atomic(layout.attribution_json(run, stage), _graph_json(seed, scale))
@@ -159,7 +175,8 @@ def write_sample_run(root: Path, method: str = "mansu", seed: int = 0, forget_af
         "base_fp": {"forget": _acc(1.0), "retain": _acc(1.0)}, "base_nf4": {"forget": _acc(1.0), "retain": _acc(0.99)},
         "unlearned_fp": {"forget": _acc(forget_after), "retain": _acc(0.97)},
         "unlearned_nf4": {"forget": _acc(forget_after + 0.02), "retain": _acc(0.94)},
-        "ptq_gap": {"forget": {"gap": 0.02, "ci_low": -0.01, "ci_high": 0.05}}}
+        "ptq_gap": {"forget": {"gap": 0.02, "ci_low": -0.01, "ci_high": 0.05}},
+        **(_quant_metrics(forget_after, quant_recall) if quant_recall else {})}
     write_json_atomic(run / layout.METRICS, metrics)
     cad = {f"after_{w}": {"value": v, "ci_low": v - 0.1, "ci_high": v + 0.1, "n_examples": 64,
                           "per_edge": {f"a0.h{i % 8}->m{i % 2}": 0.1 / (i + 1) for i in range(10)}}

@@ -22,14 +22,17 @@ from urllib.parse import quote
 import plotly.graph_objects as go
 
 from mansu.io import portable_path, portable_paths
+from mansu.matrix import GapCell, MatrixRun, cell_text, cells_for, gap_matrix, summary
 from mansu.runs.store import RunSummary
 from mansu.spec import DEMO, RunSpec, demo_spec
 from mansu.unlearn.methods import METHODS
 from mansu.unlearn.methods.base import COMMON_FIELDS
 from mansu.viz.compare import accuracy, cad_value, ptq_gap
+from mansu.viz.matrix import gap_matrix_figure
 from mansu.viz.quant import ptq_gap_by_quantizer_figure
 from mansu.viz.report import PROPERTY_TITLES, run_figures, scorecard_rows, unique_labels
 
+MATRIX = "PTQ-gap matrix"  # its figures are named "PTQ-gap matrix: <base> base"
 SECTIONS = ("claim", "setup", "results", "figures", "limitations", "reproduce")
 DEMO_MODEL = "demo (embedded Llama: 2 layers, 512 wide, 8 heads, 8.8M parameters)"
 # the figures a reviewer needs, in order, with what to look at in each (run_figures' titles)
@@ -53,6 +56,9 @@ CAPTIONS = {
            "carried the forget behaviour changed, not only the output.",
     "diff before vs after_nf4": "The forget circuit's edges before unlearning, coloured by how their attribution "
                                 "changed after unlearning + NF4 (green up, purple down).",
+    MATRIX: "The forget-set PTQ gap of every method of the report (rows) under every quantizer (columns), pooled "
+            "over its seeds: red cells are quantizers that bring forgotten answers back, blue ones lower forget "
+            "accuracy further, white is no change; * marks a 95% interval that excludes 0 (hover for it).",
 }
 
 
@@ -358,7 +364,26 @@ def _score_cell(run: RunSummary, name: str) -> str:
             f"({op} {fmt(row.threshold)}, margin {fmt(row.margin, signed=True)})")
 
 
-def results_html(runs: list[RunSummary], labels: list[str]) -> str:
+def matrix_cells(runs: list[RunSummary]) -> list[GapCell]:
+    """The method x quantizer PTQ-gap matrix of the report's runs (mansu.matrix), or [] unless it covers several
+    methods (for one method the per-quantizer figure says the same)."""
+    cells = gap_matrix([MatrixRun(base_of(r), method_of(r), r.metrics) for r in runs if r.metrics])
+    return cells if len({c.method for c in cells}) > 1 else []
+
+
+def matrix_html(cells: list[GapCell]) -> str:
+    """Per base: the matrix as a table (a cell whose interval excludes 0 in bold) and what it shows in words."""
+    parts = []
+    for base in dict.fromkeys(c.base for c in cells):
+        methods, quants, by = cells_for(cells, base)
+        rows = [[_e(m), *("n/a" if (m, q) not in by else f"<b>{_e(cell_text(by[m, q]))}</b>"
+                          if by[m, q].significant else _e(cell_text(by[m, q])) for q in quants)] for m in methods]
+        parts.append(f"<h3>{MATRIX}, {_e(base)} base (forget, quantized − fp, 95% CI)</h3>"
+                     + _table(["method", *quants], rows, "matrix") + f"<p>{_e(summary(cells, base))}</p>")
+    return "".join(parts)
+
+
+def results_html(runs: list[RunSummary], labels: list[str], cells: list[GapCell] | None = None) -> str:
     per_run = [dict(results_rows(r)) for r in runs]
     names = list(dict.fromkeys(n for p in per_run for n in p))  # quantizers may differ between runs
     table = _table(["quantity (95% CI)", *labels],
@@ -367,7 +392,7 @@ def results_html(runs: list[RunSummary], labels: list[str]) -> str:
                   [[_e(PROPERTY_TITLES[p]), *(_score_cell(r, p) for r in runs)] for p in PROPERTY_TITLES], "scorecard")
     note = ("<p class='note'>Accuracies are cloze MCQ accuracies with bootstrap 95% intervals; the PTQ gap is paired "
             "(the same questions, fp vs NF4). Numbers are shown to 3 significant digits.</p>")
-    return _section("results", "Results", table + card + note)
+    return _section("results", "Results", table + card + note + matrix_html(cells or []))
 
 
 # ---------------------------------------------------------------- figures, limitations, reproduce
@@ -378,7 +403,7 @@ def figures_html(figures: dict[str, go.Figure], missing: list[str]) -> str:
     for i, (name, fig) in enumerate(figures.items()):
         div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"fig{i}", default_width="100%",
                           config={"displaylogo": False, "responsive": True})
-        parts.append(f"<figure>{div}<figcaption><b>Figure {i + 1}. {_e(name)}.</b> {_e(CAPTIONS[name])}"
+        parts.append(f"<figure>{div}<figcaption><b>Figure {i + 1}. {_e(name)}.</b> {_e(CAPTIONS[name.split(':')[0]])}"
                      "</figcaption></figure>")
     if not figures:
         parts.append("<p>No figure: the run has no evaluation or attribution artifacts yet.</p>")
@@ -510,12 +535,14 @@ def reviewer_report(runs: list[RunSummary], *, generated: str | None = None) -> 
     if by_quantizer is not None:
         figs["PTQ gap per quantizer"] = by_quantizer
     figures = {name: figs[name] for name in CAPTIONS if name in figs}
+    cells = matrix_cells(runs)
+    figures.update({f"{MATRIX}: {b} base": gap_matrix_figure(cells, b) for b in dict.fromkeys(c.base for c in cells)})
     title = f"mansu reviewer report: {labels[0]}" + (f" vs {', '.join(labels[1:])}" if runs[1:] else "")
     stamp = (runs[0].config.get("_stamp") or {}) if isinstance(runs[0].config, dict) else {}
     sub = (f"runs {', '.join(r.run_id for r in runs)}" + (f" · generated {generated}" if generated else "")
            + f" · mansu {stamp.get('mansu_version', '?')}")
     toc = " · ".join(f"<a href='#{s}'>{s}</a>" for s in SECTIONS)
-    body = [claim_html(runs, labels), setup_html(runs, labels), results_html(runs, labels),
+    body = [claim_html(runs, labels), setup_html(runs, labels), results_html(runs, labels, cells),
             figures_html(figures, missing), limitations_html(runs), reproduce_html(runs, labels)]
     doc = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
            f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{CSS}</style></head><body>"
