@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 N_BOOT = 2000  # bootstrap resamples: the CI ends move by < 0.005 between generator seeds at 120 questions
 BOOT_SEED = 0
 
@@ -73,8 +75,6 @@ def paired_differences(metrics: dict[str, Any], quantizer: str) -> list[float] |
 def pooled_gap(per_run: Sequence[Sequence[float]], *, n_boot: int = N_BOOT,
                seed: int = BOOT_SEED) -> tuple[float, float, float, int]:
     """(gap, ci_low, ci_high, units) from each run's paired differences, pooled over runs (see the module text)."""
-    from mansu.metrics.accuracy import bootstrap_ci
-
     runs = [list(d) for d in per_run if len(d)]
     if not runs:
         raise ValueError("pooled gap needs at least one run with paired forget differences")
@@ -82,17 +82,27 @@ def pooled_gap(per_run: Sequence[Sequence[float]], *, n_boot: int = N_BOOT,
         units = [sum(col) / len(col) for col in zip(*runs)]
     else:
         units = [x for d in runs for x in d]
-    low, high = bootstrap_ci(units, n_boot=n_boot, seed=seed)
-    return sum(units) / len(units), low, high, len(units)
+    low, high = _percentile_ci(np.asarray(units, dtype=np.float64), n_boot, seed)
+    return float(np.mean(units)), low, high, len(units)
+
+
+def _percentile_ci(units: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean (the method of mansu.metrics.accuracy.bootstrap_ci, in numpy:
+    the app redraws a whole matrix on every rerun)."""
+    idx = np.random.default_rng(seed).integers(0, len(units), (n_boot, len(units)))  # [n_boot, units]
+    low, high = np.quantile(units[idx].mean(axis=1), [0.025, 0.975])
+    return float(low), float(high)
 
 
 def quantizers_of(runs: Iterable[MatrixRun]) -> list[str]:
-    """The quantizers scored by any run, nf4 first, then in the order the runs list them."""
-    names: dict[str, None] = {"nf4": None}
+    """The quantizers scored by any run (nf4 always: older runs have it as the headline), in the registry's order
+    (metrics.json sorts its keys), others (calibrated ones) after them by name."""
+    from mansu.quant.registry import QUANTIZERS
+
+    names = {"nf4"}
     for run in runs:
-        names.update(dict.fromkeys((run.metrics.get("unlearned_quant") or {}) if isinstance(run.metrics, dict)
-                                   else ()))
-    return list(names)
+        names.update((run.metrics.get("unlearned_quant") or {}) if isinstance(run.metrics, dict) else ())
+    return [q for q in QUANTIZERS if q in names] + sorted(names - set(QUANTIZERS))
 
 
 def gap_matrix(runs: Sequence[MatrixRun], *, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> list[GapCell]:

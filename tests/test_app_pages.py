@@ -113,6 +113,27 @@ def test_before_after_page(sample_runs):
     assert _charts(at) >= 5  # before, after, diff, CAD, quadrant, bars
 
 
+def test_before_after_ptq_gap_matrix(home):
+    """The method x quantizer heatmap pools every run on the selected run's model and data by method and base; a
+    folder whose runs hold no per-question quantizer results gets the notice instead."""
+    import json
+
+    write_sample_run(home / "runs", "ga", 1, 0.6)
+    at = _page("views/before_after.py")
+    assert not at.get("plotly_chart") or all("ba-matrix" not in str(c.proto) for c in at.get("plotly_chart"))
+    assert any("PTQ gap per quantizer with per-question results" in i.value for i in at.info)
+    recall = {"nf4": 0.5, "fp4": 0.4, "int8": 0.0, "int4-g128": 0.3}
+    write_sample_run(home / "runs", "graddiff", 0, 0.3, quant_recall=recall)
+    write_sample_run(home / "runs", "mansu", 1, 0.3, quant_recall={q: 0.0 for q in recall})
+    write_sample_run(home / "runs", "mansu", 2, 0.3, quant_recall={"nf4": 0.0}, base_alignment="natural")
+    at = _page("views/before_after.py")
+    spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "forget PTQ gap" in c.proto.spec)
+    heat = spec["data"][0]
+    assert heat["type"] == "heatmap" and heat["x"] == list(recall) and sorted(heat["y"]) == ["graddiff", "mansu"]
+    assert heat["z"][heat["y"].index("graddiff")][0] == pytest.approx(0.5) and "95% CI [" in heat["customdata"][0][0]
+    assert at.radio(key="ba-matrix-base").options == ["nf4-grid", "natural"]
+
+
 def test_launch_rejects_bad_input_before_start(sample_runs):
     at = _page("views/launch.py")
     at.checkbox(key="launch-demo").uncheck()

@@ -1,12 +1,15 @@
 """Before / after: the before and after graphs side by side in the same layout, the diff view,
-CAD with its interval and per-edge contributions, the quadrant plot across runs and the fp vs NF4
-accuracy bars per run."""
+CAD with its interval and per-edge contributions, the quadrant plot across runs, the fp vs NF4
+accuracy bars per run and the method x quantizer PTQ-gap matrix of every run on the same model and data."""
 
 import streamlit as st
 
+from mansu.matrix import GapCell, MatrixRun, gap_matrix
 from mansu.viz.circuit import circuit_figure, diff_figure
 from mansu.viz.compare import cad_figure
+from mansu.viz.matrix import gap_matrix_figure
 from mansu.viz.report import comparison_figures
+from mansu.viz.reviewer import base_of, method_of
 from ui.state import load_graph, not_computed, page_preamble, require_run
 
 sel = page_preamble("Before / after")
@@ -63,3 +66,31 @@ if "fp vs NF4 accuracy" in figs:
     st.plotly_chart(figs["fp vs NF4 accuracy"], key="ba-bars", width="stretch")
 else:
     st.info("fp vs NF4 accuracy: no run has finished its evaluation yet.")
+
+st.subheader("PTQ gap per method and quantizer")
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _matrix(key: tuple, _runs: list[MatrixRun]) -> list[GapCell]:
+    """The bootstrap is seeded, so a key of run ids and finished stages identifies the matrix."""
+    return gap_matrix(_runs)
+
+
+def _same_data(other) -> bool:
+    mine, theirs = run.config.get("spec") or {}, other.config.get("spec") or {}
+    return all(mine.get(k) == theirs.get(k) for k in ("model", "forget", "fmt"))
+
+
+pool = [r for r in sel.runs if r.metrics and _same_data(r)]
+cells = _matrix(tuple((r.run_id, r.status.get("state"), r.status.get("stage")) for r in pool),
+                [MatrixRun(base_of(r), method_of(r), r.metrics) for r in pool])
+bases = list(dict.fromkeys(c.base for c in cells))
+if not bases:
+    not_computed("PTQ gap per quantizer with per-question results (metrics.json unlearned_quant)", run)
+else:
+    base = st.radio("base alignment", bases, horizontal=True, key="ba-matrix-base",
+                    index=bases.index(base_of(run)) if base_of(run) in bases else 0)
+    st.plotly_chart(gap_matrix_figure(cells, base), key="ba-matrix", width="stretch")
+    st.caption(f"Every finished run on this run's model and forget data ({len(pool)} runs), grouped by method and "
+               "base alignment and pooled over seeds; 95% bootstrap intervals over forget questions on hover. "
+               "`mansu compare` writes the same matrix into its results table.")
