@@ -154,23 +154,26 @@ def _join(items: list[str]) -> str:
 
 def summary(cells: Sequence[GapCell], base: str) -> str:
     """What the matrix of one base shows, in words generated from its cells: per quantizer, the methods whose
-    forgetting it significantly undoes (CI above 0), and the methods no quantizer undoes."""
+    forgetting it significantly undoes (CI above 0) with their gaps, the quantizers that undo none, those that
+    lower forget accuracy further, and the methods that no quantizer undoes."""
     methods, quants, by = cells_for(cells, base)
     if not methods:
         return "No run of this base has per-question forget results: no matrix."
     n_runs = sorted({c.n_runs for c in cells if c.base == base})
     seeds = f"{n_runs[0]}" if len(n_runs) == 1 else f"{n_runs[0]}-{n_runs[-1]}"
     parts = [f"Pooled over {seeds} seed(s) per method; a bold cell's 95% interval excludes 0."]
+    some = lambda q, test: [m for m in methods if (m, q) in by and test(by[m, q])]  # noqa: E731
     for q in quants:
-        up = [m for m in methods if (m, q) in by and by[m, q].ci_low > 0]
-        down = [m for m in methods if (m, q) in by and by[m, q].ci_high < 0]
-        text = (f"{q} brings forgotten answers back (gap above 0) for {_join(up)}" if up
-                else f"{q} brings forgotten answers back for no method")
-        if down:
-            text += f"; it lowers forget accuracy further for {_join(down)}"
-        parts.append(text + ".")
+        if up := some(q, lambda c: c.ci_low > 0):
+            parts.append(f"{q} brings forgotten answers back (interval above 0) for "
+                         f"{_join([f'{m} ({fmt_gap(by[m, q].gap)})' for m in up])}.")
+    if none := [q for q in quants if not some(q, lambda c: c.ci_low > 0)]:
+        parts.append(f"{_join(none)} {'brings' if len(none) == 1 else 'bring'} none back for any method.")
+    for q in quants:
+        if down := some(q, lambda c: c.ci_high < 0):
+            parts.append(f"{q} lowers forget accuracy further (interval below 0) for {_join(down)}.")
     kept = [m for m in methods if all(by[m, q].ci_low <= 0 for q in quants if (m, q) in by)]
     parts.append(f"No quantizer significantly undoes what {_join(kept)} changed (whether a method forgot at all is "
                  "in the table above)." if kept
-                 else "Every method's forgetting is significantly undone by at least one quantizer.")
+                 else "Every method has at least one quantizer that significantly brings forgotten answers back.")
     return " ".join(parts)

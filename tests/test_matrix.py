@@ -77,8 +77,8 @@ def test_table_and_summary_say_what_the_numbers_show():
     assert table.splitlines()[0] == "| method | nf4 | int8 |"
     assert re.search(r"\| graddiff \| \*\*\+0\.500 \[\+0\.\d+, \+0\.\d+\]\*\* \| \+0\.008 \[", table)
     text = summary(cells, "nf4-grid")
-    assert "nf4 brings forgotten answers back (gap above 0) for graddiff." in text
-    assert "int8 brings forgotten answers back for no method." in text
+    assert "nf4 brings forgotten answers back (interval above 0) for graddiff (+0.500)." in text
+    assert "int8 brings none back for any method." in text
     assert "No quantizer significantly undoes what mansu changed" in text
     args = argparse.Namespace(seeds=1, retain_eval_limit=10, attribution_records=4, ig_steps=2)
     row = {"run_id": "r", "method": "mansu", "seed": 0, "base": "nf4-grid", "forget_fp": 0.5, "forget_nf4": 0.5,
@@ -124,7 +124,7 @@ def test_report_has_the_matrix_when_it_covers_several_methods(tmp_path):
     text = text_of(doc)
     assert "PTQ-gap matrix: nf4-grid base" in text and "| method |" not in text
     assert re.search(r"graddiff \+0\.500 \[\+0\.\d+, \+0\.\d+\] \+0\.400", text)
-    assert "nf4 brings forgotten answers back (gap above 0) for graddiff" in text
-    assert "int8 brings forgotten answers back for no method" in text
+    assert "nf4 brings forgotten answers back (interval above 0) for graddiff (+0.500)" in text
+    assert "int8 brings none back for any method" in text
     single = text_of(reviewer_report(runs[:1]))
     assert "PTQ-gap matrix" not in single
