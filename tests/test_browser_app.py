@@ -142,8 +142,9 @@ def with_runs(app_runs_home):
     from mansu.testing import write_sample_run
 
     _, runs = app_runs_home
-    write_sample_run(runs, "mansu", seed=0, forget_after=0.3)
-    write_sample_run(runs, "ga", seed=1, forget_after=0.6)
+    recall = {"nf4": 0.0, "fp4": 0.05, "int8": 0.0, "int4-g128": 0.1}  # per-question results: the PTQ-gap matrix
+    write_sample_run(runs, "mansu", seed=0, forget_after=0.3, quant_recall=recall)
+    write_sample_run(runs, "ga", seed=1, forget_after=0.6, quant_recall={q: 0.4 for q in recall})
     return runs
 
 
@@ -179,12 +180,16 @@ def test_empty_install_runs_the_demo_with_progress(server, page, app_runs_home):
 def test_every_page_renders(server, page, with_runs, slug):
     _open(page, f"{server}/{slug}" if slug != "runs" else server)  # the home page lives at /
     page.get_by_role("heading", name=PAGES[slug]).first.wait_for(timeout=20_000)
-    expected_charts = {"circuit": 1, "update_nf4": 2, "before_after": 5}.get(slug, 0)
+    expected_charts = {"circuit": 1, "update_nf4": 2, "before_after": 6}.get(slug, 0)
     if expected_charts:
         page.wait_for_function("n => [...document.querySelectorAll('.js-plotly-plot')]"
                                ".filter(p => p.querySelector('.main-svg')).length >= n", arg=expected_charts,
                                timeout=30_000)
     assert page.locator(".js-plotly-plot").count() >= expected_charts
+    if slug == "before_after":  # the method x quantizer heatmap drew its cells
+        matrix = page.locator(".js-plotly-plot", has_text="forget PTQ gap").first
+        matrix.locator(".heatmaplayer image, .heatmaplayer .hm").first.wait_for(state="attached", timeout=20_000)
+        assert "int4-g128" in matrix.inner_text() and "ga" in matrix.inner_text()
     logo = page.locator("[data-testid='stSidebarLogo'], [data-testid='stLogo']").first
     logo.wait_for(timeout=10_000)
     assert page.evaluate("img => img.naturalWidth", logo.element_handle()) > 0  # assets/logo.svg was served

@@ -102,7 +102,7 @@ def test_heatmap_shape_colour_scale_and_hover_ci():
     assert heat.zmin == -heat.zmax and heat.zmax >= 0.5  # centred at 0: white is no gap
     graddiff_nf4 = next(c for c in cells if (c.base, c.method, c.quantizer) == ("nf4-grid", "graddiff", "nf4"))
     assert f"95% CI [{graddiff_nf4.ci_low:+.3f}, {graddiff_nf4.ci_high:+.3f}]" in heat.customdata[0][0]
-    assert "%{customdata}" in heat.hovertemplate and heat.text[0][0] == "*+0.50" and heat.text[1][2] == "+0.00"
+    assert "%{customdata}" in heat.hovertemplate and heat.text[0][0] == "*+0.50" and heat.text[1][2] == "0.00"
     assert list(gap_matrix_figure(cells, "natural").data[0].y) == ["mansu"]
     with pytest.raises(ValueError, match="no matrix cell for base 'int4-g128-grid'; bases with cells: nf4-grid, "
                                          "natural"):
