@@ -29,16 +29,17 @@ Qwen3's per-head q_norm/k_norm weights, shared by all heads, are never in a circ
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from mansu.attribution.budget import CACHE_MB
 from mansu.attribution.data import Corruption, Metric
-from mansu.attribution.eap import AttributionGraph, baseline, prepare
-from mansu.attribution.engine import run_with_edge_edits
+from mansu.attribution.eap import AttributionGraph, corrupted_pass, prepare
+from mansu.attribution.edges import abs_scores, edge_index, greedy_order, prune_mask, top_order
+from mansu.attribution.engine import capture, run_with_edge_edits
 from mansu.models.components import head_parameter_slices, model_layout, node_parameters, parse_node
 from mansu.models.hooks import differentiable_4bit
 
@@ -61,9 +62,9 @@ class Circuit:
 
     def keep_matrix(self, graph: AttributionGraph) -> torch.Tensor:
         """[U, V] bool, True on the circuit's edges."""
+        us, vs = named_edge_indices(self.edges, graph)
         keep = torch.zeros_like(graph.valid)
-        for u, v in self.edges:
-            keep[graph.edge_index(u, v)] = True
+        keep[us, vs] = True
         return keep
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,62 +77,85 @@ class Circuit:
                    data.get("metadata", {}))
 
 
+def named_edge_indices(edges: Sequence[tuple[str, str]], graph: AttributionGraph) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upstream index, downstream index) int64 [E] of named edges; ValueError naming the first unknown one."""
+    up = {name: i for i, name in enumerate(graph.upstream)}
+    down = {name: j for j, name in enumerate(graph.downstream)}
+    try:
+        us = [up[u] for u, _ in edges]
+        vs = [down[v] for _, v in edges]
+    except KeyError as exc:
+        raise ValueError(f"edge node {exc.args[0]!r} is not in the graph: nodes are {graph.upstream[0]}.."
+                         f"{graph.downstream[-1]}") from None
+    return torch.tensor(us, dtype=torch.long), torch.tensor(vs, dtype=torch.long)
+
+
 def _node_sort_key(name: str) -> tuple[float, int]:
     kind, layer, head = parse_node(name)
     order = {"input": -1.0, "logits": float("inf")}.get(kind, 2 * layer + (1 if kind == "mlp" else 0))
     return order, head
 
 
-def _ranked_edges(graph: AttributionGraph) -> list[tuple[str, str, float]]:
-    return sorted(graph.edges(), key=lambda e: -abs(e[2]))
+def _pruned(us: torch.Tensor, vs: torch.Tensor, graph: AttributionGraph) -> torch.Tensor:
+    """[E] kept by `prune`, for edges given by graph indices (node ids: upstream index, downstream by name)."""
+    ids = {name: i for i, name in enumerate(graph.upstream)}
+    down = torch.tensor([ids.setdefault(name, len(ids)) for name in graph.downstream], dtype=torch.long)
+    return prune_mask(us, down[vs], len(ids), ids["input"] if "input" in ids else -1,
+                      ids["logits"] if "logits" in ids else -1)
 
 
 def prune(edges: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """Drop edges out of nodes without inputs and into nodes without outputs, until stable."""
     current = list(dict.fromkeys(edges))
-    while True:
-        has_in = {v for _, v in current} | {"input"}
-        has_out = {u for u, _ in current} | {"logits"}
-        kept = [(u, v) for u, v in current if u in has_in and v in has_out]
-        if len(kept) == len(current):
-            return kept
-        current = kept
+    ids: dict[str, int] = {}
+    us = torch.tensor([ids.setdefault(u, len(ids)) for u, _ in current], dtype=torch.long)
+    vs = torch.tensor([ids.setdefault(v, len(ids)) for _, v in current], dtype=torch.long)
+    kept = prune_mask(us, vs, len(ids), ids.get("input", -1), ids.get("logits", -1))
+    return [current[i] for i in torch.nonzero(kept).flatten().tolist()]
+
+
+def edge_ranking(graph: AttributionGraph, method: Literal["top_n", "greedy"]) -> torch.Tensor:
+    """Edge numbers (row-major over graph.valid) in the order `method` selects them: its first n are its n edges."""
+    if method == "top_n":
+        return top_order(graph.scores, graph.valid)
+    return greedy_order(graph.scores, graph.valid, graph.upstream, graph.downstream)
 
 
 def greedy_edges(graph: AttributionGraph, n: int) -> list[tuple[str, str]]:
     """Grow from logits: add the highest-|score| edge whose child is in the circuit, n times."""
-    children: dict[str, list[tuple[float, str]]] = {}
-    for u, v, s in graph.edges():
-        children.setdefault(v, []).append((-abs(s), u))
-    heap: list[tuple[float, str, str]] = [(key, u, "logits") for key, u in children.get("logits", [])]
-    heapq.heapify(heap)
-    chosen, in_circuit = [], {"logits"}
-    while heap and len(chosen) < n:
-        _, u, v = heapq.heappop(heap)
-        chosen.append((u, v))
-        if u not in in_circuit:
-            in_circuit.add(u)
-            for key, parent in children.get(u, []):
-                heapq.heappush(heap, (key, parent, u))
-    return chosen
+    us, vs = edge_index(graph.valid)
+    chosen = edge_ranking(graph, "greedy")[:n]
+    return _names(graph, us[chosen], vs[chosen])
+
+
+def _names(graph: AttributionGraph, us: torch.Tensor, vs: torch.Tensor) -> list[tuple[str, str]]:
+    up, down = graph.upstream, graph.downstream
+    return [(up[u], down[v]) for u, v in zip(us.tolist(), vs.tolist())]
 
 
 def select_circuit(graph: AttributionGraph, *, method: Selection = "greedy", n_edges: int | None = None,
-                   threshold: float | None = None, do_prune: bool = True) -> Circuit:
-    """Select edges by `method` (top_n / greedy need n_edges, threshold needs threshold), then prune."""
+                   threshold: float | None = None, do_prune: bool = True,
+                   ranking: torch.Tensor | None = None) -> Circuit:
+    """Select edges by `method` (top_n / greedy need n_edges, threshold needs threshold), then prune.
+
+    `ranking`: `edge_ranking(graph, method)` computed once by a caller that selects many n from one graph."""
     if method not in SELECTIONS:
         raise ValueError(f"unknown selection {method!r}: accepted are {', '.join(SELECTIONS)}")
+    us, vs = edge_index(graph.valid)
     if method == "threshold":
         if threshold is None or threshold < 0:
             raise ValueError("method='threshold' needs threshold >= 0")
-        edges = [(u, v) for u, v, s in graph.edges() if abs(s) >= threshold]
+        chosen = torch.nonzero(abs_scores(graph.scores, us, vs) >= threshold).flatten()
     else:
         if n_edges is None or n_edges < 0:
             raise ValueError(f"method={method!r} needs n_edges >= 0")
-        edges = ([(u, v) for u, v, _ in _ranked_edges(graph)[:n_edges]] if method == "top_n"
-                 else greedy_edges(graph, n_edges))
-    edges = prune(edges) if do_prune else edges
-    return Circuit(edges, method, None, {"n_edges_requested": n_edges, "threshold": threshold, "pruned": do_prune})
+        chosen = (edge_ranking(graph, method) if ranking is None else ranking)[:n_edges]
+    us, vs = us[chosen], vs[chosen]
+    if do_prune:
+        kept = _pruned(us, vs, graph)
+        us, vs = us[kept], vs[kept]
+    return Circuit(_names(graph, us, vs), method, None, {"n_edges_requested": n_edges, "threshold": threshold,
+                                                         "pruned": do_prune})
 
 
 @dataclass
@@ -143,30 +167,57 @@ class FaithfulnessResult:
 
 
 class FaithfulnessEvaluator:
-    """Runs the model with only a circuit's edges clean; prepares batches and corrupted activations once."""
+    """Runs the model with only a circuit's edges clean; prepares batches and metrics once.
+
+    Each batch's corrupted node outputs [b, U, s, d] float32 (4 b s U d bytes) stay cached on the model's device
+    while the cache holds at most `cache_mb` MiB (first batches first); the others are recomputed, one corrupted
+    forward pass per batch and evaluation, so memory stays one batch's activations however many records there are.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, records: Sequence[Any], *, metric: Metric = "logit_diff",
-                 corruption: Corruption = "counterfactual", batch_size: int = 16, max_records: int | None = 64):
+                 corruption: Corruption = "counterfactual", batch_size: int = 16, max_records: int | None = 64,
+                 cache_mb: int = CACHE_MB):
+        if cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0 (MiB of cached activations; 0 recomputes them), got {cache_mb}")
         self.model, self.metric = model, metric
         self.prep = prepare(model, tokenizer, records, metric=metric, corruption=corruption, batch_size=batch_size,
                             max_records=max_records)
+        self.cached: list[torch.Tensor | None] = []
+        self.overrides: list[torch.Tensor | None] = []      # corrupted input streams of mean/zero corruption
+        room, m_clean, m_corrupt = cache_mb * 2**20, [], []
         with differentiable_4bit(model):     # the fp32 dequantize path attribute() uses, on 4-bit models
-            self.bases = [baseline(model, self.prep.space, b, metric, corruption) for b in self.prep.batches]
+            for batch in self.prep.batches:
+                clean = capture(model, self.prep.space, batch, batch.clean, metric, store=False)
+                corrupt, e_corrupt = corrupted_pass(model, self.prep.space, batch, metric, corruption, clean.input)
+                size = corrupt.nodes.numel() * corrupt.nodes.element_size()
+                self.cached.append(corrupt.nodes if size <= room else None)
+                room -= size if size <= room else 0
+                self.overrides.append(None if corruption == "counterfactual" else e_corrupt)
+                m_clean.append(clean.metric)
+                m_corrupt.append(corrupt.metric)
         self.n = sum(len(b.indices) for b in self.prep.batches)
-        self.m_clean = float(sum(b.m_clean.sum() for b in self.bases)) / self.n
-        self.m_corrupt = float(sum(b.m_corrupt.sum() for b in self.bases)) / self.n
+        self.m_clean = float(sum(m.sum() for m in m_clean)) / self.n
+        self.m_corrupt = float(sum(m.sum() for m in m_corrupt)) / self.n
 
     def metric_with(self, keep: torch.Tensor) -> float:
         with differentiable_4bit(self.model):
             total = self._sum_metric(keep)
         return total / self.n
 
+    def _corrupted_nodes(self, i: int) -> torch.Tensor:
+        """Batch i's corrupted node outputs [b, U, s, d], a copy the edited run may overwrite."""
+        if self.cached[i] is not None:
+            return self.cached[i].clone()
+        batch, override = self.prep.batches[i], self.overrides[i]
+        ids = batch.corrupt if override is None else batch.clean
+        return capture(self.model, self.prep.space, batch, ids, self.metric, input_override=override).nodes
+
     def _sum_metric(self, keep: torch.Tensor) -> float:
         total = 0.0
-        for batch, base in zip(self.prep.batches, self.bases):
+        for i, batch in enumerate(self.prep.batches):
             # the clean input stream is this run's input; non-circuit edges out of `input` carry the corrupted one
             total += float(run_with_edge_edits(self.model, self.prep.space, batch, self.metric, keep,
-                                               base.a_corrupt).sum())
+                                               self._corrupted_nodes(i)).sum())
         return total
 
     def evaluate(self, circuit: Circuit, graph: AttributionGraph) -> FaithfulnessResult:
@@ -196,9 +247,10 @@ def smallest_faithful_circuit(model: Any, tokenizer: Any, records: Sequence[Any]
         evaluator = FaithfulnessEvaluator(model, tokenizer, records, **opts)
     total = int(graph.valid.sum())
     curve: dict[int, float] = {}
+    ranking = edge_ranking(graph, method)          # one ranking for every n the search tries
 
     def faith(n: int) -> tuple[Circuit, float]:
-        circuit = select_circuit(graph, method=method, n_edges=n)
+        circuit = select_circuit(graph, method=method, n_edges=n, ranking=ranking)
         curve[n] = evaluator.evaluate(circuit, graph).faithfulness
         return circuit, curve[n]
 

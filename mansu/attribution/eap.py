@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from mansu.attribution.data import Batch, Corruption, Metric, build_examples, check_modes, collate, metric_values
-from mansu.attribution.engine import NodeSpace, capture, corrupted_input, ig_gradients
+from mansu.attribution.engine import NodeSpace, Pass, capture, corrupted_input, ig_scores
 from mansu.devices import input_device
 from mansu.models.components import model_layout, parse_node
 from mansu.models.hooks import NodeCallbacks, differentiable_4bit, node_hooks
@@ -56,10 +56,10 @@ class AttributionGraph:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def edges(self) -> list[tuple[str, str, float]]:
-        """Every existing edge as (upstream, downstream, score)."""
+        """Every existing edge as (upstream, downstream, score), row-major."""
         us, vs = torch.nonzero(self.valid, as_tuple=True)
-        return [(self.upstream[u], self.downstream[v], float(self.scores[u, v])) for u, v in zip(us.tolist(),
-                                                                                                 vs.tolist())]
+        up, down = self.upstream, self.downstream
+        return [(up[u], down[v], s) for u, v, s in zip(us.tolist(), vs.tolist(), self.scores[us, vs].tolist())]
 
     def score(self, upstream: str, downstream: str) -> float:
         return float(self.scores[self.upstream.index(upstream), self.downstream.index(downstream)])
@@ -91,23 +91,33 @@ def prepare(model: Any, tokenizer: Any, records: Sequence[Any], *, metric: Metri
 
 
 @dataclass
-class _Baseline:
+class Differences:
+    """One batch's clean and corrupted passes, reduced to what EAP-IG and exact patching need."""
+
     m_clean: torch.Tensor       # [b]
     m_corrupt: torch.Tensor     # [b]
-    a_clean: torch.Tensor       # [b, s, U, d]
-    a_corrupt: torch.Tensor     # [b, s, U, d]
-    e_corrupt_override: torch.Tensor | None   # the corrupted input stream when it is not produced by corrupted ids
+    e_clean: torch.Tensor       # [b, s, d] the clean input stream
+    e_corrupt: torch.Tensor     # [b, s, d] the corrupted input stream
+    diff: torch.Tensor          # [b, U, s, d] a_u(corrupted) - a_u(clean), float32
 
 
-def baseline(model: Any, space: NodeSpace, batch: Batch, metric: Metric, corruption: Corruption) -> _Baseline:
-    """Clean and corrupted passes of one batch, with every node's output."""
-    m_clean, a_clean = capture(model, space, batch, batch.clean, metric)
+def corrupted_pass(model: Any, space: NodeSpace, batch: Batch, metric: Metric, corruption: Corruption,
+                   e_clean: torch.Tensor, **record: Any) -> tuple[Pass, torch.Tensor]:
+    """The corrupted pass of one batch (recording as `capture` does) and its input stream [b, s, d]."""
     if corruption == "counterfactual":
-        m_corrupt, a_corrupt = capture(model, space, batch, batch.corrupt, metric)
-        return _Baseline(m_clean, m_corrupt, a_clean, a_corrupt, None)
-    e_corrupt = corrupted_input(a_clean[:, :, 0], batch, corruption)
-    m_corrupt, a_corrupt = capture(model, space, batch, batch.clean, metric, input_override=e_corrupt)
-    return _Baseline(m_clean, m_corrupt, a_clean, a_corrupt, e_corrupt)
+        run = capture(model, space, batch, batch.corrupt, metric, **record)
+        return run, run.input
+    e_corrupt = corrupted_input(e_clean, batch, corruption)
+    return capture(model, space, batch, batch.clean, metric, input_override=e_corrupt, **record), e_corrupt
+
+
+def differences(model: Any, space: NodeSpace, batch: Batch, metric: Metric, corruption: Corruption) -> Differences:
+    """Clean then corrupted pass into one [b, U, s, d] buffer: the corrupted pass subtracts its node outputs from
+    the clean ones as they appear, so only one activation tensor of the batch is ever held."""
+    clean = capture(model, space, batch, batch.clean, metric)
+    corrupt, e_corrupt = corrupted_pass(model, space, batch, metric, corruption, clean.input, out=clean.nodes,
+                                        subtract=True)
+    return Differences(clean.metric, corrupt.metric, clean.input, e_corrupt, corrupt.nodes.neg_())
 
 
 def _progress(items: list, enabled: bool, desc: str):
@@ -142,16 +152,15 @@ def _attribute(model: Any, tokenizer: Any, records: Sequence[Any], *, ig_steps: 
     sums = torch.zeros(len(space.upstream), len(space.downstream))
     kept, m_clean, m_corrupt = [], [], []
     for batch in _progress(prep.batches, progress, "EAP-IG"):
-        base = baseline(model, space, batch, metric, corruption)
-        e_corrupt = base.a_corrupt[:, :, 0] if base.e_corrupt_override is None else base.e_corrupt_override
-        grads = ig_gradients(model, space, batch, base.a_clean[:, :, 0], e_corrupt, metric, ig_steps)
-        diff = (base.a_corrupt - base.a_clean).cpu() * batch.mask.cpu()[:, :, None, None]
-        scores = torch.einsum("bsud,bsvd->buv", diff, grads) * space.valid     # [b, U, V]
+        base = differences(model, space, batch, metric, corruption)
+        diff = base.diff.mul_(batch.mask[:, None, :, None].to(base.diff.device))    # padded positions carry nothing
+        scores = ig_scores(model, space, batch, base.e_clean, base.e_corrupt, diff, metric, ig_steps).cpu()
+        m_clean.append(base.m_clean.cpu())
+        m_corrupt.append(base.m_corrupt.cpu())
+        del base, diff                      # this batch's activations go before the next batch's are made
         sums += scores.sum(0)
         if per_example:
             kept.append(scores)
-        m_clean.append(base.m_clean.cpu())
-        m_corrupt.append(base.m_corrupt.cpu())
     n = sum(len(b.indices) for b in prep.batches)
     meta = _metadata(model, space, metric, corruption, ig_steps, n, prep)
     return AttributionGraph(space.upstream, space.downstream, sums / n, space.valid.clone(), torch.cat(m_clean),
@@ -189,10 +198,9 @@ def _exact(model: Any, prep: _Prepared, metric: Metric, corruption: Corruption,
     pairs = _edge_indices(space, edges)
     effects = torch.zeros(len(space.upstream), len(space.downstream))
     for batch in prep.batches:
-        base = baseline(model, space, batch, metric, corruption)
+        base = differences(model, space, batch, metric, corruption)
         for u, v in _progress(pairs, progress, "patching"):
-            patched = _patch_one_edge(model, space, batch, metric, u, v, base.a_corrupt[:, :, u] - base.a_clean[:, :,
-                                                                                                                u])
+            patched = _patch_one_edge(model, space, batch, metric, u, v, base.diff[:, u])
             effects[u, v] += float((patched - base.m_clean).sum())
     return effects / sum(len(b.indices) for b in prep.batches)
 

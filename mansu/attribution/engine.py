@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from mansu.attribution.data import Batch, Metric, metric_values
-from mansu.models.components import ModelLayout, edge_exists, layer_modules
+from mansu.attribution.edges import valid_matrix
+from mansu.models.components import ModelLayout, layer_modules
 from mansu.models.hooks import NodeCallbacks, head_residual_outputs, node_hooks
 
 
@@ -31,8 +32,7 @@ class NodeSpace:
     @classmethod
     def of(cls, layout: ModelLayout) -> NodeSpace:
         up, down = layout.upstream_nodes(), layout.downstream_nodes()
-        valid = torch.tensor([[edge_exists(u, v) for v in down] for u in up], dtype=torch.bool)
-        return cls(layout, up, down, valid)
+        return cls(layout, up, down, valid_matrix(up, down))
 
     def up_count_before_layer(self, layer: int) -> int:
         """Upstream nodes feeding the heads of `layer`: input and every node of earlier layers."""
@@ -51,45 +51,59 @@ class NodeSpace:
 
 
 class _Recorder:
-    """Collects node outputs of one pass into per-layer slots (float32)."""
+    """Writes one pass's node outputs (float32) into `out` [b, U, s, d], in upstream order, so that out[:, :count]
+    holds the first `count` nodes as soon as they are computed; `subtract` subtracts them from what `out` holds
+    instead (corrupted outputs in, their differences from this run out). `out=None` with `store`: allocated at the
+    input; without `store` only the input stream is kept."""
 
-    def __init__(self, model: Any, space: NodeSpace):
-        self.model, self.space = model, space
+    def __init__(self, model: Any, space: NodeSpace, out: torch.Tensor | None = None, *, subtract: bool = False,
+                 store: bool = True):
+        self.model, self.space, self.out, self.subtract, self.store = model, space, out, subtract, store
         self.input: torch.Tensor | None = None
-        self.heads: dict[int, torch.Tensor] = {}
-        self.mlps: dict[int, torch.Tensor] = {}
+
+    def _write(self, start: int, values: torch.Tensor) -> None:       # values [b, n, s, d]
+        if not self.store:
+            return
+        if self.out is None:
+            b, _, s, d = values.shape
+            self.out = torch.zeros(b, len(self.space.upstream), s, d, device=values.device)
+        target = self.out[:, start:start + values.shape[1]]
+        values = values.to(target.device, torch.float32)
+        target.sub_(values) if self.subtract else target.copy_(values)
 
     def on_input(self, e: torch.Tensor) -> None:
         self.input = e.float()
+        self._write(0, self.input.unsqueeze(1))
 
     def on_heads(self, layer: int, z: torch.Tensor) -> None:
-        o_proj = layer_modules(self.model, self.space.layout, layer).o_proj
-        self.heads[layer] = head_residual_outputs(o_proj, z).float()      # [b, s, H, d]
+        if self.store:
+            o_proj = layer_modules(self.model, self.space.layout, layer).o_proj
+            self._write(self.space.up_count_before_layer(layer), head_residual_outputs(o_proj, z).transpose(1, 2))
 
     def on_mlp(self, layer: int, out: torch.Tensor) -> None:
-        self.mlps[layer] = out.float()
+        self._write(self.space.up_count_before_layer(layer) + self.space.layout.n_heads, out.unsqueeze(1))
 
-    def upto(self, count: int) -> torch.Tensor:
-        """The first `count` upstream nodes' outputs so far, [b, s, count, d]."""
-        parts = [self.input.unsqueeze(2)]
-        for layer in range(self.space.layout.n_layers):
-            if layer in self.heads:
-                parts += [self.heads[layer],
-                          self.mlps[layer].unsqueeze(2)] if layer in self.mlps else [self.heads[layer]]
-        return torch.cat(parts, dim=2)[:, :, :count]
+    def callbacks(self, **edits: Any) -> NodeCallbacks:
+        return NodeCallbacks(on_input=self.on_input, on_heads=self.on_heads, on_mlp=self.on_mlp, **edits)
 
-    def stacked(self) -> torch.Tensor:
-        return self.upto(len(self.space.upstream))
+
+@dataclass
+class Pass:
+    """One recorded forward pass: the metric, the stream entering layer 0 and (when stored) every node's output."""
+
+    metric: torch.Tensor            # [b]
+    input: torch.Tensor             # [b, s, d] float32
+    nodes: torch.Tensor | None      # [b, U, s, d] float32
 
 
 def capture(model: Any, space: NodeSpace, batch: Batch, ids: torch.Tensor, metric: Metric,
-            input_override: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One no-grad pass: (metric [b], node outputs [b, s, U, d] float32)."""
-    rec = _Recorder(model, space)
-    cb = NodeCallbacks(input_override=input_override, on_input=rec.on_input, on_heads=rec.on_heads, on_mlp=rec.on_mlp)
-    with torch.no_grad(), node_hooks(model, space.layout, cb):
+            input_override: torch.Tensor | None = None, *, out: torch.Tensor | None = None, subtract: bool = False,
+            store: bool = True) -> Pass:
+    """One no-grad pass recording node outputs into `out` (allocated when None; `subtract`: out - outputs)."""
+    rec = _Recorder(model, space, out, subtract=subtract, store=store)
+    with torch.no_grad(), node_hooks(model, space.layout, rec.callbacks(input_override=input_override)):
         logits = model(input_ids=ids, attention_mask=batch.mask).logits
-    return metric_values(logits, batch, metric), rec.stacked()
+    return Pass(metric_values(logits, batch, metric), rec.input, rec.out)
 
 
 def corrupted_input(e_clean: torch.Tensor, batch: Batch, corruption: str) -> torch.Tensor:
@@ -99,45 +113,57 @@ def corrupted_input(e_clean: torch.Tensor, batch: Batch, corruption: str) -> tor
     return torch.where(batch.corrupt_mask[..., None], fill.expand_as(e_clean), e_clean)
 
 
-def ig_gradients(model: Any, space: NodeSpace, batch: Batch, e_clean: torch.Tensor, e_corrupt: torch.Tensor,
-                 metric: Metric, steps: int) -> torch.Tensor:
-    """Mean over IG steps of d(sum_b metric_b) / d(input of each downstream node), [b, s, V, d] float32.
+def ig_scores(model: Any, space: NodeSpace, batch: Batch, e_clean: torch.Tensor, e_corrupt: torch.Tensor,
+              diff: torch.Tensor, metric: Metric, steps: int) -> torch.Tensor:
+    """Per-example edge scores [b, U, V]: sum over positions of diff[:, u] . mean over IG steps of d(sum_b metric_b)
+    / d(input of v), with `diff` [b, U, s, d] the activation differences a_u(corrupted) - a_u(clean).
 
     The input stream is interpolated, e_k = e_corrupt + alpha_k (e_clean - e_corrupt) with midpoint
     alpha_k = (k - 1/2) / steps, k = 1..steps; every downstream node reads its own zero-valued probe added to its
     input, and the gradient w.r.t. that probe is the gradient w.r.t. the node's input (through that node only).
+    Each probe's gradient is scored and freed as soon as the backward pass produces it, so node-input gradients
+    are never all held at once.
     """
     layout = space.layout
     b, s = batch.clean.shape
-    d, h = layout.d_model, layout.n_heads
-    total = torch.zeros(b, s, len(space.downstream), d)
+    scores = torch.zeros(b, len(space.upstream), len(space.downstream), device=diff.device)
+    flat = diff.reshape(b, len(space.upstream), -1)                       # [b, U, s*d], a view
+
+    def consume(count: int, cols: slice):
+        def hook(probe: torch.Tensor) -> None:
+            grad = probe.grad.reshape(-1, b, flat.shape[2]).to(flat.device, torch.float32) / steps   # [n, b, s*d]
+            scores[:, :count, cols] += torch.bmm(flat[:, :count], grad.permute(1, 2, 0))
+            probe.grad = None
+        return hook
+
     for k in range(1, steps + 1):
         alpha = (k - 0.5) / steps
         e_k = e_corrupt + alpha * (e_clean - e_corrupt)       # float32; the hook casts to the model's dtype
-        probes = {("h", l): torch.zeros(h, b, s, d, dtype=e_k.dtype, device=e_k.device, requires_grad=True)
-                  for l in range(layout.n_layers)}
-        probes.update({("m", l): torch.zeros(b, s, d, dtype=e_k.dtype, device=e_k.device, requires_grad=True)
-                       for l in range(layout.n_layers)})
-        probes["logits"] = torch.zeros(b, s, d, dtype=e_k.dtype, device=e_k.device, requires_grad=True)
+        probes = _probes(space, e_k, consume)
         cb = NodeCallbacks(input_override=e_k, head_edit=lambda l, r: probes[("h", l)],
                            mlp_edit=lambda l, r: probes[("m", l)], logits_edit=lambda r: probes["logits"])
         with torch.enable_grad(), node_hooks(model, layout, cb):
             value = metric_values(model(input_ids=batch.clean, attention_mask=batch.mask).logits, batch, metric).sum()
-            keys = list(probes)
-            grads = torch.autograd.grad(value, [probes[key] for key in keys], allow_unused=True)
-        for key, grad in zip(keys, grads):
-            grad = torch.zeros_like(probes[key]) if grad is None else grad
-            _accumulate(total, space, key, grad.detach().float().cpu() / steps)
-    return total
+            torch.autograd.backward(value, inputs=list(probes.values()))
+    return scores
 
 
-def _accumulate(total: torch.Tensor, space: NodeSpace, key: Any, grad: torch.Tensor) -> None:
-    if key == "logits":
-        total[:, :, space.down_logits] += grad
-    elif key[0] == "h":
-        total[:, :, space.down_heads(key[1])] += grad.permute(1, 2, 0, 3)
-    else:
-        total[:, :, space.down_mlp(key[1])] += grad
+def _probes(space: NodeSpace, like: torch.Tensor, consume: Any) -> dict[Any, torch.Tensor]:
+    """Zero probes (stride-0 views: no memory until their gradient) with the hook that scores their gradient."""
+    layout = space.layout
+    h, n_layers = layout.n_heads, layout.n_layers
+
+    def probe(shape: tuple[int, ...], count: int, cols: slice) -> torch.Tensor:
+        p = torch.zeros((), dtype=like.dtype, device=like.device).expand(*shape).requires_grad_()
+        p.register_post_accumulate_grad_hook(consume(count, cols))
+        return p
+
+    probes = {("h", l): probe((h, *like.shape), space.up_count_before_layer(l), space.down_heads(l))
+              for l in range(n_layers)}
+    probes.update({("m", l): probe(tuple(like.shape), space.up_count_before_layer(l) + h,
+                                   slice(space.down_mlp(l), space.down_mlp(l) + 1)) for l in range(n_layers)})
+    probes["logits"] = probe(tuple(like.shape), len(space.upstream), slice(space.down_logits, space.down_logits + 1))
+    return probes
 
 
 def run_with_edge_edits(model: Any, space: NodeSpace, batch: Batch, metric: Metric, keep: torch.Tensor,
@@ -146,32 +172,35 @@ def run_with_edge_edits(model: Any, space: NodeSpace, batch: Batch, metric: Metr
 
     Node v's input becomes  stream_v - sum_{u: not keep[u,v]} (a_u(this run) - a_u(corrupted)).
     keep all-True gives the clean model, all-False the corrupted one (used for faithfulness and exact patching).
+    `corrupt_acts` [b, U, s, d] is consumed: this run's outputs are subtracted from it in place as they appear.
     """
-    rec = _Recorder(model, space)
     drop = (~keep & space.valid).float().to(corrupt_acts.device)          # [U, V]
+    rec = _Recorder(model, space, corrupt_acts, subtract=True)
     n_heads = space.layout.n_heads
+    b, n_up, s, d = corrupt_acts.shape
+    flat = corrupt_acts.reshape(b, n_up, s * d)                            # corrupted - this run, a view
 
-    def delta(count: int, cols: Any) -> torch.Tensor | None:
-        weights = drop[:count, cols]
+    def delta(count: int, cols: slice, device: torch.device) -> torch.Tensor | None:
+        weights = drop[:count, cols]                                       # [count, n]
         if not bool(weights.any()):
             return None
-        diff = corrupt_acts[:, :, :count] - rec.upto(count)               # [b, s, count, d]
-        return torch.einsum("bsud,u...->...bsd", diff, weights)
+        out = torch.matmul(weights.T, flat[:, :count]).reshape(b, -1, s, d).transpose(0, 1)   # [n, b, s, d]
+        return out.to(device)
 
     def head_edit(layer: int, resid: torch.Tensor) -> torch.Tensor | None:
-        out = delta(space.up_count_before_layer(layer), space.down_heads(layer))
-        return None if out is None else out.to(resid.device)
+        return delta(space.up_count_before_layer(layer), space.down_heads(layer), resid.device)
 
     def mlp_edit(layer: int, resid: torch.Tensor) -> torch.Tensor | None:
-        out = delta(space.up_count_before_layer(layer) + n_heads, space.down_mlp(layer))
-        return None if out is None else out.to(resid.device)
+        j = space.down_mlp(layer)
+        out = delta(space.up_count_before_layer(layer) + n_heads, slice(j, j + 1), resid.device)
+        return None if out is None else out[0]
 
     def logits_edit(resid: torch.Tensor) -> torch.Tensor | None:
-        out = delta(len(space.upstream), space.down_logits)
-        return None if out is None else out.to(resid.device)
+        j = space.down_logits
+        out = delta(n_up, slice(j, j + 1), resid.device)
+        return None if out is None else out[0]
 
-    cb = NodeCallbacks(input_override=input_override, on_input=rec.on_input, on_heads=rec.on_heads,
-                       on_mlp=rec.on_mlp, head_edit=head_edit, mlp_edit=mlp_edit, logits_edit=logits_edit)
+    cb = rec.callbacks(input_override=input_override, head_edit=head_edit, mlp_edit=mlp_edit, logits_edit=logits_edit)
     with torch.no_grad(), node_hooks(model, space.layout, cb):
         logits = model(input_ids=batch.clean, attention_mask=batch.mask).logits
     return metric_values(logits, batch, metric)
