@@ -253,7 +253,8 @@ def _attribute_before(ctx: Context) -> dict[str, Any]:
     recs = ctx.attribution_records()
     try:
         graph = attribute(model, tok, recs, ig_steps=ctx.spec.ig_steps, per_example=True, max_records=None)
-        circuit = smallest_faithful_circuit(model, tok, recs, graph, target=ctx.spec.circuit_target)
+        circuit = smallest_faithful_circuit(model, tok, recs, graph, target=ctx.spec.circuit_target,
+                                             cache_mb=ctx.spec.attribution_cache_mb)
     except ValueError as exc:  # e.g. no counterfactual partner: degrade visibly, MANSU then uses all weights
         log.warning("attribution not available: %s", exc)
         return {"status": "not available", "reason": f"attribution failed: {exc}"}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mansu.attribution.budget import CACHE_MB
 from mansu.choices import Alignment, Device, DType, MCQFormat, NF4Mode
 from mansu.io import read_json
 from mansu.options import from_dict, opt, validate
@@ -44,6 +45,8 @@ class RunSpec:
     circuit_target: float = opt(0.8, "faithfulness of the smallest faithful circuit", lo=0.0, hi=1.5, lo_open=True)
     attribution_records: int = opt(32, "forget records attributed (EAP-IG cost grows with it)", lo=1, hi=100_000)
     ig_steps: int = opt(5, "EAP-IG integration steps (5-30 typical)", lo=1, hi=1000)
+    attribution_cache_mb: int = opt(CACHE_MB, "MiB of corrupted activations the circuit search keeps on the device "
+                                              "between evaluations; batches beyond it are recomputed (0: all)", lo=0)
     retain_eval_limit: int | None = opt(None, "score only the first N retain records (default all)", lo=1)
     save_model: bool = opt(True, "save_pretrained the unlearned model into the run folder")
     store_update: bool = opt(True, "write update.safetensors (the floor tuner's input)")

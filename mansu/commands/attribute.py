@@ -5,6 +5,7 @@ opens, with the graph, the circuit, its parameter masks and a circuit-tracer exp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from mansu.data.records import load_records, mcq_only
 from mansu.models.demo import ensure_demo
 from mansu.models.loading import load_model
 from mansu.runs.store import create_run, write_status
-from mansu.spec import DEMO
+from mansu.spec import DEMO, RunSpec
+
+_CACHE = {f.name: f for f in dataclasses.fields(RunSpec)}["attribution_cache_mb"]   # one definition, the run's
 
 
 def register(subparsers) -> None:
@@ -34,6 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob"],
                    help="metric of the correct answer (default logit_diff)")
     p.add_argument("--target", type=float, default=0.8, help="faithfulness the circuit must reach (default 0.8)")
+    p.add_argument("--attribution-cache-mb", type=int, default=_CACHE.default,
+                   help=f"{_CACHE.metadata['help']} (default {_CACHE.default})")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights dtype (default fp32)")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="cpu, cuda or auto")
     p.add_argument("--tokenizer", default=None, metavar="fast|PATH",
@@ -61,6 +66,9 @@ def _check_ranges(args: argparse.Namespace) -> None:
         raise ValueError(f"--ig-steps must be a positive integer, got {args.ig_steps}")
     if not 0 < args.target <= 1.5:
         raise ValueError(f"--target must be in (0, 1.5], got {args.target}")
+    if args.attribution_cache_mb < 0:
+        raise ValueError(f"--attribution-cache-mb must be >= 0 (0 recomputes every batch), got "
+                         f"{args.attribution_cache_mb}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model(model_path, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     graph = attribute(lm.model, lm.tokenizer, records, ig_steps=args.ig_steps, corruption=args.corruption,
                       metric=args.metric, per_example=True, max_records=None, progress=not args.json)
-    circuit = smallest_faithful_circuit(lm.model, lm.tokenizer, records, graph, target=args.target)
+    circuit = smallest_faithful_circuit(lm.model, lm.tokenizer, records, graph, target=args.target,
+                                        cache_mb=args.attribution_cache_mb)
     spec = {"model": model_path, "forget": data_path, "attribution_records": len(records), "ig_steps": args.ig_steps,
             "corruption": args.corruption, "metric": args.metric, "circuit_target": args.target}
     run_dir = _save(graph, circuit, lm.model, spec)
