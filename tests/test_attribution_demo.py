@@ -154,3 +154,16 @@ def test_cad_after_nf4_is_small_but_nonzero(demo_assets, demo_lm, forget, graph,
     after = attribute(nf4, demo_lm.tokenizer, forget, ig_steps=8, batch_size=32, per_example=True)
     result = cad(graph, after, circuit, n_boot=500)
     assert 0 < result.value < 0.05 and result.ci_high < 0.1
+
+
+def test_demo_graph_code_matches_python_loops(graph, circuit):
+    """Selection, pruning, keep matrices and CAD on the demo graph equal the Python loops they replaced."""
+    import dataclasses
+
+    from test_attribution_graph import Reference, assert_same_as_reference
+
+    gen = torch.Generator().manual_seed(0)
+    noisy = graph.per_example * (1 + 0.5 * torch.randn(graph.per_example.shape, generator=gen))
+    after = dataclasses.replace(graph, per_example=noisy, scores=noisy.mean(0))
+    assert_same_as_reference(graph, after)
+    assert circuit.edges == Reference.select(graph, "greedy", n_edges=circuit.metadata["n_edges_requested"])
