@@ -26,11 +26,13 @@ from typing import Any
 
 from mansu.attribution.cad import cad
 from mansu.attribution.circuit import circuit_parameter_masks, smallest_faithful_circuit
+from mansu.attribution.data import Prompts, prepare_prompts, resolve_kind
 from mansu.attribution.eap import attribute
 from mansu.attribution.serialize import load_circuit, load_graph, save_circuit, save_graph
-from mansu.data.records import load_records, mcq_only
+from mansu.data.records import load_records
 from mansu.io import read_json, read_safetensors, write_json_atomic
-from mansu.metrics.accuracy import check_records_fit, context_length, mcq_accuracy
+from mansu.metrics.accuracy import context_length
+from mansu.metrics.scoring import check_fit, score_records
 from mansu.models.demo import demo_assets, ensure_demo, is_complete
 from mansu.models.loading import load_config, load_model, load_tokenizer, require_causal_lm
 from mansu.quant.alignment import parse_quantizers
@@ -90,6 +92,25 @@ class RunInputs:
     model: str
     forget: str
     retain: str
+    forget_eval: str = ""   # empty: scored on the training split (a warning says so)
+    retain_eval: str = ""
+    probe: str = ""         # empty: attribution probes the forget training split
+
+    def path(self, split: str) -> str:
+        """The file of a split: forget, retain, forget_eval, retain_eval or probe (the last three default to
+        their training split)."""
+        return getattr(self, split) or (self.retain if split == "retain_eval" else self.forget)
+
+    def eval_sets(self) -> dict[str, Any]:
+        """What the scores and the circuit were computed on, with the training-data warning when it applies
+        (stored as metrics.json "eval_sets")."""
+        on_training = [s for s in ("forget", "retain") if not getattr(self, f"{s}_eval")]
+        out = {"forget": self.path("forget_eval"), "retain": self.path("retain_eval"), "probe": self.path("probe"),
+               "on_training_data": on_training}
+        if on_training:
+            out["warning"] = (f"the {' and '.join(on_training)} scores are on the training data (the records the "
+                              "method unlearns on); give --forget-eval / --retain-eval for held-out scores")
+        return out
 
 
 def resolve_model_path(name: str) -> str:
@@ -99,16 +120,28 @@ def resolve_model_path(name: str) -> str:
 
 def resolve_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs:
     """The spec's model and data paths; 'demo' is the cached demo model (built first when `build_demo`)."""
+    evals = (spec.forget_eval, spec.retain_eval, spec.probe)
     if not spec.is_demo:
-        return RunInputs(spec.model, spec.forget, spec.retain)
+        return RunInputs(spec.model, spec.forget, spec.retain, *evals)
 
     assets = ensure_demo() if build_demo else demo_assets()
     return RunInputs(str(assets.model_dir), spec.forget or str(assets.forget_path),
-                     spec.retain or str(assets.retain_path))
+                     spec.retain or str(assets.retain_path), *evals)
 
 
 def load_split(path: str) -> list:
-    return mcq_only(load_records(path, "mcq"), path)
+    """The records of one data file: MCQ, QA or text, one shape per file (mansu.data.records)."""
+    return load_records(path)
+
+
+def _check_data(spec: RunSpec, inputs: RunInputs, tokenizer: Any, limit: int | None) -> None:
+    """Every data file of the run parses, renders under the template and fits the context; the corruption kind
+    suits the probe records (subject needs subjects)."""
+    splits = ("forget", "retain", "forget_eval", "retain_eval", "probe")
+    for path in dict.fromkeys(inputs.path(s) for s in splits):
+        check_fit(tokenizer, limit, load_split(path), template=spec.prompt_template, source=path)
+    if spec.attribution:
+        resolve_kind(spec.corruption, load_split(inputs.path("probe")))
 
 
 def check_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs | None:
@@ -125,14 +158,17 @@ def check_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs | None:
         tokenizer = load_tokenizer(inputs.model, spec.tokenizer)
     except OSError as exc:
         raise ValueError(f"{inputs.model}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
-    for path in (inputs.forget, inputs.retain):
-        check_records_fit(tokenizer, context_length(config), load_split(path), fmt=spec.fmt, source=path)
+    _check_data(spec, inputs, tokenizer, context_length(config))
     return inputs
 
 
 def preflight(spec: RunSpec) -> RunInputs:
-    """`check_inputs`, building the demo when the spec names it (the backend's check before creating a run)."""
-    return check_inputs(spec, build_demo=True)
+    """`check_inputs`, building the demo when the spec names it (the backend's check before creating a run); logs
+    the training-data warning when the spec has no evaluation sets of its own."""
+    inputs = check_inputs(spec, build_demo=True)
+    if inputs.eval_sets().get("warning"):
+        log.warning("%s", inputs.eval_sets()["warning"])
+    return inputs
 
 
 @dataclass
@@ -143,6 +179,7 @@ class Context:
     unlearned: Any = None
     records: dict[str, list] = field(default_factory=dict)
     _inputs: RunInputs | None = None
+    _prompts: Prompts | None = None
 
     @property
     def inputs(self) -> RunInputs:
@@ -164,19 +201,34 @@ class Context:
         return self.cache.model, self.cache.tokenizer
 
     def split(self, name: str) -> list:
+        """Records of forget, retain (training), forget_eval, retain_eval (scored) or probe (attributed)."""
         if name not in self.records:
-            self.records[name] = load_split(self.inputs.forget if name == "forget" else self.inputs.retain)
+            self.records[name] = load_split(self.inputs.path(name))
         return self.records[name]
 
+    def batch(self, name: str):
+        """A training split as a token batch under the run's template (mansu.unlearn.data)."""
+        return encode_records(self.cache.tokenizer, self.split(name), self.spec.prompt_template)
+
     def attribution_records(self) -> list:
-        """Forget records spread evenly over the split (files group questions by entity; counterfactual
+        """Probe records spread evenly over the split (files group questions by entity; counterfactual
         corruption needs several entities)."""
-        recs = self.split("forget")
+        recs = self.split("probe")
         n = self.spec.attribution_records
         return recs[:: max(1, len(recs) // n)][:n]
 
+    def prompts(self) -> Prompts:
+        """The attribution records as prompts under the run's template and corruption kind, built once."""
+        if self._prompts is None:
+            self._prompts = prepare_prompts(self.cache.tokenizer, self.attribution_records(),
+                                            template=self.spec.prompt_template, kind=self.spec.corruption)
+        return self._prompts
+
+    def eval_forget(self) -> list:
+        return self.split("forget_eval")
+
     def eval_retain(self) -> list:
-        recs = self.split("retain")
+        recs = self.split("retain_eval")
         return recs[: self.spec.retain_eval_limit] if self.spec.retain_eval_limit else recs
 
     def model_after(self):
@@ -190,8 +242,8 @@ class Context:
 
 def _evaluate(ctx: Context, model) -> dict[str, Any]:
     tok = ctx.base()[1]
-    return {split: mcq_accuracy(model, tok, recs, fmt=ctx.spec.fmt, batch_size=256, n_boot=1000).to_dict()
-            for split, recs in (("forget", ctx.split("forget")), ("retain", ctx.eval_retain()))}
+    return {split: score_records(model, tok, recs, template=ctx.spec.prompt_template, batch_size=256, n_boot=1000)
+            for split, recs in (("forget", ctx.eval_forget()), ("retain", ctx.eval_retain()))}
 
 
 def _twin(ctx: Context, model):
@@ -231,12 +283,14 @@ def stage_base_eval(ctx: Context) -> None:
         ctx.cache.metrics["base_alignment"] = {"setting": ctx.spec.base_alignment, **report["overall"]}
     for key, value in ctx.cache.metrics.items():
         update_metrics(ctx.run, key, value)
+    update_metrics(ctx.run, "eval_sets", ctx.inputs.eval_sets())
 
 
 def stage_attribution_before(ctx: Context) -> None:
     if ctx.cache.circuit_status is None:
         ctx.cache.circuit_status = _attribute_before(ctx)
     status = ctx.cache.circuit_status
+    update_metrics(ctx.run, "attribution", status)
     if status.get("status") != "ok":
         write_json_atomic(ctx.run / layout.CIRCUIT, status, add_stamp=True)
         return
@@ -250,17 +304,32 @@ def _attribute_before(ctx: Context) -> dict[str, Any]:
     if not ctx.spec.attribution:
         return {"status": "not available", "reason": "attribution turned off for this run"}
     model, tok = ctx.base()
-    recs = ctx.attribution_records()
+    prompts = ctx.prompts()
+    setting = {"corruption": prompts.kind, "metric": prompts.metric, "template": ctx.spec.prompt_template}
     try:
-        graph = attribute(model, tok, recs, ig_steps=ctx.spec.ig_steps, per_example=True, max_records=None)
-        circuit = smallest_faithful_circuit(model, tok, recs, graph, target=ctx.spec.circuit_target,
+        graph = _attribute_graph(ctx, model, tok)
+        circuit = smallest_faithful_circuit(model, tok, prompts.prompts, graph, target=ctx.spec.circuit_target,
                                              cache_mb=ctx.spec.attribution_cache_mb)
-    except ValueError as exc:  # e.g. no counterfactual partner: degrade visibly, MANSU then uses all weights
-        log.warning("attribution not available: %s", exc)
-        return {"status": "not available", "reason": f"attribution failed: {exc}"}
+    except ValueError as exc:  # e.g. no counterfactual partner: said in one line, recorded for the scorecard
+        log.warning("no circuit found (corruption %s): %s", prompts.kind, exc)
+        return {"status": "not available", "reason": f"no circuit found with corruption {prompts.kind}: {exc}",
+                **setting}
     ctx.cache.graph, ctx.cache.circuit = graph, circuit
     ctx.cache.masks = circuit_parameter_masks(model, circuit)
-    return {"status": "ok"}
+    return {"status": "ok", **setting}
+
+
+def _attribute_graph(ctx: Context, model, tok):
+    """EAP-IG graph of `model` on the run's attribution prompts (its corruption kind and metric)."""
+    prompts = ctx.prompts()
+    return attribute(model, tok, prompts.prompts, corruption=prompts.corruption, metric=prompts.metric,
+                     ig_steps=ctx.spec.ig_steps, per_example=True, max_records=None)
+
+
+def _no_circuit_reason(ctx: Context) -> str:
+    """Why the run has no circuit, as stage attribution_before recorded it."""
+    status = read_metrics(ctx.run).get("attribution") or {}
+    return status.get("reason") or "no circuit (attribution off or unavailable)"
 
 
 def stage_unlearn(ctx: Context) -> None:
@@ -276,8 +345,10 @@ def stage_unlearn(ctx: Context) -> None:
         write_status(ctx.run, "unlearn", record["step"] + 1, cfg.steps)
 
     masks = ctx.cache.masks if ctx.cache.masks is not None else _saved_masks(ctx.run)
+    if masks is None and METHODS[cfg.method].circuit_restricted:  # said, and recorded below: never silent
+        log.warning("%s updates every quantizable weight, not a circuit: %s", cfg.method, _no_circuit_reason(ctx))
     t0 = time.perf_counter()
-    result = run_unlearning(work, encode_records(tok, ctx.split("forget")), encode_records(tok, ctx.split("retain")),
+    result = run_unlearning(work, ctx.batch("forget"), ctx.batch("retain"),
                             cfg, masks=masks, on_step=on_step, cache=ctx.cache.stats)
     seconds = time.perf_counter() - t0
     ctx.unlearned = work
@@ -287,7 +358,8 @@ def stage_unlearn(ctx: Context) -> None:
         save_model(work, tok, ctx.run / layout.MODEL_DIR)
     update_metrics(ctx.run, "unlearn", {**result.summary, "wall_seconds": round(seconds, 3),
                                         "circuit_restricted": masks is not None and
-                                        METHODS[cfg.method].circuit_restricted})
+                                        METHODS[cfg.method].circuit_restricted,
+                                        **({} if masks is not None else {"no_circuit": _no_circuit_reason(ctx)})})
 
 
 def _saved_masks(run: Path):
@@ -349,16 +421,15 @@ def stage_attribution_after(ctx: Context) -> None:
 
     _, tok = ctx.base()
     circuit, _ = load_circuit(ctx.run)
-    recs = ctx.attribution_records()
     after = ctx.model_after()
     for stage, model in (("after_fp", after), ("after_nf4", _twin(ctx, after))):
-        graph = attribute(model, tok, recs, ig_steps=ctx.spec.ig_steps, per_example=True, max_records=None)
+        graph = _attribute_graph(ctx, model, tok)
         save_graph(graph, ctx.run, stage, model=model, circuit=circuit)
 
 
 def stage_cad(ctx: Context) -> None:
     if not _circuit_ok(ctx):
-        write_cad(ctx.run, {"status": "not available", "reason": "no circuit (attribution off or unavailable)"})
+        write_cad(ctx.run, {"status": "not available", "reason": _no_circuit_reason(ctx)})
         return
     circuit, _ = load_circuit(ctx.run)
     before = load_graph(ctx.run, "before")
@@ -473,7 +544,7 @@ def start_queue(specs: list[RunSpec], *, root: Path | None = None) -> list[Path]
 def copy_parent_stages(parent: Path, run: Path) -> None:
     """--from-run: reuse the parent's base evaluation and circuit (artifacts copied, stages marked finished)."""
     metrics = read_json(parent / layout.METRICS)
-    for key in ("base_fp", "base_nf4", "base_quant", "base_grid", "base_alignment"):
+    for key in ("base_fp", "base_nf4", "base_quant", "base_grid", "base_alignment", "eval_sets", "attribution"):
         if key in metrics:
             update_metrics(run, key, metrics[key])
     mark_finished(run, "base_eval", 0.0)

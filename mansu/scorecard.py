@@ -13,8 +13,13 @@ With accuracies on the forget (f) and retain (r) MCQ splits, "fp" the unlearned 
 NF4 is the headline (the paper's).  `survives` applies property 3 to every quantizer the run scored (nf4, fp4,
 int8, int4-g128 by default): survives iff acc_f(q) - acc_f(fp) <= max_ptq_gap, with the gap's paired CI.
 
+The accuracies are each split's "accuracy" (mansu.metrics.scoring): MCQ accuracy under the run's template; for QA
+and text records, where no choice accuracy exists, token accuracy (the fraction of answer / text tokens that are the
+model's top-1 next token, the per-token form of the loss), so the same margins read in the same [0, 1] units.
+
 `margin` is how far inside (+) or outside (-) the threshold the value lies.  A property whose inputs are
-missing (e.g. attribution not available) is reported as status "not available", never as a pass.
+missing (e.g. attribution not available) is reported as status "not available", never as a pass, with the
+`reason` cad.json gives (e.g. why no circuit was found).
 
 Ties pass: accuracies are ratios of counts, so 1.0 - 0.95 is 0.050000000000000044 in floating point and
 1.0 - 0.8 is 0.19999999999999996.  Values and margins are therefore rounded to DECIMALS places before they are
@@ -105,7 +110,9 @@ def build_scorecard(metrics: dict[str, Any], cad: dict[str, Any] | None,
                                     ci_low=((cad or {}).get("after_nf4") or {}).get("ci_low"),
                                     ci_high=((cad or {}).get("after_nf4") or {}).get("ci_high"),
                                     cad_fp=((cad or {}).get("after_fp") or {}).get("value"),
-                                    rule="CAD(before, after NF4) >= threshold"),
+                                    rule="CAD(before, after NF4) >= threshold",
+                                    **({"reason": cad["reason"]} if cad_nf4 is None and (cad or {}).get("reason")
+                                       else {})),
     }
     return {"properties": props, "all_pass": all(p["pass"] for p in props.values()),
             "n_pass": sum(p["pass"] for p in props.values()), "config": asdict(config),
@@ -180,7 +187,8 @@ def format_scorecard(card: dict) -> str:
     lines = []
     for name, p in card["properties"].items():
         if p["value"] is None:
-            lines.append(f"{name:<19} n/a   ({p['status']})")
+            why = f": {p['reason']}" if p.get("reason") else ""
+            lines.append(f"{name:<19} n/a   ({p['status']}{why})")
         else:
             lines.append(f"{name:<19} {'PASS' if p['pass'] else 'FAIL'}  value {p['value']:+.3f}  "
                          f"threshold {p['threshold']:.3f}  margin {p['margin']:+.3f}")

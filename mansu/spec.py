@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mansu.attribution.budget import CACHE_MB
+from mansu.attribution.data import CorruptionKind
 from mansu.choices import Alignment, Device, DType, MCQFormat, NF4Mode
+from mansu.data.templates import DEFAULT_TEMPLATE, FORMAT_TEMPLATES, PRESETS, check_template
 from mansu.io import read_json
 from mansu.options import from_dict, opt, validate
 from mansu.quant.alignment import DEFAULT_QUANTIZERS, parse_alignment, parse_quantizers
@@ -37,7 +39,18 @@ class RunSpec:
     base_alignment: Alignment = opt("natural", "natural base, or its Linear weights snapped to a quantizer's round "
                                                "trip first: nf4-grid, <quantizer>, or <quantizer>:<fraction> for a "
                                                "seeded fraction of its blocks (SPEC.md: where the dual failure shows)")
-    fmt: MCQFormat = opt("cloze", "MCQ scoring format")
+    fmt: MCQFormat = opt("cloze", "MCQ scoring format (letter: the template 'letter'; give --template for others)")
+    template: str = opt(DEFAULT_TEMPLATE, f"prompt template of MCQ and QA records, used by scoring, unlearning and "
+                                          f"attribution: {', '.join(PRESETS)}, wmdp:TOPIC, or a custom string "
+                                          "containing {question} (mansu/data/templates.py)")
+    forget_eval: str = opt("", "forget set the scores are computed on (default: the forget training set, with a "
+                               "warning that the scores are then on training data)")
+    retain_eval: str = opt("", "retain set the scores are computed on (default: the retain training set, with a "
+                               "warning)")
+    probe: str = opt("", "records attribution and CAD probe (default: the forget training set)")
+    corruption: CorruptionKind = opt("auto", "attribution's corrupted input: auto (subject when every record has "
+                                             "one, else mean-ablation), subject, shuffled-subject, mean-ablation, "
+                                             "zero-ablation (mansu/attribution/data.py)")
     quantizers: str = opt(DEFAULT_QUANTIZERS, "quantizers the eval stage scores (comma-separated, simulated "
                                                       "bit-exact; nf4 is the headline)")
     nf4_mode: NF4Mode = opt("simulated", "NF4 twin: simulated (bit-exact dequantized) or real (bitsandbytes)")
@@ -68,10 +81,19 @@ class RunSpec:
             raise ValueError("model path or id is empty: give a local model folder or a hub id, or 'demo'")
         if self.model != DEMO and not (self.forget and self.retain):
             raise ValueError("give forget and retain data files (or model 'demo' for the demo world's splits)")
+        check_template(self.template)
+        if self.fmt == "letter" and self.template != DEFAULT_TEMPLATE:
+            raise ValueError(f"give fmt 'letter' or template {self.template!r}, not both (fmt letter is the template "
+                             "'letter')")
 
     @property
     def config(self) -> UnlearnConfig:
         return self.unlearn
+
+    @property
+    def prompt_template(self) -> str:
+        """The template every stage renders prompts with (fmt letter names the template 'letter')."""
+        return FORMAT_TEMPLATES[self.fmt] if self.template == DEFAULT_TEMPLATE else self.template
 
     @property
     def method(self) -> str:

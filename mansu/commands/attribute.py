@@ -1,6 +1,7 @@
 """`python -m mansu attribute`: the EAP-IG attribution graph and the smallest faithful circuit of any model on
-forget-set MCQ records, without unlearning. Writes a run folder (kind "attribution") that the app's Circuit page
-opens, with the graph, the circuit, its parameter masks and a circuit-tracer export."""
+forget-set records of any shape (MCQ, QA, text; mansu.attribution.data), without unlearning. Writes a run folder
+(kind "attribution") that the app's Circuit page opens,
+with the graph, the circuit, its parameter masks and a circuit-tracer export."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import json
 from pathlib import Path
 
 from mansu.attribution.circuit import smallest_faithful_circuit
+from mansu.attribution.data import CORRUPTION_KINDS, LEGACY_KINDS, prepare_prompts, resolve_kind
 from mansu.attribution.eap import attribute
 from mansu.attribution.serialize import save_circuit, save_graph
 from mansu.choices import DEVICES, DTYPES
-from mansu.data.records import load_records, mcq_only
+from mansu.data.records import load_records
+from mansu.data.templates import DEFAULT_TEMPLATE, PRESETS, check_template
+from mansu.metrics.scoring import check_renders
 from mansu.models.demo import ensure_demo
 from mansu.models.loading import load_model
 from mansu.runs.store import create_run, write_status
@@ -24,18 +28,26 @@ _CACHE = {f.name: f for f in dataclasses.fields(RunSpec)}["attribution_cache_mb"
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("attribute", help="EAP-IG graph and smallest faithful circuit of a model (no unlearning)",
-                              description="Attribute the forget behaviour of a causal LM on MCQ records with EAP-IG, "
+                              description="Attribute the forget behaviour of a causal LM on MCQ, QA or text records "
+                                          "with EAP-IG, "
                                           "select the smallest circuit reaching the faithfulness target, and save "
                                           "both as a run folder the app opens (plus a circuit-tracer graph JSON).")
     p.add_argument("--demo", action="store_true", help="use the demo model and its forget set")
     p.add_argument("--model", help="local HF model folder or hub id")
-    p.add_argument("--data", help="forget MCQ file (JSONL/CSV/Parquet; an optional 'subject' field names the entity)")
+    p.add_argument("--data", help="forget file (JSONL/CSV/Parquet) of MCQ, QA or text records (an optional "
+                                  "'subject' field of MCQ records names the entity)")
     p.add_argument("--records", type=int, default=32, help="records attributed (the first N; default 32)")
     p.add_argument("--ig-steps", type=int, default=8, help="EAP-IG integration steps (default 8)")
-    p.add_argument("--corruption", default="counterfactual", choices=["counterfactual", "mean", "zero"],
-                   help="corrupted input: the subject swapped (default), mean or zero ablation")
-    p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob"],
-                   help="metric of the correct answer (default logit_diff)")
+    p.add_argument("--corruption", default="auto", choices=[*CORRUPTION_KINDS, *LEGACY_KINDS],
+                   help="corrupted input: auto (default: subject when every record has one, else mean-ablation), "
+                        "subject (swapped with another record's), shuffled-subject (a shuffled partner's subject, "
+                        "question or text), mean-ablation, zero-ablation; counterfactual, mean, zero are the old "
+                        "names of subject, mean-ablation, zero-ablation")
+    p.add_argument("--metric", default=None, choices=["logit_diff", "logprob"],
+                   help="metric of the correct answer (default logit_diff for MCQ, logprob for QA and text)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help=f"prompt template of MCQ and QA records: {', '.join(PRESETS)}, wmdp:TOPIC or a custom string "
+                        "containing {question} (default cloze-answer)")
     p.add_argument("--target", type=float, default=0.8, help="faithfulness the circuit must reach (default 0.8)")
     p.add_argument("--attribution-cache-mb", type=int, default=_CACHE.default,
                    help=f"{_CACHE.metadata['help']} (default {_CACHE.default})")
@@ -74,14 +86,18 @@ def _check_ranges(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_ranges(args)
     model_path, data_path = _inputs(args)
-    records = mcq_only(load_records(data_path, "mcq"), data_path)[: args.records]
+    records = load_records(data_path)[: args.records]
+    check_renders(records, check_template(args.template), source=data_path)
+    resolve_kind(args.corruption, records)  # settings that cannot work fail before the model loads
     lm = load_model(model_path, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
-    graph = attribute(lm.model, lm.tokenizer, records, ig_steps=args.ig_steps, corruption=args.corruption,
-                      metric=args.metric, per_example=True, max_records=None, progress=not args.json)
-    circuit = smallest_faithful_circuit(lm.model, lm.tokenizer, records, graph, target=args.target,
+    prompts = prepare_prompts(lm.tokenizer, records, template=args.template, kind=args.corruption, metric=args.metric)
+    graph = attribute(lm.model, lm.tokenizer, prompts.prompts, ig_steps=args.ig_steps, corruption=prompts.corruption,
+                      metric=prompts.metric, per_example=True, max_records=None, progress=not args.json)
+    circuit = smallest_faithful_circuit(lm.model, lm.tokenizer, prompts.prompts, graph, target=args.target,
                                         cache_mb=args.attribution_cache_mb)
     spec = {"model": model_path, "forget": data_path, "attribution_records": len(records), "ig_steps": args.ig_steps,
-            "corruption": args.corruption, "metric": args.metric, "circuit_target": args.target}
+            "corruption": prompts.kind, "metric": prompts.metric, "template": args.template,
+            "circuit_target": args.target}
     run_dir = _save(graph, circuit, lm.model, spec)
     summary = {"run_id": run_dir.name, "run_dir": str(run_dir), "records": len(records),
                "edges": int(graph.valid.sum()), "circuit_edges": len(circuit.edges), "circuit_nodes": circuit.nodes,

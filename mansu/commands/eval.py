@@ -7,8 +7,9 @@ import argparse
 import json
 
 from mansu.choices import DEVICES, DTYPES
-from mansu.data.records import load_records, mcq_only
-from mansu.metrics.accuracy import mcq_accuracy
+from mansu.data.records import load_records
+from mansu.data.templates import FORMAT_TEMPLATES, PRESETS, check_template
+from mansu.metrics.scoring import check_renders, score_records
 from mansu.models.loading import load_model
 from mansu.pipeline import resolve_model_path
 from mansu.quant.alignment import parse_quantizers
@@ -17,15 +18,23 @@ from mansu.quant.twin import nf4_twin, paired_gap, quantized
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="MCQ accuracy of a model on a data file",
-                              description="Score a causal LM on WMDP-format MCQ records (JSONL, CSV or Parquet) in the "
-                                          "cloze or letter format, with a 95% bootstrap confidence interval; "
+    p = subparsers.add_parser("eval", help="score a model on MCQ, QA or text data",
+                              description="Score a causal LM on MCQ records (accuracy under the template: cloze by "
+                                          "default), QA records (answer token accuracy, exact match, loss) or text "
+                                          "records (next-token accuracy, loss), from JSONL, CSV or Parquet, with a "
+                                          "95% bootstrap confidence interval; "
                                           "with --nf4, also its NF4 twin and the PTQ gap (NF4 - full precision, "
                                           "paired bootstrap CI); with --quant, the same under each listed quantizer "
                                           "(simulated, bit-exact).")
     p.add_argument("--model", required=True, help="local HF model folder or hub id ('demo' for the demo model)")
-    p.add_argument("--data", required=True, nargs="+", help="one or more MCQ files (question, choices, answer)")
-    p.add_argument("--format", default="cloze", choices=["cloze", "letter"], help="scoring format (default cloze)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="one or more data files, one shape each: MCQ (question, choices, answer), QA (question, "
+                        "answer) or text (text)")
+    p.add_argument("--format", default="cloze", choices=["cloze", "letter"],
+                   help="MCQ scoring format (default cloze; letter is --template letter)")
+    p.add_argument("--template", default=None,
+                   help=f"prompt template of MCQ and QA records: {', '.join(PRESETS)}, wmdp:TOPIC or a custom string "
+                        "containing {question} (default: the --format's, cloze-answer)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights dtype (default fp32)")
     p.add_argument("--device", default="cpu", choices=DEVICES,
                    help="cpu, cuda, or auto (accelerate device_map for models larger than one GPU)")
@@ -50,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     quants = parse_quantizers(args.quant) if args.quant is not None else []
-    datasets = {path: mcq_only(load_records(path, "mcq"), path) for path in args.data}  # validate all first
+    template = _template(args)
+    datasets = {path: load_records(path) for path in args.data}  # validate all first
+    for path, records in datasets.items():
+        check_renders(records, template, source=path)
     lm = load_model(resolve_model_path(args.model), dtype=args.dtype, device=args.device,
                     trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     twin = None
@@ -61,15 +73,16 @@ def run(args: argparse.Namespace) -> int:
                   f"(the transformers default: every Linear layer except lm_head)")
     scored = []  # (row, line parts, records, per-example correctness in full precision)
     for path, records in datasets.items():
-        r = mcq_accuracy(lm.model, lm.tokenizer, records, fmt=args.format, batch_size=args.batch_size, source=path)
-        row = {"data": path, **{k: v for k, v in r.to_dict().items() if k != "correct"}}
-        parts = [f"{path}: {args.format} accuracy {r.accuracy:.3f} (95% CI {r.ci_low:.3f}-{r.ci_high:.3f}, n={r.n})"]
+        r = score_records(lm.model, lm.tokenizer, records, template=template, batch_size=args.batch_size,
+                          source=path)
+        row = {"data": path, **{k: v for k, v in r.items() if k != "correct"}}
+        parts = [_summary(path, r, args)]
         if twin is not None:
             gap = _ptq_gap(twin, lm.tokenizer, records, r.correct, args)
             row["nf4"] = {"mode": args.nf4, "n_quantized_modules": len(twin.quantized_modules), **gap.to_dict()}
             parts.append(f"NF4 {gap.acc_nf4:.3f}, PTQ gap {gap.gap:+.3f} "
                          f"(95% CI {gap.ci_low:+.3f} to {gap.ci_high:+.3f})")
-        scored.append((row, parts, records, r.correct))
+        scored.append((row, parts, records, r["correct"]))
     for quantizer in quants:  # one in-place rounding per quantizer, every file scored under it
         _score_quantizer(lm, quantizer, scored, args)
     for row, parts, _, _ in scored:
@@ -79,8 +92,28 @@ def run(args: argparse.Namespace) -> int:
 
 def _ptq_gap(twin, tokenizer, records, correct_full, args):
     """acc(NF4 twin) - acc(model) on the same records, paired (mansu.quant.twin.paired_gap)."""
-    quant = mcq_accuracy(twin.model, tokenizer, records, fmt=args.format, batch_size=args.batch_size, n_boot=10)
-    return paired_gap(correct_full, quant.correct)
+    quant = score_records(twin.model, tokenizer, records, template=_template(args), batch_size=args.batch_size,
+                          n_boot=10)
+    return paired_gap(correct_full, quant["correct"])
+
+
+def _template(args: argparse.Namespace) -> str:
+    """--template, or the template --format names (--format letter is the template 'letter')."""
+    if args.template is None:
+        return FORMAT_TEMPLATES[args.format]
+    if args.format != "cloze":
+        raise ValueError("give --format letter or --template, not both (--format letter is --template letter)")
+    return check_template(args.template)
+
+
+def _summary(path: str, r: dict, args: argparse.Namespace) -> str:
+    """One file's line: MCQ accuracy as before; QA/text their token accuracy, exact match and loss."""
+    name = (f"{args.format} accuracy" if args.template is None else f"{r['template']} accuracy") \
+        if r["shape"] == "mcq" else r["metric"]
+    line = f"{path}: {name} {r['accuracy']:.3f} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}, n={r['n']})"
+    if r["shape"] != "mcq":
+        line += f", exact match {r['exact_match']:.3f}, loss {r['loss']:.3f} nats/token"
+    return line
 
 
 def _score_quantizer(lm, quantizer: str, scored: list, args: argparse.Namespace) -> None:

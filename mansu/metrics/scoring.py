@@ -43,6 +43,14 @@ def encode_target(tokenizer: Any, record: Record, template: Template) -> tuple[l
     return ctx + cont, len(ctx)
 
 
+def check_renders(records: Sequence[Record], template: str | Template | None = None, *,
+                  source: str | None = None) -> None:
+    """Every record renders under `template` (string work only: a check before any model is loaded)."""
+    tmpl = get_template(template)
+    for i, record in enumerate(records):
+        target_texts(record, tmpl, where=f"{source}: record {i + 1}" if source else f"record {i + 1}")
+
+
 def check_fit(tokenizer: Any, limit: int | None, records: Sequence[Record], *, template: str | Template | None = None,
               source: str | None = None) -> None:
     """Every record of any shape fits the model's context (the preflight check, without a model)."""
