@@ -374,7 +374,7 @@ def _write_update(ctx: Context, base, result) -> None:
     cfg = ctx.config
     params = {n: p.detach().cpu() for n, p in base.named_parameters() if n in result.index.names}
     tensors, meta = update_tensors(params, result, cfg.epsilon, cfg.kappa, cfg.blocksize, result.fisher,
-                                   layout=quant_layout(base))
+                                   layout=quant_layout(base), quantizers=cfg.floor_quantizers)
     write_update(ctx.run / layout.UPDATE, tensors, {**meta, "method": cfg.method})
 
 

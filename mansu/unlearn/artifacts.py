@@ -5,9 +5,9 @@ Keys (every array flat, one entry per stored coordinate, same order within a par
     <param>.delta      fp32   the applied cumulative update (0: proposed but not applied -- dropped)
     <param>.proposal   fp32   the un-floored signed proposal (the direction the method wanted)
     <param>.priority   fp32   the selection score (|projected forget gradient| for MANSU)
-    <param>.bin_width  fp32   NF4 bin width of the base weight (weight units)
-    <param>.move_up / .move_down  fp32  exact smallest move changing the code (inf: impossible)
-    <param>.cap_up / .cap_down    fp32  largest move keeping |w| below the block absmax
+    <param>.bin_width  fp32   bin width of the base weight (weight units; the widest of the floor's grids)
+    <param>.move_up / .move_down  fp32  exact smallest move changing the level on every floor grid (inf: impossible)
+    <param>.cap_up / .cap_down    fp32  largest move keeping every floor grid's scales (e.g. |w| below the absmax)
     <param>.fisher     fp32   retain diagonal Fisher (0 when the method did not compute it)
     __epsilon__, __kappa__  fp32 [1]  the run's Fisher budget and floor
 Metadata: method, n_candidates_total, n_stored, truncated ("1" when only the top max_coords by priority are kept).
@@ -26,15 +26,16 @@ from mansu.unlearn.params import sub_index
 
 
 def update_tensors(base_params: dict[str, torch.Tensor], result, epsilon: float, kappa: float, blocksize: int,
-                   fisher: torch.Tensor | None, max_coords: int = 200_000, *,
-                   layout: QuantLayout = NATURAL) -> tuple[dict[str, torch.Tensor], dict]:
-    """The update.safetensors dict for an UnlearnResult (see the module docstring)."""
+                   fisher: torch.Tensor | None, max_coords: int = 200_000, *, layout: QuantLayout = NATURAL,
+                   quantizers: str = "nf4") -> tuple[dict[str, torch.Tensor], dict]:
+    """The update.safetensors dict for an UnlearnResult (see the module docstring); the geometry is the floor's
+    over the grids `quantizers` (UnlearnConfig.floor_quantizers)."""
     cand = torch.nonzero((result.proposal != 0) | (result.delta != 0)).reshape(-1)
     truncated = cand.numel() > max_coords
     if truncated:
         cand = cand[torch.topk(result.priority[cand], max_coords).indices]
     sub, pos = sub_index(result.index, cand)
-    geo = floor_geometry(base_params, sub, blocksize, layout=layout)
+    geo = floor_geometry(base_params, sub, blocksize, layout=layout, quantizers=quantizers)
     cols = {"delta": result.delta[pos], "proposal": result.proposal[pos], "priority": result.priority[pos],
             "bin_width": geo.bin_width, "move_up": geo.move_up, "move_down": geo.move_down, "cap_up": geo.cap_up,
             "cap_down": geo.cap_down, "fisher": fisher[pos] if fisher is not None else torch.zeros(pos.numel())}

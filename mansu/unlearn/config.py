@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from mansu.options import from_dict, opt, validate
+from mansu.quant.alignment import parse_quantizers
+from mansu.quant.registry import QUANTIZERS
 
 Objective = Literal["npo", "ga"]
 Optimizer = Literal["adam", "sgd"]
@@ -45,6 +47,8 @@ class UnlearnConfig:
     update_fraction: float = opt(0.002, "MANSU candidates per step, as a fraction of the circuit's parameters",
                                  lo=0.0, hi=1.0, lo_open=True)
     blocksize: int = opt(64, "NF4 block size the floor targets (bitsandbytes' default 64; even)", lo=2, hi=4096)
+    floor_quantizers: str = opt("nf4", "grids the floor targets: each floored weight changes its level under every "
+                                       f"one (comma-separated among {', '.join(QUANTIZERS)})")
     mansu_retain_weight: float = opt(0.0, "MANSU: add w * retain-NLL gradient (a retain batch) before projecting",
                                      lo=0.0, hi=1e6)
     selection: Selection = opt("gradient", "MANSU candidate score: |p_i| or |p_i| / sqrt(F_i + damping)")
@@ -68,7 +72,13 @@ class UnlearnConfig:
         from mansu.unlearn.methods import method_class  # the registry imports this module
 
         method_class(self.method)
+        if isinstance(self.floor_quantizers, (tuple, list)):  # a sequence of names is accepted in Python and JSON
+            object.__setattr__(self, "floor_quantizers", ",".join(map(str, self.floor_quantizers)))
         validate(self)
+        try:  # canonical form (no spaces or repeats), so that the cache and config.json see one spelling
+            object.__setattr__(self, "floor_quantizers", ",".join(parse_quantizers(self.floor_quantizers)))
+        except ValueError as e:
+            raise ValueError(f"floor_quantizers: {e}") from None
         if self.blocksize % 2:
             raise ValueError(f"blocksize must be even (e.g. 64), got {self.blocksize}")
         if self.epsilon != math.inf and not math.isfinite(self.epsilon):

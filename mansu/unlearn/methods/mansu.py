@@ -3,7 +3,8 @@
     g      = d L_forget / d theta            restricted to the circuit's coordinates (a)
     p      = g - Q Q^T g                     Q: orthonormal basis of k per-example retain gradients (b)
     cand   = the ceil(update_fraction * n) untouched coordinates with the largest |p|
-    delta  = floor(-lr * p) on cand          each moved >= kappa bin widths, NF4 code changed (d)
+    delta  = floor(-lr * p) on cand          each moved >= kappa bin widths, level changed on every
+                                             grid of floor_quantizers (default NF4) (d)
     keep   = prefix of cand by |p| with 1/2 sum F_i delta_i^2 <= epsilon (cumulative over steps) (c)
 
 A coordinate is floored once (its whole cumulative update is the floored move from the base weight), so the
@@ -12,7 +13,8 @@ floor applies to each parameter's cumulative update.  Ablations are subclasses t
 bound (epsilon = inf).
 
 Per-coordinate state (fp32/bool on the CPU): Fisher 4 B, cumulative update 4 B, touched 1 B, floor geometry
-12 B (bin width, moves up and down), proposal and priority 8 B; plus the k x n retain basis (4k B).
+24 B (base weight, bin width, moves and caps up and down, combined over the listed grids), proposal and
+priority 8 B; plus the k x n retain basis (4k B).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mansu.unlearn.projection import project_off
 from mansu.unlearn.retain_stats import masked_grad, retain_statistics
 
 MANSU_FIELDS = ("lr", "objective", "beta", "k", "n_fisher", "epsilon", "kappa", "update_fraction", "blocksize",
-                "mansu_retain_weight", "selection", "fisher_damping")
+                "floor_quantizers", "mansu_retain_weight", "selection", "fisher_damping")
 # MANSU has no learning rate of its own: the floor sets its moves; the retain term keeps retain accuracy
 # (docs/demo_search.md, section 2).
 MANSU_DEMO = {"steps": 20, "mansu_retain_weight": 1.0}
@@ -55,8 +57,9 @@ class Mansu(Method):
             self.model, self.retain.to(self.device), self.index, k=c.k, n_fisher=c.n_fisher, seed=c.seed))
         self.fisher, self.basis = stats.fisher, stats.basis
         params = {n: p.detach().cpu() for n, p in self.model.named_parameters() if n in self.index.names}
-        self.geo = self.cached(("geometry", key, c.blocksize), lambda: floor_geometry(
-            params, self.index, c.blocksize, layout=quant_layout(self.model))) if self.floor else None
+        self.geo = self.cached(("geometry", key, c.blocksize, c.floor_quantizers), lambda: floor_geometry(
+            params, self.index, c.blocksize, layout=quant_layout(self.model),
+            quantizers=c.floor_quantizers)) if self.floor else None
         self.touched = torch.zeros(self.n, dtype=torch.bool)
         self.cum = torch.zeros(self.n)
         self.spent = 0.0
@@ -108,7 +111,8 @@ class Mansu(Method):
     def floor_not_met(self, cand: torch.Tensor, floored: torch.Tensor, feasible: torch.Tensor) -> None:
         if not bool(feasible.any()):
             raise FloorNotMetError(f"floor cannot be met: none of {cand.numel()} candidate parameters can change its "
-                                   f"NF4 code without changing its block absmax (kappa={self.config.kappa})")
+                                   f"level under {self.config.floor_quantizers} without changing a scale "
+                                   f"(kappa={self.config.kappa})")
         costs = 0.5 * self.fisher[cand][feasible] * floored[feasible] ** 2
         raise FloorNotMetError(
             f"floor cannot be met inside the Fisher budget: the cheapest floored move of {int(feasible.sum())} "
