@@ -7,7 +7,9 @@ from typing import get_args
 
 import streamlit as st
 
+from mansu.attribution.data import CORRUPTION_KINDS
 from mansu.choices import ALIGNMENTS, DEVICES, DTYPES
+from mansu.data.templates import DEFAULT_TEMPLATE, PRESETS
 from mansu.options import choices, field_types
 from mansu.paths import mansu_home
 from mansu.spec import DEMO, RunSpec, demo_spec
@@ -71,6 +73,13 @@ with st.form("launch-form"):
                          help="natural: the fp32 base as trained; nf4-grid: every Linear weight snapped to its NF4 "
                               "round trip first (a checkpoint distributed as dequantized NF4). Results depend on it.")
     dtype = a2.radio("weights", DTYPES, horizontal=True, key="launch-dtype")
+    t1, t2 = st.columns(2)
+    template = t1.text_input("prompt template", value=DEFAULT_TEMPLATE, key="launch-template",
+                             help=f"MCQ/QA prompt: {', '.join(PRESETS)}, wmdp:TOPIC, or a custom string with "
+                                  "{question} (text records use none)")
+    corruption = t2.selectbox("attribution corruption", CORRUPTION_KINDS, key="launch-corruption",
+                              help="auto: subject when every record has one, else mean-ablation; shuffled-subject "
+                                   "works on records without subjects (a shuffled partner's question or text)")
     st.markdown(f"**{method} settings** ({'the demo settings of docs/results.md' if demo else 'defaults'} shown; "
                 "only the settings this method reads)")
     cols = st.columns(4)
@@ -86,7 +95,7 @@ if submitted:
         config = dataclasses.replace(defaults, method=method, **unlearn)
         spec = RunSpec(model=DEMO if demo else model.strip(), forget="" if demo else forget,
                        retain="" if demo else retain, unlearn=config, base_alignment=alignment, device=device,
-                       dtype=dtype)
+                       dtype=dtype, template=template.strip() or DEFAULT_TEMPLATE, corruption=corruption)
         info = ui_launch.launch([spec], label=f"{method} ({alignment})")
         st.success(f"started: `{' '.join(info.command[1:])}`")
     except (ValueError, FileNotFoundError) as exc:

@@ -78,6 +78,16 @@ if sel.run is not None:
         st.info("scorecard: not computed for this run.")
     if run.status.get("error"):
         st.error(f"{run.status.get('state')}: {run.status['error']}")
+    spec = run.config.get("spec") or {}
+    eval_sets = (run.metrics or {}).get("eval_sets") or {}
+    erasure = ((run.scorecard or {}).get("properties") or {}).get("structural_erasure") or {}
+    st.caption(f"template `{spec.get('template', 'cloze-answer')}` · attribution corruption "
+               f"`{spec.get('corruption', 'auto')}` · scored on {eval_sets.get('forget', 'the forget split')} and "
+               f"{eval_sets.get('retain', 'the retain split')}")
+    if eval_sets.get("warning"):
+        st.warning(eval_sets["warning"], icon="⚠️")
+    if erasure.get("reason"):
+        st.info(f"structural erasure not available: {erasure['reason']}")
     with st.expander("config"):
         st.json(run.config, expanded=False)
 
