@@ -101,7 +101,7 @@ def test_30k_edge_graph_draws_at_most_max_edges():
     fig = circuit_figure(g, top_n=None)
     edges = sum(_drawn_edges(t) for t in fig.data if t.mode == "lines")
     assert edges == MAX_EDGES
-    assert len(fig.data) <= 7
+    assert len(fig.data) <= 8  # 6 edge traces, their hover points, the nodes
     assert len(fig.data[-1].x) == len(g.names)
 
 
@@ -126,3 +126,168 @@ def test_shared_score_scale_for_side_by_side_stages():
     shared = circuit_figure(g, score_max=4 * top).data[-1].marker
     assert own.cmax == pytest.approx(top) and shared.cmax == pytest.approx(4 * top)
     assert max(shared.size) < max(own.size)  # the same node looks smaller against a larger shared maximum
+
+
+# ----------------------------------------------------------------------------- pruning, grouping, search, diff, export
+
+def test_prune_reports_the_pruned_mass():
+    from mansu.viz.graph_ops import prune
+
+    w = np.array([0.5, -3.0, 1.0, -0.5])
+    p = prune(w, 2)
+    assert p.kept.tolist() == [1, 2]
+    assert p.kept_mass == pytest.approx(4.0 / 5.0) and p.pruned_mass == pytest.approx(0.2)
+    assert "2 of 4 edges drawn" in p.summary() and "20% pruned" in p.summary()
+    assert prune(w, None).pruned_mass == 0.0
+    with pytest.raises(ValueError, match="top_k"):
+        prune(w, 0)
+
+
+def test_grouping_sums_edges_per_layer_pair_and_keeps_the_total():
+    from mansu.viz.graph_ops import group_by_layer
+
+    g = synthetic_graph(3, 4, seed=2)
+    grouped = group_by_layer(g)
+    assert grouped.names == ["input", "a0.*", "m0", "a1.*", "m1", "a2.*", "m2", "logits"]
+    assert grouped.weight.sum() == pytest.approx(g.weight.sum())
+    # a0.* -> m1 is the sum of every head of layer 0 into m1
+    idx, gi = g.index(), grouped.index()
+    heads0 = [idx[f"a0.h{h}"] for h in range(4)]
+    want = g.weight[np.isin(g.src, heads0) & (g.dst == idx["m1"])].sum()
+    got = grouped.weight[(grouped.src == gi["a0.*"]) & (grouped.dst == gi["m1"])]
+    assert got.tolist() == [pytest.approx(want)]
+    assert grouped.meta["members"]["a2.*"] == [f"a2.h{h}" for h in range(4)]
+
+
+def test_543k_edge_graph_is_drawn_grouped_with_at_most_max_edges():
+    from mansu.viz.graph_ops import group_by_layer
+
+    g = synthetic_graph(32, 32, seed=0)
+    assert g.n_edges > 540_000
+    grouped = group_by_layer(g)
+    fig = circuit_figure(grouped, top_n=2000, full=g, pinned="a5.h3", highlight=["a5.*"])
+    assert sum(_drawn_edges(t) for t in fig.data if t.mode == "lines" and t.legendgroup in ("+", "-")) <= 2000
+    assert len(fig.data[-1].x) == len(grouped.names) == 66
+    pinned = [t for t in fig.data if (t.name or "").startswith("edges of a5.h3")]
+    assert pinned and _drawn_edges(pinned[0]) == 40
+
+
+def test_search_puts_exact_matches_first():
+    from mansu.viz.graph_ops import search_nodes
+
+    names = ["input", "a1.h3", "a1.h30", "a11.h3", "m1", "logits"]
+    assert search_nodes(names, "a1.h3") == ["a1.h3", "a1.h30"]
+    assert search_nodes(names, "M1, logits") == ["m1", "logits"]
+    assert search_nodes(names, "  ") == []
+
+
+def _tiny(edges: dict[tuple[str, str], float]):
+    names = ["input", "a0.h0", "a0.h1", "m0", "logits"]
+    return graph_from_dict({"nodes": names, "links": [{"source": u, "target": v, "weight": w}
+                                                      for (u, v), w in edges.items()]})
+
+
+def test_align_takes_the_union_of_edges_on_before_layout():
+    from mansu.viz.graph_ops import align
+
+    a = _tiny({("input", "m0"): 1.0, ("m0", "logits"): 2.0})
+    b = _tiny({("m0", "logits"): 1.5, ("a0.h1", "logits"): -0.5})
+    d = align(a, b, [("m0", "logits")])
+    edges = {(d.names[s], d.names[t]): (x, y) for s, t, x, y in zip(d.src, d.dst, d.before, d.after)}
+    assert edges == {("input", "m0"): (1.0, 0.0), ("m0", "logits"): (2.0, 1.5), ("a0.h1", "logits"): (0.0, -0.5)}
+    assert d.in_circuit.sum() == 1 and d.names == a.names
+    rel = d.change(relative=True)
+    assert sorted(rel.tolist()) == pytest.approx([-2.0, -1.0, -0.25])   # a new edge clips at -200%
+
+
+def test_cad_split_sums_to_cad_and_separates_shrinkage_from_rerouting():
+    import torch
+
+    from mansu.attribution.cad import cad_value
+    from mansu.viz.graph_ops import align, cad_split
+
+    circuit = [("input", "m0"), ("m0", "logits"), ("a0.h0", "m0"), ("a0.h1", "logits")]
+    s = {("input", "m0"): 1.0, ("m0", "logits"): 2.0, ("a0.h0", "m0"): -1.0, ("a0.h1", "logits"): 0.5}
+    uniform = cad_split(align(_tiny(s), _tiny({e: v / 10 for e, v in s.items()}), circuit))
+    assert uniform.cad == pytest.approx(0.9 / 1.1) and uniform.shrinkage == pytest.approx(uniform.cad)
+    assert uniform.rerouting == 0.0 and set(uniform.edge_class[:4]) <= {"shrinkage"}
+    flipped = cad_split(align(_tiny(s), _tiny({e: -v for e, v in s.items()}), circuit))
+    assert flipped.cad == pytest.approx(1.0) and flipped.shrinkage == 0.0 and flipped.rerouting == pytest.approx(1.0)
+    t = {("input", "m0"): 0.2, ("m0", "logits"): -1.0, ("a0.h0", "m0"): -1.5, ("a0.h1", "logits"): 0.5,
+         ("a0.h1", "m0"): 0.7}                               # mixed: shrink, flip, grow, same; a new outside edge
+    d = align(_tiny(s), _tiny(t), circuit)
+    mixed = cad_split(d)
+    order = [d.names.index(u) * 100 + d.names.index(v) for u, v in circuit]
+    keyed = dict(zip(d.src * 100 + d.dst, range(len(d.src))))
+    sv = torch.tensor([d.before[keyed[k]] for k in order])
+    tv = torch.tensor([d.after[keyed[k]] for k in order])
+    assert mixed.cad == pytest.approx(float(cad_value(sv, tv)))
+    assert mixed.shrinkage == pytest.approx(abs(4.5 - 3.2) / 7.7)
+    assert mixed.edge_shrinkage.sum() == pytest.approx(mixed.shrinkage)
+    assert (mixed.edge_shrinkage + mixed.edge_rerouting).sum() == pytest.approx(mixed.cad)
+    cls = {(d.names[a], d.names[b]): c for a, b, c in zip(d.src, d.dst, mixed.edge_class)}
+    assert cls[("input", "m0")] == "shrinkage" and cls[("m0", "logits")] == "rerouting"
+    assert cls[("a0.h0", "m0")] == "rerouting" and cls[("a0.h1", "m0")] == "outside circuit"
+    assert mixed.outside_gain == pytest.approx(0.7 / 7.7)
+
+
+def test_diff_figure_split_colours_edges_by_class():
+    from mansu.viz.circuit import SPLIT_COLORS, graph_diff_figure
+    from mansu.viz.graph_ops import align
+
+    a = _tiny({("input", "m0"): 1.0, ("m0", "logits"): 2.0})
+    b = _tiny({("input", "m0"): 0.5, ("m0", "logits"): -2.0})
+    fig = graph_diff_figure(align(a, b, [("input", "m0"), ("m0", "logits")]), colour="split")
+    lines = {t.legendgroup: t.line.color for t in fig.data if t.mode == "lines"}
+    assert lines == {"shrinkage": SPLIT_COLORS["shrinkage"], "rerouting": SPLIT_COLORS["rerouting"]}
+    with pytest.raises(ValueError, match="colour"):
+        graph_diff_figure(align(a, b), colour="rainbow")
+
+
+def test_subgraph_exports_csv_with_labels_and_circuit_tracer_json():
+    import csv
+    import io
+
+    from mansu.viz.graph_ops import prune, subgraph_csv, subgraph_tracer_json
+
+    g = synthetic_graph(2, 3, seed=4)
+    kept = prune(g.weight, 5).kept
+    rows = list(csv.DictReader(io.StringIO(subgraph_csv(g, kept, [(g.names[g.src[kept[0]]],
+                                                                    g.names[g.dst[kept[0]]])]))))
+    assert len(rows) == 5 and rows[0]["in_circuit"] == "True" and rows[1]["in_circuit"] == "False"
+    assert float(rows[0]["score"]) == pytest.approx(g.weight[kept[0]], rel=1e-5)
+    head = next(r for r in rows if r["source"].startswith("a"))
+    layer, h = head["source"][1:].split(".h")
+    assert head["source_label"] == f"layer {layer} head {h}"
+    data = subgraph_tracer_json(g, kept, slug="x")
+    assert len(data["links"]) == 5 and data["metadata"]["slug"] == "x"
+    by_id = {n["node_id"]: n for n in data["nodes"]}
+    weights = sorted(-link["weight"] for link in data["links"])
+    assert weights == pytest.approx(sorted(g.weight[kept].tolist()), rel=1e-5)   # circuit-tracer's sign: -score
+    from mansu.viz.graph_ops import node_label
+
+    for node in data["nodes"]:                                   # clerp: our name and its human label
+        name = node["clerp"].split(" (")[0]
+        assert node["clerp"] == f"{name} ({node_label(name)})"
+    assert {link["source"] for link in data["links"]} | {link["target"] for link in data["links"]} <= set(by_id)
+
+
+def test_load_graph_reads_every_edge_from_the_dense_tensors(tmp_path):
+    import torch
+
+    from mansu.attribution.eap import AttributionGraph
+    from mansu.attribution.edges import valid_matrix
+    from mansu.attribution.serialize import save_graph
+    from mansu.viz.artifacts import load_graph
+
+    up = ["input", "a0.h0", "a0.h1", "m0", "a1.h0", "a1.h1", "m1"]
+    down = up[1:] + ["logits"]
+    valid = valid_matrix(up, down)
+    scores = torch.randn(len(up), len(down), generator=torch.Generator().manual_seed(0)) * valid
+    graph = AttributionGraph(up, down, scores, valid, torch.zeros(2), torch.zeros(2),
+                             metadata={"n_layers": 2, "n_heads": 2})
+    save_graph(graph, tmp_path, "before", max_links=5)            # the JSON keeps 5 links, the tensors all
+    loaded = load_graph(tmp_path, "before")
+    assert loaded.n_edges == int(valid.sum()) > 5
+    got = {(loaded.names[s], loaded.names[d]): w for s, d, w in zip(loaded.src, loaded.dst, loaded.weight)}
+    assert got == {(u, v): pytest.approx(s) for u, v, s in graph.edges()}

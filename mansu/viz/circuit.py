@@ -15,29 +15,48 @@ import numpy as np
 import plotly.graph_objects as go
 
 from mansu.viz.artifacts import GraphData
+from mansu.viz.graph_ops import (
+    EDGE_CLASSES,
+    GROUP_NODE_LIMIT,
+    CADSplit,
+    GraphDiff,
+    align,
+    cad_split,
+    group_name,
+    node_kind,
+    node_label,
+    prune,
+)
 
 POS_COLOR = "#1f77b4"   # positive edge score (supports the forget behaviour)
 NEG_COLOR = "#d62728"   # negative edge score
+HIGHLIGHT = "#ff7f0e"  # search matches and the pinned node's edges
 MAX_EDGES = 2000
+
+
+def _head_index(names: list[str]) -> np.ndarray:
+    """[n_nodes] head index of `a{L}.h{H}` nodes, -1 for every other node (MLPs, input, logits, grouped heads)."""
+    return np.array([int(n.split(".h")[1]) if n.startswith("a") and ".h" in n else -1 for n in names], dtype=np.int64)
+
+
+def node_positions(names: list[str], layers: np.ndarray) -> np.ndarray:
+    """[n_nodes, 2] positions from names and layers alone: x = residual position (heads of layer L at 2L+1, the
+    MLP at 2L+2, input 0, logits last), y = head index (other nodes, and a layer's grouped heads `a{L}.*`, centred)."""
+    head = _head_index(names)
+    centre = head.max() / 2.0 if head.size and head.max() >= 0 else 0.0
+    layers = np.asarray(layers, dtype=np.float64)
+    n_layers = float(layers.max()) if layers.size else 0.0
+    is_attn = np.array([n.startswith("a") and (".h" in n or n.endswith(".*")) for n in names], dtype=bool)
+    x = np.where(is_attn, 2 * layers + 1, 2 * layers + 2)
+    x = np.where(np.array([n == "input" for n in names], dtype=bool), 0.0, x)
+    x = np.where(np.array([n == "logits" for n in names], dtype=bool), 2 * n_layers + 1, x)
+    y = np.where(head >= 0, head.astype(np.float64), centre)
+    return np.stack([x, y], axis=1) if len(names) else np.zeros((0, 2))
 
 
 def layout_positions(graph: GraphData) -> np.ndarray:
     """[n_nodes, 2] positions; depends only on node names, so it is stable across stages."""
-    heads = [int(n.split(".h")[1]) for n in graph.names if n.startswith("a") and ".h" in n]
-    centre = (max(heads) / 2.0) if heads else 0.0
-    pos = np.zeros((len(graph.names), 2))
-    n_layers = int(graph.layers.max()) if len(graph.names) else 0
-    for i, name in enumerate(graph.names):
-        layer = int(graph.layers[i])
-        if name == "input":
-            pos[i] = (0.0, centre)
-        elif name == "logits":
-            pos[i] = (2.0 * n_layers + 1.0, centre)
-        elif ".h" in name:
-            pos[i] = (2.0 * layer + 1.0, float(name.split(".h")[1]))
-        else:
-            pos[i] = (2.0 * layer + 2.0, centre)
-    return pos
+    return node_positions(graph.names, graph.layers)
 
 
 def select_edges(weight: np.ndarray, *, top_n: int | None = None, threshold: float = 0.0,
@@ -67,40 +86,64 @@ def _segments(pos: np.ndarray, src: np.ndarray, dst: np.ndarray) -> tuple[np.nda
 
 
 def edge_traces(graph: GraphData, kept: np.ndarray, pos: np.ndarray, *, n_width_buckets: int = 3,
-                colors: tuple[str, str] = (POS_COLOR, NEG_COLOR), name_prefix: str = "") -> list[go.Scattergl]:
-    """Kept edges bucketed by sign and |score| tercile-of-max into at most 2*n_width_buckets traces."""
+                colors: tuple[str, str] = (POS_COLOR, NEG_COLOR), name_prefix: str = "",
+                values: np.ndarray | None = None, opacity_scale: float = 1.0) -> list[go.Scattergl]:
+    """Kept edges bucketed by sign and |value| tercile-of-max into at most 2*n_width_buckets traces (`values`
+    defaults to the edge scores)."""
+    w = graph.weight if values is None else values
+    labels = np.where(w[kept] >= 0, "+", "-").astype(object)
+    return grouped_edge_traces(graph.src, graph.dst, kept, pos, np.abs(w), labels,
+                               {"+": colors[0], "-": colors[1]}, n_width_buckets=n_width_buckets,
+                               name_prefix=name_prefix, legend_suffix=" score", opacity_scale=opacity_scale)
+
+
+def grouped_edge_traces(src: np.ndarray, dst: np.ndarray, kept: np.ndarray, pos: np.ndarray, magnitude: np.ndarray,
+                        labels: np.ndarray, colors: dict[str, str], *, n_width_buckets: int = 3,
+                        name_prefix: str = "", legend_suffix: str = "",
+                        opacity_scale: float = 1.0) -> list[go.Scattergl]:
+    """One Scattergl line trace per (label of `labels` [k], width bucket of `magnitude`): a handful of WebGL traces
+    whatever the number of kept edges, the legend naming each label once with its edge count."""
     if kept.shape[0] == 0:
         return []
-    w = graph.weight[kept]
-    mag = np.abs(w)
+    mag = magnitude[kept]
     top = float(mag.max()) or 1.0
     bucket = np.minimum((mag / top * n_width_buckets).astype(int), n_width_buckets - 1)
     traces = []
-    for sign, color, label in ((1, colors[0], "+"), (-1, colors[1], "-")):
+    for label, color in colors.items():
+        of_label = labels == label
         first = True
         for b in range(n_width_buckets - 1, -1, -1):  # widest first, so the legend entry is the boldest line
-            sel = kept[((w >= 0) if sign > 0 else (w < 0)) & (bucket == b)]
+            sel = kept[of_label & (bucket == b)]
             if sel.shape[0] == 0:
                 continue
-            xs, ys = _segments(pos, graph.src[sel], graph.dst[sel])
-            n_sign = int(((w >= 0) if sign > 0 else (w < 0)).sum())
+            xs, ys = _segments(pos, src[sel], dst[sel])
             traces.append(go.Scattergl(
                 x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=first,
-                line={"color": color, "width": 0.6 + 2.2 * b}, opacity=0.35 + 0.25 * b,
-                name=f"{name_prefix}{label} score ({n_sign} edges)", legendgroup=f"{name_prefix}{label}",
-            ))
+                line={"color": color, "width": 0.6 + 2.2 * b}, opacity=(0.35 + 0.25 * b) * opacity_scale,
+                name=f"{name_prefix}{label}{legend_suffix} ({int(of_label.sum()):,} edges)",
+                legendgroup=f"{name_prefix}{label}"))
             first = False
     return traces
 
 
+def edge_hover_trace(names: list[str], src: np.ndarray, dst: np.ndarray, kept: np.ndarray, pos: np.ndarray,
+                     lines: list[str]) -> go.Scattergl:
+    """Invisible markers at the kept edges' midpoints carrying their hover text (lines cannot hover in WebGL)."""
+    mid = (pos[src[kept]] + pos[dst[kept]]) / 2
+    text = [f"<b>{names[s]} → {names[d]}</b><br>{line}" for s, d, line in zip(src[kept].tolist(),
+                                                                           dst[kept].tolist(), lines)]
+    return go.Scattergl(x=mid[:, 0], y=mid[:, 1], mode="markers", marker={"size": 6, "opacity": 0},
+                        hovertext=text, hoverinfo="text", showlegend=False, name="edges")
+
+
 def node_hover(graph: GraphData) -> list[str]:
-    """Hover text per node: score, owned parameters, in- and out-degree over all edges."""
+    """Hover text per node: label, score, owned parameters, in- and out-degree over all edges."""
     n = len(graph.names)
     indeg = np.bincount(graph.dst, minlength=n)
     outdeg = np.bincount(graph.src, minlength=n)
-    return [f"<b>{name}</b>{' (in circuit)' if graph.in_circuit[i] else ''}<br>score {graph.scores[i]:.4g}"
-            f"<br>owned params: {_short_params(graph.params[i])}"
-            f"<br>in edges {indeg[i]} · out edges {outdeg[i]}" for i, name in enumerate(graph.names)]
+    return [f"<b>{name}</b> · {node_label(name)}{' (in circuit)' if graph.in_circuit[i] else ''}"
+            f"<br>score {graph.scores[i]:.3g}<br>owned params: {_short_params(graph.params[i])}"
+            f"<br>in edges {indeg[i]:,} · out edges {outdeg[i]:,}" for i, name in enumerate(graph.names)]
 
 
 def _short_params(names: list[str]) -> str:
@@ -111,39 +154,104 @@ def _short_params(names: list[str]) -> str:
     return ", ".join(short[:6]) + (f" (+{len(short) - 6})" if len(short) > 6 else "")
 
 
+_SYMBOL = {"head": "circle", "heads": "diamond", "mlp": "square", "input": "triangle-right", "logits": "star"}
+
+
 def node_trace(graph: GraphData, pos: np.ndarray, pinned: str | None = None,
-               score_max: float | None = None) -> go.Scattergl:
-    """All nodes as one trace; size and colour by score (on a shared scale when `score_max` is given, so
-    side-by-side stages compare); circuit nodes are outlined, the pinned node strongly."""
+               score_max: float | None = None, labels: bool = True) -> go.Scattergl:
+    """All nodes as one trace (heads circles, MLPs squares, a layer's grouped heads diamonds); size and colour by
+    score (on a shared scale when `score_max` is given, so side-by-side stages compare); circuit nodes are outlined,
+    the pinned node strongly."""
     mag = np.abs(graph.scores)
     top = score_max if score_max else (float(mag.max()) if mag.size else 0.0)
     size = 8 + 14 * np.clip(mag / top, 0, 1) if top > 0 else np.full(mag.shape, 8.0)
-    line_w = [3.0 if name == pinned else (1.5 if graph.in_circuit[i] else 0.5) for i, name in enumerate(graph.names)]
+    line_w = np.where(graph.in_circuit, 1.5, 0.5)
+    if pinned in graph.names:
+        line_w[graph.names.index(pinned)] = 3.0
     return go.Scattergl(
-        x=pos[:, 0], y=pos[:, 1], mode="markers+text", text=graph.names, textposition="top center",
+        x=pos[:, 0], y=pos[:, 1], mode="markers+text" if labels else "markers",
+        text=graph.names if labels else None, textposition="top center",
         textfont={"size": 9}, customdata=graph.names, hovertext=node_hover(graph), hoverinfo="text",
         marker={"size": size, "color": graph.scores, "colorscale": "RdBu", "cmin": -top if top > 0 else None,
-                "cmax": top if top > 0 else None,
+                "cmax": top if top > 0 else None, "symbol": [_SYMBOL[node_kind(n)] for n in graph.names],
                 "line": {"width": line_w, "color": "black"}, "showscale": True,
                 "colorbar": {"title": {"text": "node score"}, "thickness": 10}},
         name="nodes", showlegend=False,
     )
 
 
-def circuit_figure(graph: GraphData, *, top_n: int | None = 300, threshold: float = 0.0,
-                   max_edges: int = MAX_EDGES, pinned: str | None = None, title: str = "",
-                   score_max: float | None = None) -> go.Figure:
-    """The layered circuit: pruned edge traces (sign x width) under one node trace."""
-    pos = layout_positions(graph)
-    kept = select_edges(graph.weight, top_n=top_n, threshold=threshold, max_edges=max_edges)
-    fig = go.Figure([*edge_traces(graph, kept, pos), node_trace(graph, pos, pinned, score_max)])
+def marked_nodes_trace(names: list[str], pos: np.ndarray, marked: list[str], label: str,
+                       color: str = HIGHLIGHT) -> go.Scattergl:
+    """Open rings around `marked` nodes (search matches), drawn under the node trace."""
+    index = {n: i for i, n in enumerate(names)}
+    at = [index[n] for n in marked if n in index]
+    return go.Scattergl(x=pos[at, 0], y=pos[at, 1], mode="markers", hoverinfo="skip",
+                        marker={"size": 24, "symbol": "circle-open", "color": color, "line": {"width": 3}},
+                        name=f"{label} ({len(at)})", showlegend=True)
+
+
+def pinned_edges_trace(full: GraphData, pinned: str, pos: np.ndarray, index: dict[str, int],
+                       limit: int = 40) -> list[go.Scattergl]:
+    """The pinned node's strongest `limit` incoming and outgoing edges of the full graph, drawn bold on top; their
+    end points are placed on `pos` (indexed by `index`, group names for grouped drawings)."""
+    at = full.index().get(pinned)
+    if at is None:
+        return []
+    sel = np.flatnonzero((full.src == at) | (full.dst == at))
+    sel = sel[np.argsort(-np.abs(full.weight[sel]), kind="stable")][:limit]
+    if sel.shape[0] == 0:
+        return []
+    where = np.array([index.get(n, index.get(group_name(n), 0)) for n in full.names])
+    full_positions = node_positions(full.names, full.layers)
+    points = np.vstack([pos, full_positions[at:at + 1]])
+    mapped_src = np.where(full.src[sel] == at, pos.shape[0], where[full.src[sel]])
+    mapped_dst = np.where(full.dst[sel] == at, pos.shape[0], where[full.dst[sel]])
+    xs, ys = _segments(points, mapped_src, mapped_dst)
+    hover = edge_hover_trace(full.names, full.src, full.dst, sel, full_positions,
+                             [f"score {w:.3g}" for w in full.weight[sel].tolist()])
+    return [go.Scattergl(x=xs, y=ys, mode="lines", line={"color": HIGHLIGHT, "width": 2.5}, opacity=0.9,
+                         hoverinfo="skip", name=f"edges of {pinned} (top {sel.shape[0]})"),
+            go.Scattergl(x=full_positions[at:at + 1, 0], y=full_positions[at:at + 1, 1], mode="markers+text",
+                         text=[pinned], textposition="bottom center", hoverinfo="skip", showlegend=False,
+                         marker={"size": 14, "color": HIGHLIGHT, "line": {"width": 2, "color": "black"}}), hover]
+
+
+def _axes(fig: go.Figure, graph_names: list[str], layers: np.ndarray, title: str, height: int = 560) -> None:
+    """Layer ticks on x (L0 heads, L0 MLP, ...), head index on y, and the shared interaction settings."""
+    n_layers = int(np.max(layers)) if len(graph_names) else 0
+    every = max(1, n_layers // 16)
+    ticks = [0.0] + [2.0 * layer + 1.5 for layer in range(0, n_layers, every)] + [2.0 * n_layers + 1]
+    text = ["input"] + [f"L{layer}" for layer in range(0, n_layers, every)] + ["logits"]
     fig.update_layout(
-        title=title or f"{kept.shape[0]} of {graph.n_edges} edges", height=560, hovermode="closest",
-        xaxis={"title": "layer (input → heads · MLP → logits)", "showgrid": False, "zeroline": False},
-        yaxis={"title": "component (head index)", "showgrid": False, "zeroline": False},
+        title=title, height=height, hovermode="closest",
+        xaxis={"title": "layer (each layer: its heads, then its MLP)", "showgrid": False, "zeroline": False,
+               "tickvals": ticks, "ticktext": text},
+        yaxis={"title": "head index (MLPs, input and logits centred)", "showgrid": False, "zeroline": False},
         margin={"l": 40, "r": 10, "t": 50, "b": 40}, legend={"orientation": "h", "y": -0.15},
         clickmode="event+select", dragmode="pan",
     )
+
+
+def circuit_figure(graph: GraphData, *, top_n: int | None = 300, threshold: float = 0.0,
+                   max_edges: int = MAX_EDGES, pinned: str | None = None, title: str = "",
+                   score_max: float | None = None, highlight: list[str] | None = None,
+                   full: GraphData | None = None) -> go.Figure:
+    """The layered circuit: pruned edge traces (sign x width) and their hover points, search rings, the pinned
+    node's edges (from `full`, the ungrouped graph, when `graph` is grouped), then one node trace (last)."""
+    pos = layout_positions(graph)
+    pruned = prune(graph.weight, min(max_edges, top_n) if top_n else max_edges, threshold)
+    kept = pruned.kept
+    focus = pinned is not None and pinned in (full or graph).names
+    traces: list[go.BaseTraceType] = [*edge_traces(graph, kept, pos, opacity_scale=0.4 if focus else 1.0)]
+    traces.append(edge_hover_trace(graph.names, graph.src, graph.dst, kept, pos,
+                                   [f"score {w:.3g}" for w in graph.weight[kept].tolist()]))
+    if highlight:
+        traces.append(marked_nodes_trace(graph.names, pos, highlight, "search matches"))
+    if focus:
+        traces += pinned_edges_trace(full or graph, pinned, pos, graph.index())
+    traces.append(node_trace(graph, pos, pinned, score_max, labels=len(graph.names) <= GROUP_NODE_LIMIT))
+    fig = go.Figure(traces)
+    _axes(fig, graph.names, graph.layers, title or pruned.summary())
     return fig
 
 
@@ -164,27 +272,73 @@ def node_edges(graph: GraphData, node: str, direction: EdgeDirection, limit: int
              "score": float(graph.weight[i])} for i in sel]
 
 
-def _aligned_weights(before: GraphData, after: GraphData) -> tuple[np.ndarray, np.ndarray]:
-    """`after` edge scores in `before`'s edge order (0 where after lacks the edge)."""
-    key_after = {(after.names[s], after.names[d]): w for s, d, w in zip(after.src, after.dst, after.weight)}
-    aligned = np.array([key_after.get((before.names[s], before.names[d]), 0.0)
-                        for s, d in zip(before.src, before.dst)])
-    return before.weight, aligned
+DiffColour = Literal["change", "split"]
+CHANGE_COLORS = ("#2ca02c", "#9467bd")   # after - before: green up, purple down
+SPLIT_COLORS = dict(zip(EDGE_CLASSES, ("#1f77b4", "#d62728", "#ff7f0e", "#bbbbbb")))  # shrinkage, rerouting, ...
+SPLIT_RULE = ("CAD split (over the original circuit's edges, as in mansu.attribution.cad): shrinkage is the net "
+              "scale change |S−T|/(S+T) (S, T: the circuit's total |score| before and after), shared among the "
+              "edges that shrank with it; rerouting is the rest of CAD: sign flips, and redistribution (edges "
+              "moving against the net change). An edge is coloured by its larger part. Edges outside the circuit "
+              "whose |score| grew are rerouting that CAD does not see: shown in orange and counted apart.")
+
+
+def diff_nodes(diff: GraphDiff, change: np.ndarray) -> GraphData:
+    """A node-only GraphData for a diff: score = the summed |change| of each node's edges; circuit nodes marked."""
+    n = len(diff.names)
+    touched = np.bincount(diff.src, np.abs(change), n) + np.bincount(diff.dst, np.abs(change), n)
+    in_circuit = np.zeros(n, dtype=bool)
+    in_circuit[diff.src[diff.in_circuit]] = True
+    in_circuit[diff.dst[diff.in_circuit]] = True
+    return GraphData(diff.names, diff.layers, touched, [[] for _ in diff.names], diff.src, diff.dst, change,
+                     in_circuit, {})
+
+
+def graph_diff_figure(diff: GraphDiff, *, colour: DiffColour = "change", relative: bool = False,
+                      top_n: int = 300, max_edges: int = MAX_EDGES, split: CADSplit | None = None,
+                      highlight: list[str] | None = None, title: str = "") -> go.Figure:
+    """Edges of two graphs on one fixed layout: width = |change| (absolute, or relative to |before|), colour = the
+    sign of the change or its CAD class (shrinkage / rerouting / outside circuit); the top_n largest |change|."""
+    if colour not in ("change", "split"):
+        raise ValueError(f"colour must be 'change' or 'split', got {colour!r}")
+    change = diff.change(relative)
+    nodes = diff_nodes(diff, diff.change(False))
+    pos = layout_positions(nodes)
+    pruned = prune(change, min(top_n, max_edges))
+    kept = pruned.kept
+    if colour == "change":
+        labels = np.where(change[kept] >= 0, "Δ+", "Δ-").astype(object)
+        colors = {"Δ+": CHANGE_COLORS[0], "Δ-": CHANGE_COLORS[1]}
+    else:
+        split = split or cad_split(diff)
+        labels = split.edge_class[kept]
+        colors = SPLIT_COLORS
+    unit = "%" if relative else ""
+    scale = 100.0 if relative else 1.0
+    lines = [f"before {s:.3g} → after {t:.3g}<br>change {c * scale:+.3g}{unit}"
+             + (f" · {cls}" if split is not None else "")
+             for s, t, c, cls in zip(diff.before[kept].tolist(), diff.after[kept].tolist(), change[kept].tolist(),
+                                     (split.edge_class[kept] if split is not None else [""] * kept.shape[0]))]
+    traces: list[go.BaseTraceType] = [
+        *grouped_edge_traces(diff.src, diff.dst, kept, pos, np.abs(change), labels, colors),
+        edge_hover_trace(diff.names, diff.src, diff.dst, kept, pos, lines)]
+    if highlight:
+        traces.append(marked_nodes_trace(diff.names, pos, highlight, "search matches"))
+    node = node_trace(nodes, pos, labels=len(diff.names) <= GROUP_NODE_LIMIT)
+    node.marker.colorbar.title.text = "Σ|change| of its edges"
+    node.marker.colorscale = "Greys"
+    node.marker.cmin = 0
+    traces.append(node)
+    fig = go.Figure(traces)
+    kind = "relative change (after − before)/|before|, clipped at ±200%" if relative else "change (after − before)"
+    _axes(fig, diff.names, diff.layers, title or f"{kind}: {pruned.summary().replace('|score|', '|change|')}")
+    return fig
 
 
 def diff_figure(before: GraphData, after: GraphData, *, top_n: int = 300, max_edges: int = MAX_EDGES,
-                title: str = "") -> go.Figure:
-    """Edges of the before-graph coloured by change (after - before); width by |change|."""
-    w_before, w_after = _aligned_weights(before, after)
-    change = w_after - w_before
-    diff_graph = GraphData(before.names, before.layers, before.scores, before.params, before.src,
-                           before.dst, change, before.in_circuit, before.meta)
-    pos = layout_positions(before)
-    kept = select_edges(change, top_n=top_n, max_edges=max_edges)
-    traces = edge_traces(diff_graph, kept, pos, colors=("#2ca02c", "#9467bd"), name_prefix="Δ")
-    fig = go.Figure([*traces, node_trace(before, pos)])
-    fig.update_layout(title=title or "change of edge score (after − before): green up, purple down",
-                      height=520, margin={"l": 40, "r": 10, "t": 50, "b": 40},
-                      legend={"orientation": "h", "y": -0.15}, xaxis={"showgrid": False},
-                      yaxis={"showgrid": False})
-    return fig
+                title: str = "", colour: DiffColour = "change", relative: bool = False,
+                circuit_edges: list[tuple[str, str]] | None = None) -> go.Figure:
+    """Edges of the before- and after-graph on before's layout, coloured by change (after - before); width by
+    |change| (`graph_diff_figure` on `align(before, after)`)."""
+    diff = align(before, after, circuit_edges)
+    return graph_diff_figure(diff, colour=colour, relative=relative, top_n=top_n, max_edges=max_edges,
+                             title=title or "change of edge score (after − before): green up, purple down")
