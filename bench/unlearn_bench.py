@@ -10,7 +10,6 @@ Prints a few JSON lines, the last one the headline {"bench", "metric", "value", 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import sys
@@ -23,9 +22,11 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 def step_seconds(model, forget, retain, config, masks=None) -> tuple[float, float, object]:
     from mansu.unlearn.engine import run_unlearning
+    from mansu.unlearn.params import recording
 
-    m = copy.deepcopy(model)
-    res = run_unlearning(m, forget, retain, config, masks=masks)
+    with recording(model) as restore:  # unlearn in place, then put the base back bit-exactly (no model copy)
+        res = run_unlearning(model, forget, retain, config, masks=masks)
+    restore.revert(model)
     per_step = sorted(s["step_seconds"] for s in res.steps)
     return per_step[len(per_step) // 2], res.summary["prepare_seconds"], res  # median step
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 Device = Literal["cpu", "cuda", "auto"]          # auto: accelerate's device_map over the GPUs (and CPU/disk)
-DType = Literal["fp32", "bf16"]
+DType = Literal["auto", "fp32", "bf16"]          # auto: bf16 when the model goes to a GPU, else fp32
 # The base as given, or snapped to a quantizer's grid first: "natural", "nf4-grid", "<quantizer>", "<quantizer>:<f>"
 # (a fraction f of the groups); an open form, validated by mansu.quant.alignment.parse_alignment (the one validator).
 Alignment = str

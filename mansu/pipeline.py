@@ -5,14 +5,20 @@ the headline) and base evaluation records the base's grid diagnostic per quantiz
 
 Finished stages are listed in stages.json; `run_pipeline` on an existing run skips them (a killed run resumes
 from its last finished stage).  status.json shows the stage and progress throughout.  A NaN/Inf loss marks the
-run failed with the step and keeps everything written so far.  The base model on disk is never modified: base
-alignment (nf4-grid, any quantizer's grid or a fraction of it) and unlearning act on in-memory copies; the
-unlearned model is saved with save_pretrained into <run>/model when `save_model` is set.
+run failed with the step and keeps everything written so far.  The base model on disk is never modified.
+
+One model copy at rest: the base is loaded (and aligned: nf4-grid, any quantizer's grid or a fraction of it) once
+per BaseCache; the unlearning writes into it while mansu.unlearn.params.recording saves the base value of every
+touched coordinate (the restore buffer: 10 B per touched coordinate in bf16, 12 B in fp32, on each parameter's
+device), and `Context.base()` writes those back bit-exactly before anything needs the base again (the next run of
+a compare, a resume).  Quantized twins are the same model inside a `with` block (mansu.quant.twin).  A run saves
+the unlearned model as its sparse update over the base (model_update.safetensors, mansu.unlearn.model_update;
+`mansu export` rebuilds the full model); the full save_pretrained copy into <run>/model only when `save_model`.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import logging
 import os
@@ -30,11 +36,11 @@ from mansu.attribution.data import Prompts, prepare_prompts, resolve_kind
 from mansu.attribution.eap import attribute
 from mansu.attribution.serialize import load_circuit, load_graph, save_circuit, save_graph
 from mansu.data.records import load_records
-from mansu.io import read_json, read_safetensors, write_json_atomic
+from mansu.io import read_json, write_json_atomic
 from mansu.metrics.accuracy import context_length
 from mansu.metrics.scoring import check_fit, score_records
 from mansu.models.demo import demo_assets, ensure_demo, is_complete
-from mansu.models.loading import load_config, load_model, load_tokenizer, require_causal_lm
+from mansu.models.loading import load_config, load_model, load_tokenizer, require_causal_lm, resolve_dtype
 from mansu.quant.alignment import parse_quantizers
 from mansu.quant.diagnose import diagnose_model
 from mansu.quant.survival import alignment_report, survival_analysis, write_survival
@@ -43,7 +49,9 @@ from mansu.quant.twin import nf4_twin, paired_gap, quantized
 from mansu.runs import layout
 from mansu.runs.store import (
     RunState,
+    artifact,
     create_run,
+    inherit_artifacts,
     read_cad,
     read_config,
     read_metrics,
@@ -60,8 +68,9 @@ from mansu.unlearn.config import UnlearnConfig
 from mansu.unlearn.data import encode_records
 from mansu.unlearn.engine import NonFiniteLossError, run_unlearning
 from mansu.unlearn.methods import METHODS
+from mansu.unlearn.model_update import read_model_update, write_model_update
 from mansu.unlearn.nf4_model import align_base
-from mansu.unlearn.params import quantizable_names
+from mansu.unlearn.params import BaseRestore, put_values, quantizable_names, recording
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +89,7 @@ class BaseCache:
     masks: dict | None = None
     circuit_status: dict | None = None
     stats: dict = field(default_factory=dict)  # engine statistics of the base weights, shared across runs
+    restore: BaseRestore | None = None  # set while `model` holds a run's update: the base values it overwrote
 
 
 class RunFailed(RuntimeError):
@@ -192,13 +202,24 @@ class Context:
         return self.spec.config
 
     def base(self):
-        """The (aligned) base model and tokenizer, loaded once."""
+        """The (aligned) base model and tokenizer, loaded once; a run's update it holds is reverted first."""
         if self.cache.model is None:
             lm = load_model(self.inputs.model, dtype=self.spec.dtype, device=self.spec.device,
                             tokenizer=self.spec.tokenizer)
             align_base(lm.model, self.spec.base_alignment, self.config.blocksize)
             self.cache.model, self.cache.tokenizer = lm.model, lm.tokenizer
+        if self.cache.restore is not None:
+            self.cache.restore.revert(self.cache.model)
+            self.cache.restore = None
+            if self.unlearned is self.cache.model:
+                self.unlearned = None
         return self.cache.model, self.cache.tokenizer
+
+    def tokenizer(self):
+        """The base's tokenizer (loading the base when needed, without reverting an update it holds)."""
+        if self.cache.tokenizer is None:
+            self.base()
+        return self.cache.tokenizer
 
     def split(self, name: str) -> list:
         """Records of forget, retain (training), forget_eval, retain_eval (scored) or probe (attributed)."""
@@ -232,22 +253,33 @@ class Context:
         return recs[: self.spec.retain_eval_limit] if self.spec.retain_eval_limit else recs
 
     def model_after(self):
+        """The unlearned model: the cached base holding this run's update (put back from model_update.safetensors
+        when another process unlearned it, e.g. on resume); runs made before sparse updates load <run>/model."""
         if self.unlearned is None:
-            lm = load_model(self.run / layout.MODEL_DIR, dtype=self.spec.dtype, device=self.spec.device)
-            self.unlearned = lm.model
+            legacy = self.run / layout.MODEL_DIR
+            if not (self.run / layout.MODEL_UPDATE).is_file() and (legacy / "config.json").is_file():
+                self.unlearned = load_model(legacy, dtype=self.spec.dtype, device=self.spec.device).model
+                return self.unlearned
+            values, _ = read_model_update(self.run / layout.MODEL_UPDATE)
+            model, _ = self.base()
+            self.cache.restore = BaseRestore()
+            with recording(model, self.cache.restore):
+                put_values(model, values)
+            self.unlearned = model
         return self.unlearned
 
 
 # ---------------------------------------------------------------- stages
 
 def _evaluate(ctx: Context, model) -> dict[str, Any]:
-    tok = ctx.base()[1]
+    tok = ctx.tokenizer()
     return {split: score_records(model, tok, recs, template=ctx.spec.prompt_template, batch_size=256, n_boot=1000)
             for split, recs in (("forget", ctx.eval_forget()), ("retain", ctx.eval_retain()))}
 
 
 def _twin(ctx: Context, model):
-    return nf4_twin(model, ctx.spec.nf4_mode, blocksize=ctx.config.blocksize).model
+    """The headline NF4 twin of `model`: the model itself inside the `with` block (mansu.quant.twin)."""
+    return nf4_twin(model, ctx.spec.nf4_mode, blocksize=ctx.config.blocksize)
 
 
 def _quant_evals(ctx: Context, model, nf4: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -274,11 +306,14 @@ def stage_base_eval(ctx: Context) -> None:
     if not ctx.cache.metrics:
 
         model, _ = ctx.base()
-        ctx.cache.metrics = {"base_fp": _evaluate(ctx, model), "base_nf4": _evaluate(ctx, _twin(ctx, model))}
+        ctx.cache.metrics = {"base_fp": _evaluate(ctx, model)}
+        with _twin(ctx, model) as twin:
+            ctx.cache.metrics["base_nf4"] = _evaluate(ctx, twin.model)
         ctx.cache.metrics["base_quant"] = _quant_evals(ctx, model, ctx.cache.metrics["base_nf4"])
         ctx.cache.metrics["base_grid"] = diagnose_model(model, parse_quantizers(ctx.spec.quantizers))
-        state = {n: p.detach().cpu() for n, p in model.named_parameters()}
-        report = alignment_report(state, quantizable_names(model), blocksize=ctx.config.blocksize,
+        names = quantizable_names(model)
+        state = BaseRestore().base_view(model, names)  # each weight on the CPU when read, one at a time
+        report = alignment_report(state, names, blocksize=ctx.config.blocksize,
                                   layout=quant_layout(model))
         ctx.cache.metrics["base_alignment"] = {"setting": ctx.spec.base_alignment, **report["overall"]}
     for key, value in ctx.cache.metrics.items():
@@ -334,7 +369,6 @@ def _no_circuit_reason(ctx: Context) -> str:
 
 def stage_unlearn(ctx: Context) -> None:
     model, tok = ctx.base()
-    work = copy.deepcopy(model)
     steps_path = ctx.run / layout.STEPS
     steps_path.write_text("")
     cfg = ctx.config
@@ -347,15 +381,22 @@ def stage_unlearn(ctx: Context) -> None:
     masks = ctx.cache.masks if ctx.cache.masks is not None else _saved_masks(ctx.run)
     if masks is None and METHODS[cfg.method].circuit_restricted:  # said, and recorded below: never silent
         log.warning("%s updates every quantizable weight, not a circuit: %s", cfg.method, _no_circuit_reason(ctx))
+    restore = ctx.cache.restore = BaseRestore()  # set first: a failed run is reverted by the next base()
     t0 = time.perf_counter()
-    result = run_unlearning(work, ctx.batch("forget"), ctx.batch("retain"),
-                            cfg, masks=masks, on_step=on_step, cache=ctx.cache.stats)
+    with recording(model, restore):  # the unlearning writes into the base itself
+        result = run_unlearning(model, ctx.batch("forget"),
+                                ctx.batch("retain"), cfg, masks=masks, on_step=on_step,
+                                cache=ctx.cache.stats)
     seconds = time.perf_counter() - t0
-    ctx.unlearned = work
+    ctx.unlearned = model
+    write_model_update(ctx.run / layout.MODEL_UPDATE, model, restore,
+                       {"base_model": ctx.spec.model, "base_alignment": ctx.spec.base_alignment,
+                        "blocksize": str(cfg.blocksize), "dtype": resolve_dtype(ctx.spec.dtype, ctx.spec.device),
+                        "method": cfg.method})
     if ctx.spec.store_update:
-        _write_update(ctx, model, result)
+        _write_update(ctx, model, restore, result)
     if ctx.spec.save_model:
-        save_model(work, tok, ctx.run / layout.MODEL_DIR)
+        save_model(model, tok, ctx.run / layout.MODEL_DIR)
     update_metrics(ctx.run, "unlearn", {**result.summary, "wall_seconds": round(seconds, 3),
                                         "circuit_restricted": masks is not None and
                                         METHODS[cfg.method].circuit_restricted,
@@ -363,18 +404,18 @@ def stage_unlearn(ctx: Context) -> None:
 
 
 def _saved_masks(run: Path):
-    path = run / layout.CIRCUIT_MASKS
-    if not path.is_file():
+    """The circuit's parameter masks from circuit.json (a --from-run child's: its parent's), None without one."""
+    if not _circuit_ok_at(run):
         return None
+    return load_circuit(run)[1] or None
 
-    return {k: v.bool() for k, v in read_safetensors(path).items()}
 
-
-def _write_update(ctx: Context, base, result) -> None:
+def _write_update(ctx: Context, model, restore: BaseRestore, result) -> None:
+    """update.safetensors; its floor geometry is the base's, read back from the restore buffer tensor by tensor."""
     cfg = ctx.config
-    params = {n: p.detach().cpu() for n, p in base.named_parameters() if n in result.index.names}
+    params = restore.base_view(model, result.index.names)
     tensors, meta = update_tensors(params, result, cfg.epsilon, cfg.kappa, cfg.blocksize, result.fisher,
-                                   layout=quant_layout(base), quantizers=cfg.floor_quantizers)
+                                   layout=quant_layout(model), quantizers=cfg.floor_quantizers)
     write_update(ctx.run / layout.UPDATE, tensors, {**meta, "method": cfg.method})
 
 
@@ -397,7 +438,8 @@ def stage_eval_fp(ctx: Context) -> None:
 
 
 def stage_eval_nf4(ctx: Context) -> None:
-    nf4 = _evaluate(ctx, _twin(ctx, ctx.model_after()))
+    with _twin(ctx, ctx.model_after()) as twin:
+        nf4 = _evaluate(ctx, twin.model)
     update_metrics(ctx.run, "unlearned_nf4", nf4)
     fp = read_json(ctx.run / layout.METRICS)["unlearned_fp"]
     update_metrics(ctx.run, "ptq_gap", _gaps(fp, nf4, ctx.spec.nf4_mode))
@@ -409,8 +451,12 @@ def stage_eval_nf4(ctx: Context) -> None:
 
 
 def _circuit_ok(ctx: Context) -> bool:
+    return _circuit_ok_at(ctx.run)
+
+
+def _circuit_ok_at(run: Path) -> bool:
     try:
-        return read_json(ctx.run / layout.CIRCUIT).get("status", "ok") == "ok"
+        return read_json(artifact(run, layout.CIRCUIT)).get("status", "ok") == "ok"
     except FileNotFoundError:
         return False
 
@@ -419,12 +465,14 @@ def stage_attribution_after(ctx: Context) -> None:
     if not _circuit_ok(ctx):
         return
 
-    _, tok = ctx.base()
+    tok = ctx.tokenizer()
     circuit, _ = load_circuit(ctx.run)
     after = ctx.model_after()
-    for stage, model in (("after_fp", after), ("after_nf4", _twin(ctx, after))):
-        graph = _attribute_graph(ctx, model, tok)
-        save_graph(graph, ctx.run, stage, model=model, circuit=circuit)
+    for stage in ("after_fp", "after_nf4"):
+        with _twin(ctx, after) if stage == "after_nf4" else contextlib.nullcontext() as twin:
+            model = twin.model if twin is not None else after
+            graph = _attribute_graph(ctx, model, tok)
+            save_graph(graph, ctx.run, stage, model=model, circuit=circuit)
 
 
 def stage_cad(ctx: Context) -> None:
@@ -440,12 +488,15 @@ def stage_cad(ctx: Context) -> None:
 
 
 def stage_survival(ctx: Context) -> None:
-    base, _ = ctx.base()
-    names = quantizable_names(base)
-    theta = {n: p.detach().cpu() for n, p in base.named_parameters() if n in names}
-    theta_new = {n: p.detach().cpu() for n, p in ctx.model_after().named_parameters() if n in names}
+    after = ctx.model_after()
+    names = quantizable_names(after)
+    if after is ctx.cache.model:  # the base holds this run's update: its base values are in the restore buffer
+        theta = (ctx.cache.restore or BaseRestore()).base_view(after, names)
+    else:  # a run saved before sparse updates: the unlearned model was loaded apart
+        theta = BaseRestore().base_view(ctx.base()[0], names)
+    theta_new = BaseRestore().base_view(after, names)  # nothing saved: the current weights, one at a time
     report = survival_analysis(theta, theta_new, names, blocksize=ctx.config.blocksize, seed=ctx.config.seed,
-                               layout=quant_layout(base))
+                               layout=quant_layout(after))
     write_survival(ctx.run / layout.SURVIVAL, report)
     update_metrics(ctx.run, "survival", {k: report["overall"].get(k) for k in
                                          ("n_updated", "median_ratio", "frac_code_changed", "kept_fraction", "snr")})
@@ -481,7 +532,8 @@ def mark_finished(run: Path, stage: str, seconds: float) -> None:
 
 def _resume_point(ctx: Context, done: list[str]) -> list[str]:
     """Stages after `unlearn` need the unlearned model: without a saved model, resume re-runs unlearn."""
-    if "unlearn" in done and ctx.unlearned is None and not (ctx.run / layout.MODEL_DIR / "config.json").is_file():
+    saved = (ctx.run / layout.MODEL_UPDATE).is_file() or (ctx.run / layout.MODEL_DIR / "config.json").is_file()
+    if "unlearn" in done and ctx.unlearned is None and not saved:
         return done[: done.index("unlearn")]
     return done
 
@@ -511,9 +563,17 @@ def run_pipeline(run: Path, cache: BaseCache | None = None, *, stop_after: str |
         mark_finished(run, stage, time.perf_counter() - t0)
         log.info("stage %s finished in %.1f s", stage, time.perf_counter() - t0)
         if stop_after == stage:
+            _release_base(ctx)
             return {}
+    _release_base(ctx)
     write_status(run, "done", len(STAGES), len(STAGES), state="finished")
     return read_json(run / layout.SCORECARD)
+
+
+def _release_base(ctx: Context) -> None:
+    """Put the cached base back at rest (the run's update reverted, bit-exactly) for the next run sharing it."""
+    if ctx.cache.restore is not None:
+        ctx.base()
 
 
 def start_run(spec: RunSpec, *, slug: str | None = None, root: Path | None = None,
@@ -523,7 +583,7 @@ def start_run(spec: RunSpec, *, slug: str | None = None, root: Path | None = Non
               **({"queue": {"index": queue[0], "of": queue[1]}} if queue else {})}
     run = create_run(config, slug or run_slug(spec), root, state=state)
     if spec.parent_run:
-        copy_parent_stages(run_dir(spec.parent_run, root), run)
+        inherit_parent_stages(run_dir(spec.parent_run, root), run)
     return run
 
 
@@ -541,22 +601,18 @@ def start_queue(specs: list[RunSpec], *, root: Path | None = None) -> list[Path]
     return [start_run(spec, root=root, state="queued", queue=(i, len(specs))) for i, spec in enumerate(specs)]
 
 
-def copy_parent_stages(parent: Path, run: Path) -> None:
-    """--from-run: reuse the parent's base evaluation and circuit (artifacts copied, stages marked finished)."""
+def inherit_parent_stages(parent: Path, run: Path) -> None:
+    """--from-run: reuse the parent's base evaluation (metrics entries) and circuit (the child's inherited.json points
+    at the parent's circuit and "before" graph: nothing is copied; mansu.runs.store.artifact resolves them)."""
     metrics = read_json(parent / layout.METRICS)
     for key in ("base_fp", "base_nf4", "base_quant", "base_grid", "base_alignment", "eval_sets", "attribution"):
         if key in metrics:
             update_metrics(run, key, metrics[key])
     mark_finished(run, "base_eval", 0.0)
-    names = [layout.CIRCUIT, layout.CIRCUIT_MASKS]
-    for name in names:
-        if (parent / name).is_file():
-            shutil.copy2(parent / name, run / name)
-    src = parent / layout.ATTRIBUTION_DIR
-    for stage in ("before",):
-        for path in (layout.attribution_json(parent, stage), layout.attribution_tensors(parent, stage)):
-            if path.is_file():
-                (run / layout.ATTRIBUTION_DIR).mkdir(exist_ok=True)
-                shutil.copy2(path, run / layout.ATTRIBUTION_DIR / path.name)
-    if (parent / layout.CIRCUIT).is_file() or not src.exists():
+    names = [layout.CIRCUIT, layout.CIRCUIT_MASKS] + [
+        path.relative_to(parent).as_posix() for path in (layout.attribution_json(parent, "before"),
+                                                         layout.attribution_tensors(parent, "before"),
+                                                         layout.attribution_tracer_json(parent, "before"))]
+    inherit_artifacts(parent, run, names)
+    if artifact(parent, layout.CIRCUIT).is_file() or not (parent / layout.ATTRIBUTION_DIR).exists():
         mark_finished(run, "attribution_before", 0.0)

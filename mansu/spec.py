@@ -61,10 +61,11 @@ class RunSpec:
     attribution_cache_mb: int = opt(CACHE_MB, "MiB of corrupted activations the circuit search keeps on the device "
                                               "between evaluations; batches beyond it are recomputed (0: all)", lo=0)
     retain_eval_limit: int | None = opt(None, "score only the first N retain records (default all)", lo=1)
-    save_model: bool = opt(True, "save_pretrained the unlearned model into the run folder")
+    save_model: bool = opt(False, "also save_pretrained the full unlearned model into the run folder (the run "
+                                  "always saves its sparse update; `mansu export` rebuilds the model from it)")
     store_update: bool = opt(True, "write update.safetensors (the floor tuner's input)")
     device: Device = opt("cpu", "cpu, cuda, or auto (accelerate device_map)")
-    dtype: DType = opt("fp32", "weights' dtype")
+    dtype: DType = opt("auto", "weights' dtype (auto: bf16 on a GPU, fp32 on the CPU)")
     parent_run: str | None = opt(None, "the run this one re-floors (--from-run)", flag=False)
 
     def __post_init__(self) -> None:

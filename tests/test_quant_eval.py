@@ -44,35 +44,43 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_every_quantizer_twin_is_the_library_round_trip_and_the_original_is_restored(family):
-    from mansu.quant.twin import quant_twin, quantized
+    import copy
+
+    from mansu.quant.twin import quantized
 
     model = tiny_model(family, hidden=128, layers=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     names, lay = set(quantizable_parameter_names(model)), quant_layout(model)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        full = model(ids).logits
     for q in QUANTIZERS:
         expected = {n: lay.unview(n, get_quantizer(q).round_trip(lay.view(n, before[n]))) for n in names}
-        twin = quant_twin(model, q)
-        assert twin.skipped_modules == [] and len(twin.quantized_modules) == len(names)
-        for key, value in twin.model.state_dict().items():
-            assert torch.equal(value, expected[key] if key in names else before[key]), (q, key)
-        with pytest.raises(RuntimeError, match="inside"), quantized(model, q) as inplace:
-            assert inplace.model is model
+        by_hand = copy.deepcopy(model)  # a test-side reference with every weight rounded by hand
+        with torch.no_grad():
             for n in names:
-                assert torch.equal(model.get_parameter(n), expected[n]), (q, n)
-            raise RuntimeError("an error inside the block")
-        for key, value in model.state_dict().items():  # restored bit-exactly, also after the error
+                by_hand.get_parameter(n).copy_(expected[n])
+            with pytest.raises(RuntimeError, match="inside"), quantized(model, q) as twin:
+                assert twin.model is model
+                assert twin.skipped_modules == [] and len(twin.quantized_modules) == len(names)
+                for n in names:
+                    assert torch.equal(twin.rounded(n), expected[n]), (q, n)
+                assert torch.equal(model(ids).logits, by_hand(ids).logits), q  # computes with RT_q(W)
+                raise RuntimeError("an error inside the block")
+            assert torch.equal(model(ids).logits, full), q  # hooks gone, also after the error
+        for key, value in model.state_dict().items():  # parameters never changed
             assert torch.equal(value, before[key]), (q, key)
 
 
 def test_int4_twin_keeps_weights_it_cannot_group_in_full_precision():
-    from mansu.quant.twin import quant_twin
+    from mansu.quant.twin import quantized
 
     model = tiny_llama(hidden=64)  # rows of 64: only down_proj (128 wide) is int4-g128-quantizable
-    twin = quant_twin(model, "int4-g128")
-    assert twin.quantized_modules and all(m.endswith("down_proj") for m in twin.quantized_modules)
-    assert len(twin.skipped_modules) == 2 * 6
-    kept = twin.skipped_modules[0] + ".weight"
-    assert torch.equal(twin.model.get_parameter(kept), model.get_parameter(kept))
+    with quantized(model, "int4-g128") as twin:
+        assert twin.quantized_modules and all(m.endswith("down_proj") for m in twin.quantized_modules)
+        assert len(twin.skipped_modules) == 2 * 6
+        kept = model.get_submodule(twin.skipped_modules[0])
+        assert not kept._forward_pre_hooks  # no round trip swapped in for a skipped module
 
 
 # ---------------------------------------------------------------- eval --quant through the CLI
@@ -80,7 +88,7 @@ def test_int4_twin_keeps_weights_it_cannot_group_in_full_precision():
 def test_eval_quant_through_the_cli_scores_each_quantizer(tiny_world, capsys):
     from mansu.metrics.accuracy import mcq_accuracy
     from mansu.models.loading import load_model
-    from mansu.quant.twin import quant_twin
+    from mansu.quant.twin import quantized
 
     code, out, err = _cli(capsys, "eval", "--model", tiny_world["model"], "--data", tiny_world["forget"],
                           "--tokenizer", "fast", "--nf4", "simulated", "--quant", "nf4,int8", "--json")
@@ -92,7 +100,8 @@ def test_eval_quant_through_the_cli_scores_each_quantizer(tiny_world, capsys):
     from mansu.data.records import load_records, mcq_only
 
     records = mcq_only(load_records(tiny_world["forget"], "mcq"), tiny_world["forget"])
-    direct = mcq_accuracy(quant_twin(lm.model, "int8").model, lm.tokenizer, records, n_boot=10)
+    with quantized(lm.model, "int8") as twin:
+        direct = mcq_accuracy(twin.model, lm.tokenizer, records, n_boot=10)
     full = mcq_accuracy(lm.model, lm.tokenizer, records, n_boot=10)
     assert row["quant"]["int8"]["acc_nf4"] == direct.accuracy
     assert row["quant"]["int8"]["gap"] == pytest.approx(direct.accuracy - full.accuracy)

@@ -26,34 +26,43 @@ def test_quantizable_names_are_the_linear_layers_without_lm_head():
 def test_simulated_twin_rounds_exactly_the_quantizable_weights():
     model = tiny_llama(hidden=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    twin = nf4_twin(model, "simulated")
     names = set(quantizable_parameter_names(model))
-    assert {f"{m}.weight" for m in twin.quantized_modules} == names
-    for key, value in twin.model.state_dict().items():
-        expected = nf4_round_trip(before[key]) if key in names else before[key]
-        assert torch.equal(value, expected), key
-    for key, value in model.state_dict().items():  # the original is untouched
-        assert torch.equal(value, before[key])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    by_hand = tiny_llama(hidden=64)  # the same weights, every quantizable one rounded by hand
+    with torch.no_grad():
+        for key in names:
+            by_hand.get_parameter(key).copy_(nf4_round_trip(before[key]))
+        with nf4_twin(model, "simulated") as twin:
+            assert twin.model is model and {f"{m}.weight" for m in twin.quantized_modules} == names
+            for key in names:
+                assert torch.equal(twin.rounded(key), nf4_round_trip(before[key])), key
+            assert torch.equal(model(ids).logits, by_hand(ids).logits)   # the forward computes with RT(W)
+            for key, value in model.state_dict().items():  # parameters untouched at rest, inside the block too
+                assert torch.equal(value, before[key])
+        assert not torch.equal(model(ids).logits, by_hand(ids).logits)  # full precision again after it
 
 
 def test_real_twin_weights_dequantize_to_the_simulated_round_trip():
     model = tiny_llama(hidden=64)
-    real = nf4_twin(model, "real")
-    sim = nf4_twin(model, "simulated")
-    assert real.quantized_modules == sim.quantized_modules
-    for name in real.quantized_modules:
-        module = real.model.get_submodule(name)
-        assert isinstance(module, bnb.nn.Linear4bit)
-        assert module.weight.quant_state.quant_type == "nf4"
-        deq = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        assert torch.equal(deq, sim.model.get_submodule(name).weight), name
-    assert not isinstance(real.model.lm_head, bnb.nn.Linear4bit)
+    with nf4_twin(model, "simulated") as sim:
+        expected = {name: sim.rounded(f"{name}.weight") for name in sim.quantized_modules}
+    originals = {name: model.get_submodule(name) for name in expected}
+    with nf4_twin(model, "real") as real:  # quantized in memory, on the weights' device (no save/reload)
+        assert real.model is model and real.quantized_modules == list(expected)
+        for name in real.quantized_modules:
+            module = real.model.get_submodule(name)
+            assert isinstance(module, bnb.nn.Linear4bit)
+            assert module.weight.quant_state.quant_type == "nf4"
+            deq = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            assert torch.equal(deq, expected[name]), name
+        assert not isinstance(real.model.lm_head, bnb.nn.Linear4bit)
+    assert all(model.get_submodule(name) is module for name, module in originals.items())  # put back
 
 
 def test_twin_mode_and_blocksize_validation():
     model = tiny_llama()
     with pytest.raises(ValueError, match="simulated, real"):
-        nf4_twin(model, "fake")
+        nf4_twin(model, "fake")  # raised on the call, before any `with`
     with pytest.raises(ValueError, match="blocksize"):
         nf4_twin(model, "real", blocksize=128)
     with pytest.raises(ValueError, match="blocksize"):
@@ -76,27 +85,33 @@ def test_demo_model_simulated_and_real_agree(demo_lm, demo_records):
 
     forget, retain = demo_records["forget"][:N_RECORDS], demo_records["retain"][:N_RECORDS]
     sim = ptq_gap(demo_lm.model, demo_lm.tokenizer, forget, retain, "simulated")
-    real = nf4_twin(demo_lm.model, "real")
-    assert sim.quantized_modules == real.quantized_modules
-    for split, records in (("forget", forget), ("retain", retain)):
-        s = getattr(sim, split)
-        acc_real = mcq_accuracy(real.model, demo_lm.tokenizer, records).accuracy
-        assert abs(s.acc_nf4 - acc_real) <= BF16_COMPUTE_TOL
-        assert s.n == N_RECORDS and s.ci_low <= s.gap <= s.ci_high
-        assert s.gap == pytest.approx(s.acc_nf4 - s.acc_full)
-    # per-choice log-probabilities: real (bf16 compute) vs simulated (fp32) differ far less than NF4 vs full
     pairs = [(ctx, cont) for rec in forget[:10] for ctx, conts in [cloze_texts(rec)] for cont in conts]
-    lp_sim = torch.tensor(continuation_logprobs(nf4_twin(demo_lm.model).model, demo_lm.tokenizer, pairs))
-    lp_real = torch.tensor(continuation_logprobs(real.model, demo_lm.tokenizer, pairs))
+    with nf4_twin(demo_lm.model, "real") as real:
+        assert sim.quantized_modules == real.quantized_modules
+        for split, records in (("forget", forget), ("retain", retain)):
+            s = getattr(sim, split)
+            acc_real = mcq_accuracy(real.model, demo_lm.tokenizer, records).accuracy
+            assert abs(s.acc_nf4 - acc_real) <= BF16_COMPUTE_TOL
+            assert s.n == N_RECORDS and s.ci_low <= s.gap <= s.ci_high
+            assert s.gap == pytest.approx(s.acc_nf4 - s.acc_full)
+        lp_real = torch.tensor(continuation_logprobs(real.model, demo_lm.tokenizer, pairs))
+    # per-choice log-probabilities: real (bf16 compute) vs simulated (fp32) differ far less than NF4 vs full
+    with nf4_twin(demo_lm.model) as twin:
+        lp_sim = torch.tensor(continuation_logprobs(twin.model, demo_lm.tokenizer, pairs))
     lp_full = torch.tensor(continuation_logprobs(demo_lm.model, demo_lm.tokenizer, pairs))
     assert (lp_sim - lp_real).abs().max() < 0.1
     assert (lp_sim - lp_real).abs().mean() < (lp_sim - lp_full).abs().mean()
 
 
 def test_grid_aligned_model_has_zero_simulated_ptq_gap(demo_lm, demo_records):
-    aligned = nf4_twin(demo_lm.model, "simulated").model  # NF4(NF4(w)) == NF4(w)
-    twin = nf4_twin(aligned, "simulated").model
-    for (k, a), (_, b) in zip(aligned.state_dict().items(), twin.state_dict().items()):
-        assert torch.equal(a, b), k
+    import copy
+
+    from mansu.unlearn.nf4_model import round_trip_in_place
+
+    aligned = copy.deepcopy(demo_lm.model)  # a test-side copy: the fixture is shared
+    round_trip_in_place(aligned)  # NF4(NF4(w)) == NF4(w)
+    with nf4_twin(aligned, "simulated") as twin:
+        for m in twin.quantized_modules:
+            assert torch.equal(twin.rounded(f"{m}.weight"), aligned.get_parameter(f"{m}.weight")), m
     gap = ptq_gap(aligned, demo_lm.tokenizer, demo_records["forget"][:10], demo_records["retain"][:10])
     assert gap.forget.gap == 0.0 and gap.retain.gap == 0.0

@@ -11,7 +11,7 @@ import streamlit as st
 
 from mansu.paths import runs_root
 from mansu.runs import layout
-from mansu.runs.store import RunSummary, list_runs
+from mansu.runs.store import RunSummary, artifact, list_runs
 from mansu.spec import run_label
 from mansu.viz import artifacts
 
@@ -128,8 +128,9 @@ def _json_cached(path: str, mtime: float) -> Any:
 
 
 def load_json(run: RunSummary, name: str) -> Any | None:
-    """A JSON artifact (layout file name), cached on path + mtime."""
-    path = Path(run.path) / name
+    """A JSON artifact (layout file name; a --from-run child's inherited ones from its parent), cached on path +
+    mtime."""
+    path = artifact(run.path, name)
     return _json_cached(str(path), _mtime(path))
 
 
@@ -140,7 +141,7 @@ def _graph_cached(run_path: str, stage: str, mtime: float) -> artifacts.GraphDat
 
 def load_graph(run: RunSummary, stage: str) -> artifacts.GraphData | None:
     """The attribution graph of a stage, cached (read-only arrays)."""
-    return _graph_cached(str(run.path), stage, _mtime(layout.attribution_json(Path(run.path), stage)))
+    return _graph_cached(str(run.path), stage, _mtime(artifact(run.path, layout.attribution_json(run.path, stage))))
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)

@@ -8,6 +8,7 @@ import streamlit as st
 
 from mansu.launch import exports_dir
 from mansu.runs import layout
+from mansu.runs.store import artifact
 from mansu.viz.circuit import circuit_figure, node_edges
 from mansu.viz.report import export_images
 from ui.state import load_graph, load_json, not_computed, page_preamble, require_run
@@ -64,10 +65,10 @@ else:
 
 st.subheader("export")
 e1, e3, e2 = st.columns(3)
-json_path = layout.attribution_json(Path(run.path), stage)
+json_path = artifact(run.path, layout.attribution_json(Path(run.path), stage))
 e1.download_button("graph JSON", json_path.read_bytes(), file_name=f"{run.run_id}-{stage}.json",
                    mime="application/json", key="circuit-json")
-tracer_path = layout.attribution_tracer_json(Path(run.path), stage)
+tracer_path = artifact(run.path, layout.attribution_tracer_json(Path(run.path), stage))
 if tracer_path.is_file():  # runs made before this export existed have none
     e3.download_button("circuit-tracer JSON", tracer_path.read_bytes(), key="circuit-tracer-json",
                        file_name=f"{run.run_id}-{stage}.circuit-tracer.json", mime="application/json",

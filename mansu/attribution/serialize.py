@@ -30,8 +30,9 @@ from mansu.io import (
     write_json_atomic,
     write_safetensors_atomic,
 )
-from mansu.models.components import model_layout, node_parameters, parse_node
+from mansu.models.components import head_parameter_slices, model_layout, node_parameters, parse_node
 from mansu.runs import layout as run_layout
+from mansu.runs.store import artifact
 
 
 def node_scores(graph: AttributionGraph) -> dict[str, float]:
@@ -82,9 +83,10 @@ def save_graph(graph: AttributionGraph, run_dir: Path, stage: str, *, model: Any
 
 
 def load_graph(run_dir: Path, stage: str) -> AttributionGraph:
-    """Read a graph saved by `save_graph` (node names from the JSON, scores from the safetensors)."""
-    meta = read_json(run_layout.attribution_json(run_dir, stage))
-    tensors = read_safetensors(run_layout.attribution_tensors(run_dir, stage))
+    """Read a graph saved by `save_graph` (node names from the JSON, scores from the safetensors; a --from-run
+    child's "before" graph is its parent's)."""
+    meta = read_json(artifact(run_dir, run_layout.attribution_json(run_dir, stage)))
+    tensors = read_safetensors(artifact(run_dir, run_layout.attribution_tensors(run_dir, stage)))
     scores = tensors["scores"]
     if tuple(scores.shape) != (len(meta["upstream"]), len(meta["downstream"])):
         raise ValueError(f"{run_layout.attribution_tensors(run_dir, stage)}: scores shape {tuple(scores.shape)} does "
@@ -94,24 +96,58 @@ def load_graph(run_dir: Path, stage: str) -> AttributionGraph:
                             meta["metadata"])
 
 
-def save_circuit(circuit: Circuit, model: Any, run_dir: Path) -> tuple[Path, Path]:
-    """Write circuit.json and circuit_masks.safetensors (bool masks keyed by parameter name)."""
+def save_circuit(circuit: Circuit, model: Any, run_dir: Path) -> Path:
+    """Write circuit.json: the circuit, and its parameter masks per node (not per weight): ``node_slices``
+    {node: [[param, dim, start, stop], ...]} and ``parameter_shapes`` {param: logical shape}, a few bytes per node
+    instead of the 1 B per weight of full-shape masks."""
     masks = circuit_parameter_masks(model, circuit)
     owned = sum(int(m.sum()) for m in masks.values())
     total = sum(p.numel() for p in model.parameters())
     data = {**circuit.to_dict(), "owned_parameters": owned, "owned_fraction": owned / max(total, 1),
-            "masked_parameters": sorted(masks)}
-    json_path, mask_path = Path(run_dir) / run_layout.CIRCUIT, Path(run_dir) / run_layout.CIRCUIT_MASKS
-    write_safetensors_atomic(mask_path, masks, {"n_edges": str(len(circuit.edges))})
+            "masked_parameters": sorted(masks), "parameter_shapes": {n: list(m.shape) for n, m in masks.items()},
+            "node_slices": node_slices(model, circuit.nodes, masks)}
+    json_path = Path(run_dir) / run_layout.CIRCUIT
     write_json_atomic(json_path, data, add_stamp=True)
-    return json_path, mask_path
+    return json_path
+
+
+def node_slices(model: Any, nodes: list[str], masks: dict[str, torch.Tensor]) -> dict[str, list[list]]:
+    """{node: [[param, dim, start, stop], ...]}: the slices of each parameter a node owns (mansu.models.components);
+    an MLP owns its parameters whole (dim 0, 0, rows)."""
+    layout = model_layout(model)
+    out: dict[str, list[list]] = {}
+    for node in nodes:
+        kind, layer, head = parse_node(node)
+        if kind == "head":
+            out[node] = [[key.split("#")[0], dim, sl.start, sl.stop]
+                         for key, (dim, sl) in head_parameter_slices(layout, layer, head).items()
+                         if key.split("#")[0] in masks]
+        elif kind == "mlp":
+            out[node] = [[name, 0, 0, int(masks[name].shape[0])] for name in node_parameters(model, layout, node)
+                         if name in masks]
+    return out
+
+
+def masks_from_slices(data: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Full-shape bool masks (1 B per weight, built on load) from circuit.json's ``node_slices``."""
+    shapes = data.get("parameter_shapes", {})
+    masks = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in shapes.items()}
+    for slices in data.get("node_slices", {}).values():
+        for name, dim, start, stop in slices:
+            masks[name].narrow(dim, start, stop - start).fill_(True)
+    return masks
 
 
 def load_circuit(run_dir: Path) -> tuple[Circuit, dict[str, torch.Tensor]]:
-    """The circuit and its parameter masks saved by `save_circuit`."""
-    circuit = Circuit.from_dict(read_json(Path(run_dir) / run_layout.CIRCUIT))
-    masks = {k: v.bool() for k, v in read_safetensors(Path(run_dir) / run_layout.CIRCUIT_MASKS).items()}
-    return circuit, masks
+    """The circuit and its parameter masks saved by `save_circuit` (a --from-run child's are its parent's; runs
+    made before per-node masks read circuit_masks.safetensors)."""
+    data = read_json(artifact(run_dir, run_layout.CIRCUIT))
+    legacy = artifact(run_dir, run_layout.CIRCUIT_MASKS)
+    if "node_slices" not in data and legacy.is_file():
+        masks = {k: v.bool() for k, v in read_safetensors(legacy).items()}
+    else:
+        masks = masks_from_slices(data)
+    return Circuit.from_dict(data), masks
 
 
 def _tracer_node(name: str, n_layers: int, n_heads: int, influence: float) -> dict[str, Any]:

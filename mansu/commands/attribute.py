@@ -51,7 +51,8 @@ def register(subparsers) -> None:
     p.add_argument("--target", type=float, default=0.8, help="faithfulness the circuit must reach (default 0.8)")
     p.add_argument("--attribution-cache-mb", type=int, default=_CACHE.default,
                    help=f"{_CACHE.metadata['help']} (default {_CACHE.default})")
-    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights dtype (default fp32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights dtype (default auto: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="cpu, cuda or auto")
     p.add_argument("--tokenizer", default=None, metavar="fast|PATH",
                    help="'fast': the model's tokenizer.json exactly as saved (AutoTokenizer may rebuild a saved "

@@ -7,7 +7,7 @@ import argparse
 import json
 
 from mansu.choices import DEVICES, DTYPES
-from mansu.models.loading import check_finite_weights, load_config, require_causal_lm
+from mansu.models.loading import check_finite_weights, load_config, require_causal_lm, torch_dtype
 from mansu.pipeline import resolve_model_path
 from mansu.quant.alignment import DEFAULT_QUANTIZERS, parse_alignment, parse_quantizers
 from mansu.quant.diagnose import RATIO, diagnose_model
@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--ratio", type=float, default=RATIO,
                    help=f"the sub-bin update r in bin widths the verdict is for, in (0, 0.5] (default {RATIO})")
     p.add_argument("--per-layer", action="store_true", help="also print one line per weight and quantizer")
-    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights dtype (default fp32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights dtype (default auto: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="cpu, cuda or auto (accelerate device_map)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     p.add_argument("--json", action="store_true", help="print the whole report as one JSON object")
@@ -40,13 +41,12 @@ def register(subparsers) -> None:
 
 def load_weights_only(name: str, dtype: str, device: str, trust_remote_code: bool):
     """The causal LM at `name` (safetensors only, finite), without a tokenizer: the diagnostic needs none."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     require_causal_lm(load_config(name, trust_remote_code=trust_remote_code), name)
     placement = {"device_map": "auto"} if device == "auto" else {"device_map": {"": device}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype],
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype, device),
                                                      use_safetensors=True, trust_remote_code=trust_remote_code,
                                                      **placement)
     except OSError as exc:

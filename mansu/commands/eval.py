@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--template", default=None,
                    help=f"prompt template of MCQ and QA records: {', '.join(PRESETS)}, wmdp:TOPIC or a custom string "
                         "containing {question} (default: the --format's, cloze-answer)")
-    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights dtype (default fp32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights dtype (default auto: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--device", default="cpu", choices=DEVICES,
                    help="cpu, cuda, or auto (accelerate device_map for models larger than one GPU)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
@@ -65,24 +66,23 @@ def run(args: argparse.Namespace) -> int:
         check_renders(records, template, source=path)
     lm = load_model(resolve_model_path(args.model), dtype=args.dtype, device=args.device,
                     trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
-    twin = None
-    if args.nf4:
-        twin = nf4_twin(lm.model, args.nf4)
-        if not args.json:
-            print(f"NF4 twin ({args.nf4}, blocksize {twin.blocksize}): {len(twin.quantized_modules)} modules quantized "
-                  f"(the transformers default: every Linear layer except lm_head)")
     scored = []  # (row, line parts, records, per-example correctness in full precision)
     for path, records in datasets.items():
         r = score_records(lm.model, lm.tokenizer, records, template=template, batch_size=args.batch_size,
                           source=path)
         row = {"data": path, **{k: v for k, v in r.items() if k != "correct"}}
         parts = [_summary(path, r, args)]
-        if twin is not None:
-            gap = _ptq_gap(twin, lm.tokenizer, records, r.correct, args)
-            row["nf4"] = {"mode": args.nf4, "n_quantized_modules": len(twin.quantized_modules), **gap.to_dict()}
-            parts.append(f"NF4 {gap.acc_nf4:.3f}, PTQ gap {gap.gap:+.3f} "
-                         f"(95% CI {gap.ci_low:+.3f} to {gap.ci_high:+.3f})")
         scored.append((row, parts, records, r["correct"]))
+    if args.nf4:  # the model itself computes as its NF4 twin inside the block (no second copy)
+        with nf4_twin(lm.model, args.nf4) as twin:
+            if not args.json:
+                print(f"NF4 twin ({args.nf4}, blocksize {twin.blocksize}): {len(twin.quantized_modules)} modules "
+                      f"quantized (the transformers default: every Linear layer except lm_head)")
+            for row, parts, records, correct in scored:
+                gap = _ptq_gap(twin, lm.tokenizer, records, correct, args)
+                row["nf4"] = {"mode": args.nf4, "n_quantized_modules": len(twin.quantized_modules), **gap.to_dict()}
+                parts.append(f"NF4 {gap.acc_nf4:.3f}, PTQ gap {gap.gap:+.3f} "
+                             f"(95% CI {gap.ci_low:+.3f} to {gap.ci_high:+.3f})")
     for quantizer in quants:  # one in-place rounding per quantizer, every file scored under it
         _score_quantizer(lm, quantizer, scored, args)
     for row, parts, _, _ in scored:

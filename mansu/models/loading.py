@@ -1,7 +1,16 @@
 """Load any local HF causal-LM folder or hub id: fp32/bf16, cpu/cuda/auto, safetensors only, finite weights only.
 
-`device="auto"` uses accelerate's `device_map="auto"`, which spreads a model larger than one GPU
-over all visible GPUs (and the CPU). `trust_remote_code` is off unless the caller turns it on.
+dtype "auto" (the default) is bf16 when the model goes to a GPU (device cuda, or auto with a GPU visible) and fp32
+on the CPU.
+
+`device="auto"` spreads the model over every visible GPU and the CPU with accelerate: the device map is planned
+first on an empty (meta) model with `infer_auto_device_map` (optionally under `max_memory`), and that exact map is
+loaded.  A plan that offloads modules (to "disk", or to "cpu" next to a GPU, where accelerate keeps the weights
+off the module and streams them in per forward) is refused before any weight loads, with one line saying how
+much the model needs, unless the caller allows offload (`allow_offload`, forward-only uses such as evaluation):
+mansu writes unlearning updates into parameters in place and cannot update offloaded weights.  Without offload,
+each parameter lives on its own device and every mansu write lands there (mansu.unlearn.params).
+`trust_remote_code` is off unless the caller turns it on.
 """
 
 from __future__ import annotations
@@ -24,12 +33,22 @@ class LoadedModel:
     name: str         # the path or hub id it came from
 
 
-def _torch_dtype(dtype: str):
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """"fp32" or "bf16": dtype "auto" is bf16 when the model goes to a GPU, fp32 on the CPU."""
     import torch
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: accepted are {', '.join(DTYPES)}")
-    return torch.float32 if dtype == "fp32" else torch.bfloat16
+    if dtype != "auto":
+        return dtype
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "bf16" if on_gpu else "fp32"
+
+
+def torch_dtype(dtype: str, device: str = "cpu"):
+    import torch
+
+    return torch.float32 if resolve_dtype(dtype, device) == "fp32" else torch.bfloat16
 
 
 def _device_kwargs(device: str) -> dict[str, Any]:
@@ -39,9 +58,44 @@ def _device_kwargs(device: str) -> dict[str, Any]:
         raise ValueError(f"unknown device {device!r}: accepted are {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu")
-    if device == "auto":
-        return {"device_map": "auto"}
     return {"device_map": {"": device}} if device == "cuda" else {}
+
+
+def plan_device_map(config, dtype, *, max_memory: dict | None = None, trust_remote_code: bool = False) -> dict:
+    """accelerate's device map for the model of `config` in `dtype` (planned on empty weights, nothing loaded)."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    empty.tie_weights()
+    return infer_auto_device_map(empty, max_memory=max_memory, no_split_module_classes=empty._no_split_modules or [],
+                                 dtype=dtype)
+
+
+def offloaded_modules(device_map: dict) -> list[str]:
+    """Modules a device map offloads: on "disk", or on "cpu" while a GPU holds the rest (accelerate then streams
+    their weights in per forward and leaves the parameters on the meta device)."""
+    gpu = any(d not in ("cpu", "disk") for d in device_map.values())
+    return [m for m, d in device_map.items() if d == "disk" or (d == "cpu" and gpu)]
+
+
+def check_no_offload(config, dtype, device_map: dict, name: str) -> None:
+    """ValueError (one line, before any weight loads) when `device_map` offloads modules."""
+    off = offloaded_modules(device_map)
+    if not off:
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    need = sum(p.numel() * p.element_size() for p in empty.parameters()) / 2 ** 30
+    where = sorted({str(device_map[m]) for m in off})
+    raise ValueError(f"{name}: device 'auto' would offload {len(off)} of {len(device_map)} modules to "
+                     f"{' and '.join(where)} (the model needs {need:.2f} GiB of weights); mansu writes unlearning "
+                     "updates into parameters in place and cannot update offloaded weights: use --dtype bf16, "
+                     "a device with more memory, or a smaller model")
 
 
 def load_config(name_or_path: str, *, trust_remote_code: bool = False):
@@ -72,9 +126,14 @@ def require_causal_lm(config, name: str) -> None:
                          "mansu needs an AutoModelForCausalLM architecture (Llama, Qwen, Gemma, Mistral, GPT-2, ...)")
 
 
-def load_model(name_or_path: str | Path, *, dtype: DType = "fp32", device: Device = "cpu",
-               trust_remote_code: bool = False, tokenizer: str | None = None) -> LoadedModel:
+def load_model(name_or_path: str | Path, *, dtype: DType = "auto", device: Device = "cpu",
+               trust_remote_code: bool = False, tokenizer: str | None = None, max_memory: dict | None = None,
+               allow_offload: bool = False, offload_folder: str | Path | None = None) -> LoadedModel:
     """Load model and tokenizer in eval mode; weights from safetensors only, all finite (else ValueError).
+
+    device "auto": the planned device map (under `max_memory`, accelerate's format: {0: "20GiB", "cpu": "60GiB"})
+    must not offload unless `allow_offload` (then disk-offloaded weights go to `offload_folder`); see the module
+    docstring.
 
     `tokenizer`: None = AutoTokenizer on the model folder; "fast" = the model's tokenizer.json exactly as saved
     (PreTrainedTokenizerFast: AutoTokenizer may rebuild a saved word-level tokenizer as the architecture's BPE);
@@ -82,13 +141,18 @@ def load_model(name_or_path: str | Path, *, dtype: DType = "fp32", device: Devic
     from transformers import AutoModelForCausalLM
 
     name = str(name_or_path)
-    torch_dtype, placement = _torch_dtype(dtype), _device_kwargs(device)
+    weights_dtype, placement = torch_dtype(dtype, device), _device_kwargs(device)
     validate_tokenizer_choice(tokenizer)  # before the (possibly 8B) weights load
     config = load_config(name, trust_remote_code=trust_remote_code)
     require_causal_lm(config, name)
+    if device == "auto":
+        plan = plan_device_map(config, weights_dtype, max_memory=max_memory, trust_remote_code=trust_remote_code)
+        if not allow_offload:
+            check_no_offload(config, weights_dtype, plan, name)
+        placement = {"device_map": plan, **({"offload_folder": str(offload_folder)} if offload_folder else {})}
     source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=weights_dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code, **placement)
         tok = load_tokenizer(source, tokenizer, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -96,7 +160,7 @@ def load_model(name_or_path: str | Path, *, dtype: DType = "fp32", device: Devic
                          "mansu loads safetensors weights only") from None
     check_finite_weights(model, name)
     model.eval()
-    log.info("loaded %s (%s, %s)", name, dtype, device)
+    log.info("loaded %s (%s, %s)", name, resolve_dtype(dtype, device), device)
     return LoadedModel(model=model, tokenizer=tok, name=name)
 
 

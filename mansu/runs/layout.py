@@ -10,11 +10,14 @@
         stages.json            finished stages (resume starts after the last one)
         attribution/<stage>.json, <stage>.safetensors   graph per stage (before, after_fp, after_nf4)
         attribution/<stage>.circuit-tracer.json          the same in circuit-tracer's shape (circuit edges)
-        circuit.json, circuit_masks.safetensors          the selected circuit and the parameter masks it owns
+        circuit.json           the selected circuit and, per node, the parameter slices it owns (the masks)
+        circuit_masks.safetensors                        full-shape masks (runs made before per-node masks only)
+        inherited.json         a --from-run child's pointer to its parent's artifacts (resolved by the store)
         cad.json               CAD before vs after (fp and NF4), with intervals and per-edge contributions
         survival.json          survival of the update under NF4 (histograms, per layer)
         update.safetensors     the update delta and bin widths of updated parameters (floor preview)
-        model/                 the unlearned model (save_pretrained), when saved
+        model_update.safetensors  the unlearned model as touched coordinates + values over the base (mansu export)
+        model/                 the unlearned model (save_pretrained), only with --save-model
 """
 
 from pathlib import Path
@@ -32,6 +35,8 @@ CIRCUIT_MASKS = "circuit_masks.safetensors"
 CAD = "cad.json"
 SURVIVAL = "survival.json"
 UPDATE = "update.safetensors"
+MODEL_UPDATE = "model_update.safetensors"
+INHERITED = "inherited.json"
 MODEL_DIR = "model"
 
 ATTRIBUTION_STAGES = ("before", "after_fp", "after_nf4")

@@ -8,6 +8,9 @@ Readers are total: a folder whose config.json or status.json is missing, unreada
 wrong shape, or whose metrics.json, cad.json or scorecard.json has the wrong shape, loads as state "corrupt" with
 the reason, and every other run still lists. metrics.json and cad.json have one writer and one typed reader each
 here (`update_metrics`/`read_metrics`, `write_cad`/`read_cad`); scorecard.json's pair lives in mansu.scorecard.
+
+A --from-run child does not copy its parent's circuit and "before" graph: its inherited.json points at them
+(`inherit_artifacts`) and `artifact(run, name)` resolves a run's file through that pointer for every reader.
 """
 
 from __future__ import annotations
@@ -391,6 +394,38 @@ def list_runs(root: Path | None = None) -> list[RunSummary]:
 def delete_run(run_id: str, root: Path | None = None) -> None:
     """Remove a run folder (validated id only)."""
     shutil.rmtree(run_dir(run_id, root))
+
+
+# ---------------------------------------------------------------- artifacts a --from-run child shares with its parent
+
+def inherit_artifacts(parent: Path, run: Path, names: list[str]) -> list[str]:
+    """Point `run` at `parent`'s artifacts `names` (paths relative to the run folder) instead of copying them:
+    inherited.json lists them; `artifact` resolves them.  Returns the names the parent has."""
+    parent, run = Path(parent), Path(run)
+    present = [name for name in names if artifact(parent, name).is_file()]
+    write_json_atomic(run / layout.INHERITED, {"from_run": parent.name, "files": present}, add_stamp=True)
+    return present
+
+
+def artifact(run: Path, name: str | Path) -> Path:
+    """The file `name` of a run (relative to its folder, or a path inside it): the run's own when it has one,
+    else its parent's when inherited.json lists it (a chain of --from-run children is followed), else the run's
+    own (missing) path.  Every reader of a run's files goes through this."""
+    run = Path(run)
+    rel = Path(name).relative_to(run) if Path(name).is_absolute() else Path(name)
+    own = run / rel
+    seen = {run.resolve()}
+    while not (run / rel).is_file():
+        pointer = _read_object_or_empty(run / layout.INHERITED)
+        parent_id = pointer.get("from_run")
+        if not isinstance(parent_id, str) or rel.as_posix() not in pointer.get("files", []) or \
+                not _RUN_ID.fullmatch(parent_id):
+            return own
+        run = run.parent / parent_id
+        if run.resolve() in seen:  # a hand-made cycle: stop
+            return own
+        seen.add(run.resolve())
+    return run / rel
 
 
 def read_config(run: Path) -> dict[str, Any]:

@@ -1,13 +1,24 @@
-"""The flat view of a model's updatable coordinates (a parameter mask per name) and the one parameter writer.
+"""The flat view of a model's updatable coordinates (a parameter mask per name), the parameter writers and the
+restore buffer that lets the unlearning write into the loaded base itself (one model copy at rest).
 
 `ParamIndex` maps the True entries of {name: BoolTensor} masks to one flat vector, so the projection, the
 Fisher bound and the floor work on a vector of the circuit's n coordinates (memory k x n, never k x all).
-`apply_update` is the only function in mansu that writes into model parameters.
+This module is the only place in mansu that writes into model parameters (besides base alignment,
+mansu.unlearn.nf4_model): `apply_update` adds a delta, `put_values` writes stored values (restore, rebuild).
+
+While `recording(model)` is active, every write first saves the base value of each coordinate it touches for the
+first time (`BaseRestore`, per tensor, on the parameter's own device), so `BaseRestore.revert` puts the base back
+bit-exactly.  Restore buffer: 8 B (int64 flat index) + the parameter's dtype (2 B bf16, 4 B fp32) per touched
+coordinate, i.e. 10 B (bf16) / 12 B (fp32); a tensor touched so densely that this exceeds a plain copy is kept as
+a copy instead (2 B / 4 B per element of that tensor, no index).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -93,18 +104,167 @@ def full_masks(model, names: list[str] | None = None) -> dict[str, torch.Tensor]
 def apply_update(model, index: ParamIndex, delta: torch.Tensor) -> None:
     """theta[coords of index] += delta (flat [n], in each parameter's dtype and device).
 
-    The ONE place in mansu that writes into model parameters (the engine, SSD and base alignment all call it).
+    The one additive parameter writer in mansu (the engine and SSD call it); each write lands on the parameter's
+    own device, and a parameter accelerate offloaded (device "meta") is refused with one line.
     """
     params = dict(model.named_parameters())
+    restore = _RECORDERS.get(model)
     for name, idx, off in zip(index.names, index.flat_idx, index.offsets()):
         p = params[name]
         d = delta[off: off + idx.numel()]
-        if not bool((d != 0).any()):
+        nonzero = d != 0
+        if not bool(nonzero.any()):
             continue
-        if idx.numel() == p.numel():
+        _require_in_memory(name, p)
+        full = idx.numel() == p.numel()
+        if restore is not None:
+            restore.save(name, p, None if full and bool(nonzero.all()) else idx[nonzero.to(idx.device)])
+        if full:
             p.view(-1).add_(d.to(device=p.device, dtype=p.dtype))
         else:
             p.view(-1).index_add_(0, idx.to(p.device), d.to(device=p.device, dtype=p.dtype))
+
+
+@torch.no_grad()
+def put_values(model, values: dict[str, tuple[torch.Tensor | None, torch.Tensor]]) -> None:
+    """theta[name][idx] = value for {name: (flat long idx or None for the whole tensor, values)}: writes stored
+    values exactly (no add, so no rounding), on each parameter's own device.  Recorded like `apply_update`."""
+    params = dict(model.named_parameters())
+    restore = _RECORDERS.get(model)
+    for name, (idx, value) in values.items():
+        if name not in params:
+            raise ValueError(f"update names unknown parameter {name!r}; the base model does not have it")
+        p = params[name]
+        _require_in_memory(name, p)
+        if restore is not None:
+            restore.save(name, p, idx)
+        if idx is None:
+            p.copy_(value.reshape(p.shape).to(device=p.device, dtype=p.dtype))
+        else:
+            p.view(-1)[idx.to(device=p.device, dtype=torch.long)] = value.to(device=p.device, dtype=p.dtype)
+
+
+def _require_in_memory(name: str, p: torch.Tensor) -> None:
+    if p.device.type == "meta":
+        raise ValueError(f"parameter {name} is offloaded by accelerate (device_map put it on disk or CPU offload); "
+                         "mansu writes updates into parameters in place and cannot update offloaded weights: give "
+                         "the devices more memory or use --device cpu/cuda")
+
+
+@dataclass
+class BaseRestore:
+    """The base values of every coordinate written while recording: {name: (sorted int64 flat idx on the
+    parameter's device, or None for a whole-tensor copy; base values in the parameter's dtype)}.
+
+    Bytes per touched coordinate: 8 (index) + 2 (bf16) or 4 (fp32); whole-tensor copies 2 or 4 per element."""
+    saved: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def save(self, name: str, p: torch.Tensor, idx: torch.Tensor | None) -> None:
+        """Keep the current (base) values of `p` at `idx` (None: every coordinate) not saved before."""
+        flat = p.detach().view(-1)
+        old = self.saved.get(name)
+        if old is not None and old[0] is None:
+            return
+        if idx is None:
+            self.saved[name] = (None, self._whole(flat, old))
+            return
+        idx = idx.to(device=p.device, dtype=torch.long)
+        if old is not None:
+            idx = idx[~torch.isin(idx, old[0])]
+            if not idx.numel():
+                return
+            idx, vals = torch.cat([old[0], idx]), torch.cat([old[1], flat[idx]])
+        else:
+            vals = flat[idx].clone()
+        if idx.numel() * (8 + flat.element_size()) >= flat.numel() * flat.element_size():
+            self.saved[name] = (None, self._whole(flat, (idx, vals)))
+            return
+        order = torch.argsort(idx)
+        self.saved[name] = (idx[order], vals[order])
+
+    @staticmethod
+    def _whole(flat: torch.Tensor, old: tuple[torch.Tensor | None, torch.Tensor] | None) -> torch.Tensor:
+        """A copy of the tensor's base values: the current values with the already-saved base ones put back."""
+        whole = flat.clone()
+        if old is not None:
+            whole[old[0]] = old[1]
+        return whole
+
+    def touched(self) -> dict[str, torch.Tensor | None]:
+        """{name: sorted flat indices written (None: the whole tensor)}."""
+        return {name: idx for name, (idx, _) in self.saved.items()}
+
+    def base_tensor(self, name: str, current: torch.Tensor) -> torch.Tensor:
+        """The base value of parameter `name` given its current value (a new tensor when `name` was written)."""
+        if name not in self.saved:
+            return current.detach()
+        idx, vals = self.saved[name]
+        if idx is None:
+            return vals.view(current.shape)
+        base = current.detach().clone()
+        base.view(-1)[idx] = vals
+        return base
+
+    def base_view(self, model, names: Sequence[str]) -> Mapping[str, torch.Tensor]:
+        """{name: base value} for `names`, built one tensor at a time on access (CPU), never all at once."""
+        return _BaseView(self, dict(model.named_parameters()), tuple(names))
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() + (0 if i is None else i.numel() * 8) for i, v in self.saved.values())
+
+    def revert(self, model) -> None:
+        """Write the saved base values back (bit-exact) and forget them."""
+        saved, self.saved = self.saved, {}
+        with _paused(model):
+            put_values(model, saved)
+
+
+class _BaseView(Mapping):
+    def __init__(self, restore: BaseRestore, params: dict[str, torch.Tensor], names: tuple[str, ...]):
+        self.restore, self.params, self.names = restore, params, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.restore.base_tensor(name, self.params[name]).cpu()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+_RECORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its active BaseRestore
+
+
+@contextlib.contextmanager
+def recording(model, restore: BaseRestore | None = None) -> Iterator[BaseRestore]:
+    """Save the base value of every coordinate written into `model` inside the block (see `BaseRestore`)."""
+    restore = restore if restore is not None else BaseRestore()
+    previous = _RECORDERS.get(model)
+    _RECORDERS[model] = restore
+    try:
+        yield restore
+    finally:
+        _set(model, previous)
+
+
+@contextlib.contextmanager
+def _paused(model) -> Iterator[None]:
+    previous = _RECORDERS.pop(model, None)
+    try:
+        yield
+    finally:
+        _set(model, previous)
+
+
+def _set(model, restore: BaseRestore | None) -> None:
+    if restore is None:
+        _RECORDERS.pop(model, None)
+    else:
+        _RECORDERS[model] = restore
 
 
 def sub_index(index: ParamIndex, positions: torch.Tensor) -> tuple[ParamIndex, torch.Tensor]:

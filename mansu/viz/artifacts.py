@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mansu.runs import layout
+from mansu.runs.store import artifact
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def load_graph(run_dir: Path, stage: str) -> GraphData | None:
     """The attribution graph of one stage (before, after_fp, after_nf4), or None when missing."""
     if stage not in layout.ATTRIBUTION_STAGES:
         raise ValueError(f"unknown attribution stage {stage!r}: accepted are {', '.join(layout.ATTRIBUTION_STAGES)}")
-    data = read_json_or_none(layout.attribution_json(Path(run_dir), stage))
+    data = read_json_or_none(artifact(run_dir, layout.attribution_json(Path(run_dir), stage)))  # --from-run: parent's
     if data is None:
         return None
     try:
