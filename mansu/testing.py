@@ -203,3 +203,42 @@ def write_sample_update(path: Path, rng: np.random.Generator, n: int = 20_000) -
                v in arrays.items()}
     tensors["__epsilon__"] = torch.tensor([0.5])
     write_safetensors_atomic(path, tensors)
+
+
+def write_large_graph_run(root: Path, n_layers: int = 32, n_heads: int = 32, *, seed: int = 0,
+                          max_links: int = 2000, n_circuit: int = 200, grow_fraction: float = 0.001) -> Path:
+    """A finished run whose three attribution stages are random dense graphs on an n_layers x n_heads layout (32 x 32:
+    543k edges, an 8B model's size) saved as the pipeline saves them (`save_graph`: JSON with the `max_links` largest
+    links, every edge in the safetensors), with a circuit of the `n_circuit` strongest before-edges. After
+    unlearning, every edge halves, one circuit edge in five flips, and a `grow_fraction` of all edges gains a random
+    score (attribution moving outside the circuit)."""
+    import torch
+
+    from mansu.attribution.circuit import Circuit
+    from mansu.attribution.eap import AttributionGraph
+    from mansu.attribution.edges import top_order, valid_matrix
+    from mansu.attribution.serialize import save_graph
+    from mansu.models.components import head_name
+
+    blocks = [name for layer in range(n_layers) for name in [*(head_name(layer, h) for h in range(n_heads)),
+                                                              f"m{layer}"]]
+    upstream, downstream = ["input", *blocks], [*blocks, "logits"]      # ModelLayout.upstream/downstream_nodes
+    valid = valid_matrix(upstream, downstream)
+    gen = torch.Generator().manual_seed(seed)
+    before = torch.randn(valid.shape, generator=gen) * torch.empty(valid.shape).exponential_(1.0, generator=gen) * valid
+    us, vs = torch.nonzero(valid, as_tuple=True)
+    strongest = top_order(before, valid)[:n_circuit]
+    circuit = Circuit([(upstream[int(us[e])], downstream[int(vs[e])]) for e in strongest], "top-n", None)
+    factor = torch.full(valid.shape, 0.5)
+    factor[us[strongest[::5]], vs[strongest[::5]]] = -0.3                        # one circuit edge in five flips
+    grow = torch.rand(valid.shape, generator=gen) < grow_fraction
+    after = before * factor + grow * valid * torch.randn(valid.shape, generator=gen)
+    spec = {"model": "synthetic", "unlearn": {"method": "mansu", "kappa": 1.0}, "base_alignment": "nf4-grid"}
+    run = create_run({"kind": "unlearn", "method": "mansu", "spec": spec}, f"large-{n_layers}x{n_heads}", root)
+    meta = {"n_layers": n_layers, "n_heads": n_heads, "metric": "logit_diff", "corruption": "synthetic"}
+    for stage, scores in (("before", before), ("after_fp", after), ("after_nf4", after * 1.05)):
+        graph = AttributionGraph(upstream, downstream, scores, valid, torch.zeros(1), torch.zeros(1), None, meta)
+        save_graph(graph, run, stage, circuit=circuit, max_links=max_links)
+    write_json_atomic(run / layout.CIRCUIT, circuit.to_dict(), add_stamp=True)
+    write_status(run, "done", 1, 1, state="finished")
+    return run

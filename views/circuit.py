@@ -1,17 +1,34 @@
-"""Circuit: the layered attribution graph of the selected run, by stage, with pruning controls,
-a pinned node and its edges, and PNG / SVG / JSON export."""
+"""Circuit: the layered attribution graph of the selected run, by stage, pruned on the server (top-k edges by
+|score|, the pruned mass reported, a layer's heads grouped when the graph has hundreds of nodes) and drawn in WebGL;
+node search and pinning; the diff of any two stages or runs on one layout with the CAD split; exports of the whole
+graph and of the drawn subgraph (circuit-tracer JSON, CSV with node labels, PNG / SVG)."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from mansu.launch import exports_dir
 from mansu.runs import layout
 from mansu.runs.store import artifact
-from mansu.viz.circuit import circuit_figure, node_edges
+from mansu.viz.circuit import SPLIT_RULE, circuit_figure, graph_diff_figure, node_edges
+from mansu.viz.graph_ops import (
+    GROUP_NODE_LIMIT,
+    align,
+    cad_split,
+    circuit_edges_of,
+    group_by_layer,
+    node_label,
+    node_split,
+    prune,
+    search_nodes,
+    subgraph_csv,
+    subgraph_tracer_json,
+)
 from mansu.viz.report import export_images
-from ui.state import load_graph, load_json, not_computed, page_preamble, require_run
+from ui.state import load_graph, load_json, not_computed, page_preamble, require_run, run_name
 
 sel = page_preamble("Circuit")
 run = require_run(sel)
@@ -19,37 +36,125 @@ if run is None:
     st.stop()
 
 STAGE_LABELS = {"before": "before", "after_fp": "after (fp)", "after_nf4": "after (NF4)"}
+VIEWS = {"graph": "one graph", "diff": "diff of two graphs"}
+view = st.radio("view", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="circuit-view")
+
+
+def circuit_edges(r, graph) -> list[tuple[str, str]]:
+    """The run's selected circuit (circuit.json, else the graph's own, else the edges CAD was measured on)."""
+    cad = load_json(r, layout.CAD) or {}
+    return circuit_edges_of(load_json(r, layout.CIRCUIT), graph.meta if graph is not None else None,
+                            *(v for v in cad.values() if isinstance(v, dict)))
+
+
+def diff_view() -> None:
+    runs = {run.run_id: run, **({sel.compare.run_id: sel.compare} if sel.compare else {})}
+    st.caption("Both graphs on one fixed layout (positions depend only on node names). Pick a comparison run in "
+               "the sidebar to diff two runs.")
+    cols = st.columns(4)
+    run_a = cols[0].selectbox("graph A: run", list(runs), format_func=lambda i: run_name(runs[i]), key="diff-run-a")
+    stage_a = cols[1].selectbox("graph A: stage", list(STAGE_LABELS), format_func=STAGE_LABELS.get, key="diff-a")
+    run_b = cols[2].selectbox("graph B: run", list(runs), format_func=lambda i: run_name(runs[i]), key="diff-run-b")
+    stage_b = cols[3].selectbox("graph B: stage", list(STAGE_LABELS), index=1, format_func=STAGE_LABELS.get,
+                                key="diff-b")
+    a, b = load_graph(runs[run_a], stage_a), load_graph(runs[run_b], stage_b)
+    for g, r, s in ((a, run_a, stage_a), (b, run_b, stage_b)):
+        if g is None:
+            not_computed(f"attribution graph '{STAGE_LABELS[s]}'", runs[r])
+    if a is None or b is None:
+        return
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 3])
+    colour = c1.radio("edge colour", ["change", "split"], key="diff-colour", horizontal=True,
+                      format_func=lambda c: "signed change" if c == "change" else "CAD split")
+    relative = c2.toggle("relative change", key="diff-relative", help="(B − A) / |A|, clipped at ±200%")
+    top_n = c3.slider("top-k edges by |change|", 10, 2000, 300, step=10, key="diff-topn")
+    query = c4.text_input("search nodes", key="diff-search", placeholder="e.g. a1.h3 or m0")
+    diff = align(a, b, circuit_edges(runs[run_a], a))
+    split = cad_split(diff)
+    m = st.columns(4)
+    m[0].metric("CAD (A → B)", f"{split.cad:.3g}", help="over graph A's run's circuit edges (mansu.attribution.cad)")
+    m[1].metric("shrinkage part", f"{split.shrinkage:.3g}", help="|S−T|/(S+T): CAD's lower bound")
+    m[2].metric("rerouting part", f"{split.rerouting:.3g}", help="CAD − shrinkage: sign flips and redistribution")
+    m[3].metric("gain outside the circuit", f"{split.outside_gain:.3g}",
+                help="Σ max(|t|−|s|, 0) over edges outside the circuit, /(S+T): rerouting CAD does not see")
+    if not diff.in_circuit.any():
+        st.info("No circuit edges found for graph A's run (circuit.json): the CAD split is 0.")
+    fig = graph_diff_figure(diff, colour=colour, relative=relative, top_n=top_n, split=split,
+                            highlight=search_nodes(diff.names, query),
+                            title=f"{run_name(runs[run_b])} {STAGE_LABELS[stage_b]} vs "
+                                  f"{run_name(runs[run_a])} {STAGE_LABELS[stage_a]}")
+    st.plotly_chart(fig, key="circuit-diff-chart", width="stretch", config={"scrollZoom": True})
+    st.caption("Width = |change| (absolute, or relative to |A|); colour = the sign of the change (green up, purple "
+               "down) or, in CAD split mode, the edge's class. " + SPLIT_RULE)
+    rows = node_split(diff, split)
+    if rows:
+        st.caption("CAD split per node (each circuit edge counts at both of its ends)")
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+
+if view == "diff":
+    diff_view()
+    st.stop()
+
 stage = st.radio("stage", list(STAGE_LABELS), format_func=STAGE_LABELS.get, horizontal=True, key="circuit-stage")
 graph = load_graph(run, stage)
 if graph is None:
     not_computed(f"attribution graph '{STAGE_LABELS[stage]}'", run)
     st.stop()
 
-c1, c2, c3 = st.columns([2, 2, 3])
-top_n = c1.slider("top-n edges by |score|", 10, 2000, min(300, max(10, graph.n_edges)), step=10, key="circuit-topn")
+c1, c2, c3, c4 = st.columns([2, 2, 2, 3])
+top_n = c1.slider("top-k edges by |score|", 10, 2000, min(300, max(10, graph.n_edges)), step=10, key="circuit-topn")
 threshold = c2.number_input("|score| threshold", min_value=0.0, value=0.0, format="%.4g", key="circuit-threshold")
-pin_options = ["(none)", *graph.names]
-pinned = c3.selectbox("pin node (or click one)", pin_options, key="circuit-pin")
+many = len(graph.names) > GROUP_NODE_LIMIT
+grouped = c3.toggle("group heads per layer", value=many, key=f"circuit-group-{many}",
+                    help=f"on by default above {GROUP_NODE_LIMIT} nodes: one node per layer's heads, edges summed")
+query = c4.text_input("search nodes", key="circuit-search", placeholder="e.g. a3.h7, m12 or a3.")
+matches = search_nodes(graph.names, query)
+pin_options = ["(none)", *(matches if query else graph.names)]
+if query and query != st.session_state.get("_circuit-searched") and matches and (
+        len(matches) == 1 or matches[0].lower() == query.strip().lower()):
+    st.session_state["circuit-pin"] = matches[0]          # a new search naming one node pins it
+st.session_state["_circuit-searched"] = query
+if st.session_state.get("circuit-pin") not in pin_options:
+    st.session_state["circuit-pin"] = "(none)"
+pinned = st.selectbox("pin node (or click one)", pin_options, key="circuit-pin",
+                      format_func=lambda n: n if n == "(none)" else f"{n} · {node_label(n)}")
+pinned = None if pinned == "(none)" else pinned
 
-fig = circuit_figure(graph, top_n=top_n, threshold=threshold, pinned=None if pinned == "(none)" else pinned,
-                     title=f"{STAGE_LABELS[stage]}: top {top_n} of {graph.n_edges} edges")
+drawn = group_by_layer(graph) if grouped else graph
+pruned = prune(drawn.weight, top_n, threshold)
+if query:
+    st.caption(f"search '{query}': {len(matches)} node(s)" + (f": {', '.join(matches[:12])}" if matches else "")
+               + ("…" if len(matches) > 12 else ""))
+st.caption(pruned.summary() + (f" · {len(graph.names):,} nodes grouped into {len(drawn.names)} (a layer's heads "
+                               f"as one node a{{L}}.*, edge scores summed)" if grouped else ""))
+highlight = sorted({n.split(".h")[0] + ".*" if grouped and ".h" in n else n for n in matches})
+fig = circuit_figure(drawn, top_n=top_n, threshold=threshold, pinned=pinned, highlight=highlight,
+                     full=graph if grouped else None,
+                     title=f"{STAGE_LABELS[stage]}: top {pruned.kept.shape[0]:,} of {drawn.n_edges:,} edges")
 chart_key = f"circuit-chart-{stage}"
 
 
 def _pin_clicked_node() -> None:
-    """on_select callback (runs before the rerun, so it may set the pin selectbox's state)."""
+    """on_select callback (runs before the rerun, so it may set the pin and search widgets' state): a node pins
+    itself; a grouped layer lists its heads in the search box."""
     event = st.session_state.get(chart_key)
     points = event.get("selection", {}).get("points", []) if event else []
     clicked = next((p.get("customdata") for p in points if isinstance(p.get("customdata"), str)), None)
     if clicked in graph.names:
+        st.session_state["circuit-search"] = ""
         st.session_state["circuit-pin"] = clicked
+    elif clicked and clicked.endswith(".*"):
+        st.session_state["circuit-search"] = clicked[:-1] + "h"
 
 
 st.plotly_chart(fig, key=chart_key, on_select=_pin_clicked_node, selection_mode="points", width="stretch",
                 config={"scrollZoom": True})
+st.caption("Heads ○, MLPs □, a layer's grouped heads ◇; outlined nodes are in the selected circuit. Hover an edge's "
+           "midpoint for its score. Blue edges support the answer (positive score), red oppose it.")
 
-if pinned != "(none)":
-    st.subheader(f"edges of {pinned}")
+if pinned:
+    st.subheader(f"edges of {pinned} ({node_label(pinned)})")
     left, right = st.columns(2)
     left.caption("incoming")
     left.dataframe(pd.DataFrame(node_edges(graph, pinned, "in")), hide_index=True, width="stretch")
@@ -82,3 +187,19 @@ if e2.button("prepare PNG and SVG", key="circuit-images"):
 for path in map(Path, st.session_state.get(images_key, [])):
     if path.is_file():
         st.download_button(f"download {path.name}", path.read_bytes(), file_name=path.name, key=f"dl-{path.name}")
+
+# the drawn subgraph, always on real nodes: the top-k edges of the ungrouped graph, plus the pinned node's edges
+sub = prune(graph.weight, top_n, threshold).kept
+if pinned:
+    at = graph.index()[pinned]
+    own = ((graph.src == at) | (graph.dst == at)) & (abs(graph.weight) >= threshold)
+    own[sub] = False
+    sub = np.concatenate([sub, own.nonzero()[0]])
+st.caption(f"subgraph: {len(sub):,} edges (the top {top_n:,} by |score| of the ungrouped graph"
+           + (f", plus every edge of {pinned}" if pinned else "") + "), with node labels")
+s1, s2 = st.columns(2)
+slug = f"{run.run_id}-{stage}-top{top_n}"
+s1.download_button("subgraph: circuit-tracer JSON", json.dumps(subgraph_tracer_json(graph, sub, slug=slug)),
+                   file_name=f"{slug}.circuit-tracer.json", mime="application/json", key="circuit-sub-tracer")
+s2.download_button("subgraph: CSV", subgraph_csv(graph, sub, circuit_edges(run, graph)), file_name=f"{slug}.csv",
+                   mime="text/csv", key="circuit-sub-csv")

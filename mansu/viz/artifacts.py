@@ -101,9 +101,11 @@ def graph_from_dict(data: dict[str, Any]) -> GraphData:
     names = [str(n.get("name", n.get("id", n.get("node_id")))) for n in nodes]
     links = data.get("links", data.get("edges", []))
     edges = [_edge_fields(link) for link in links]
+    known = set(names)
     for s, d, _ in edges:  # edges may name nodes absent from the node list
         for name in (s, d):
-            if name not in names:
+            if name not in known:
+                known.add(name)
                 names.append(name)
                 nodes.append({"name": name})
     meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
@@ -122,14 +124,52 @@ def graph_from_dict(data: dict[str, Any]) -> GraphData:
     )
 
 
+def with_dense_edges(graph: GraphData, upstream: list[str], downstream: list[str], scores: Any,
+                     valid: Any) -> GraphData:
+    """`graph` with every edge of the dense [U, V] `scores` where `valid` (row-major, as
+    `mansu.attribution.edges.edge_index` lists them): the JSON's links may hold only the largest (save_graph's
+    max_links), the tensors hold all. Node names not in `graph` raise ValueError."""
+    from mansu.attribution.edges import edge_index
+
+    at = graph.index()
+    missing = sorted((set(upstream) | set(downstream)) - set(at))
+    if missing:
+        raise ValueError(f"dense graph names nodes absent from its JSON: {missing[:5]}")
+    us, vs = edge_index(valid.bool())
+    up = np.array([at[n] for n in upstream], dtype=np.int64)
+    down = np.array([at[n] for n in downstream], dtype=np.int64)
+    return GraphData(graph.names, graph.layers, graph.scores, graph.params, up[us.numpy()], down[vs.numpy()],
+                     scores[us, vs].double().numpy(), graph.in_circuit, graph.meta)
+
+
+def _dense_tensors(run_dir: Path, stage: str) -> tuple[Any, Any] | None:
+    """(scores, valid) of a stage's safetensors, without its per-example scores; None when absent or unreadable."""
+    path = artifact(run_dir, layout.attribution_tensors(Path(run_dir), stage))
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("scores"), f.get_tensor("valid")
+    except Exception as exc:  # a torn or foreign file: fall back to the JSON's links
+        log.warning("could not read %s: %s", path, exc)
+        return None
+
+
 def load_graph(run_dir: Path, stage: str) -> GraphData | None:
-    """The attribution graph of one stage (before, after_fp, after_nf4), or None when missing."""
+    """The attribution graph of one stage (before, after_fp, after_nf4), or None when missing. Edges come from the
+    stage's dense safetensors when it has one (every edge, however many links the JSON kept), else the JSON."""
     if stage not in layout.ATTRIBUTION_STAGES:
         raise ValueError(f"unknown attribution stage {stage!r}: accepted are {', '.join(layout.ATTRIBUTION_STAGES)}")
     data = read_json_or_none(artifact(run_dir, layout.attribution_json(Path(run_dir), stage)))  # --from-run: parent's
     if data is None:
         return None
     try:
+        dense = _dense_tensors(run_dir, stage) if "upstream" in data and "downstream" in data else None
+        if dense is not None:
+            nodes_only = graph_from_dict({**data, "links": []})
+            return with_dense_edges(nodes_only, data["upstream"], data["downstream"], *dense)
         return graph_from_dict(data)
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("malformed graph %s/%s: %s", run_dir, stage, exc)

@@ -1,0 +1,146 @@
+"""Browser tests of the Circuit page (Chromium via Playwright, one streamlit server for the module, as in
+test_browser_app.py): a 543k-edge graph opens pruned and grouped, node search pins a node and draws its edges, the
+diff view shows the CAD split, and the drawn subgraph downloads as CSV and circuit-tracer JSON.
+
+With CI=true these tests never skip; elsewhere they skip only when chromium or playwright is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import test_browser_app as app_browser  # skips this module too where chromium or playwright is missing (not CI)
+from test_browser_app import _no_exception, _open, _serve
+
+browser, tab = app_browser.browser, app_browser.page   # the shared fixtures: a browser, a fresh tab per test
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS_SHOTS = REPO / "docs" / "screenshots"
+pytestmark = pytest.mark.timeout(300)
+
+# the drawn figure's edges: line traces of the pruned graph (NaN breaks, one per edge)
+_DRAWN = """() => { const gd = document.querySelector('.js-plotly-plot');
+    return gd._fullData.filter(t => t.mode === 'lines' && ['+', '-'].includes(t.legendgroup))
+        .reduce((n, t) => n + t.x.filter(v => v === null || Number.isNaN(v)).length, 0); }"""
+_TRACE_NAMES = "() => document.querySelector('.js-plotly-plot')._fullData.map(t => t.name || '')"
+
+
+@pytest.fixture(scope="module")
+def circuit_runs(tmp_path_factory):
+    """A home with the two sample runs, a 4-layer x 8-head run with flips and outside growth (the diff screenshot)
+    and a 32 x 32-head run (543k edges)."""
+    from mansu.testing import write_large_graph_run, write_sample_run
+
+    home = tmp_path_factory.mktemp("browser-circuit")
+    runs = home / "runs"
+    write_sample_run(runs, "mansu", seed=0, forget_after=0.3)
+    small = write_large_graph_run(runs, 4, 8, seed=1, n_circuit=60, max_links=5000, grow_fraction=0.05)
+    large = write_large_graph_run(runs, 32, 32, seed=0)
+    return home, runs, {"small": small.name, "large": large.name}
+
+
+@pytest.fixture(scope="module")
+def server(circuit_runs):
+    home, runs, _ = circuit_runs
+    with _serve(home, runs) as url:
+        yield url
+
+
+def _wait_chart(page) -> None:
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+    page.wait_for_function("() => { const gd = document.querySelector('.js-plotly-plot');"
+                           " return gd && gd._fullData && gd._fullData.length > 0; }", timeout=60_000)
+
+
+def _search(page, text: str) -> None:
+    box = page.get_by_label("search nodes")
+    box.fill(text)
+    box.press("Enter")
+
+
+def test_large_graph_opens_pruned_and_grouped(server, tab, circuit_runs):
+    _open(tab, f"{server}/circuit?run={circuit_runs[2]['large']}")
+    _wait_chart(tab)
+    summary = tab.get_by_text("edges drawn, carrying").first
+    summary.wait_for(timeout=60_000)
+    text = summary.inner_text()
+    from mansu.viz.artifacts import load_graph
+    from mansu.viz.graph_ops import group_by_layer
+
+    n_grouped = group_by_layer(load_graph(circuit_runs[1] / circuit_runs[2]["large"], "before")).n_edges
+    assert f"300 of {n_grouped:,} edges drawn" in text and "1,058 nodes grouped into 66" in text, text
+    assert tab.evaluate(_DRAWN) == 300                  # the default top-k, out of 543,281 edges grouped to 2,145
+    assert tab.evaluate("() => document.querySelector('.js-plotly-plot')._fullData.at(-1).x.length") == 66
+    tab.get_by_text("group heads per layer").click()    # ungrouped: the top-k of all 543,281 edges
+    tab.get_by_text("of 543,281 edges drawn").first.wait_for(timeout=60_000)
+    tab.wait_for_function("() => document.querySelector('.js-plotly-plot')._fullData.at(-1).x.length === 1058",
+                          timeout=60_000)
+    assert tab.evaluate(_DRAWN) == 300
+    tab.screenshot(path=str(REPO / "tests" / "_screenshots" / "circuit-large.png"), full_page=True)
+    _no_exception(tab)
+
+
+def test_node_search_pins_a_node_and_draws_its_edges(server, tab, circuit_runs):
+    _open(tab, f"{server}/circuit?run={circuit_runs[2]['large']}")
+    _wait_chart(tab)
+    _search(tab, "a5.h3")
+    tab.get_by_text("edges of a5.h3 (layer 5 head 3)").wait_for(timeout=60_000)
+    tab.wait_for_function(f"() => ({_TRACE_NAMES})().some(n => n.startsWith('edges of a5.h3'))", timeout=60_000)
+    names = tab.evaluate(_TRACE_NAMES)
+    assert any(n.startswith("search matches") for n in names), names
+    assert tab.get_by_text("search 'a5.h3': 3 node(s): a5.h3, a5.h30, a5.h31").count() == 1
+    tab.wait_for_function("() => document.querySelectorAll('[data-testid=\"stDataFrame\"]').length >= 2",
+                          timeout=60_000)                                     # its incoming and outgoing edges
+    _no_exception(tab)
+
+
+def test_diff_view_shows_the_cad_split_on_one_layout(server, tab, circuit_runs):
+    DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+    tab.set_viewport_size({"width": 1400, "height": 1900})      # the page scrolls inside streamlit: show it all
+    _open(tab, f"{server}/circuit?run={circuit_runs[2]['small']}")
+    tab.get_by_text("diff of two graphs").click()
+    tab.locator("[data-testid='stMetric']", has_text="CAD (A → B)").first.wait_for(timeout=60_000)
+    _wait_chart(tab)
+    cad = float(tab.locator("[data-testid='stMetric']", has_text="CAD (A → B)")
+                .locator("[data-testid='stMetricValue']").inner_text())
+    shrink = float(tab.locator("[data-testid='stMetric']", has_text="shrinkage part")
+                   .locator("[data-testid='stMetricValue']").inner_text())
+    reroute = float(tab.locator("[data-testid='stMetric']", has_text="rerouting part")
+                    .locator("[data-testid='stMetricValue']").inner_text())
+    assert 0 < shrink < cad and reroute > 0 and shrink + reroute == pytest.approx(cad, abs=2e-3)
+    groups = tab.evaluate("() => document.querySelector('.js-plotly-plot')._fullData.map(t => t.legendgroup)")
+    assert "Δ+" in groups and "Δ-" in groups
+    tab.screenshot(path=str(DOCS_SHOTS / "circuit-diff-change.png"), full_page=True)
+    tab.get_by_text("CAD split").first.click()
+    tab.wait_for_function("() => ['shrinkage', 'rerouting', 'grew outside circuit'].every(g => document"
+                          ".querySelector('.js-plotly-plot')._fullData.some(t => t.legendgroup === g))",
+                          timeout=60_000)
+    groups = set(tab.evaluate("() => document.querySelector('.js-plotly-plot')._fullData.map(t => t.legendgroup)"))
+    assert {"shrinkage", "rerouting", "grew outside circuit"} <= groups, tab.evaluate(_TRACE_NAMES)
+    tab.get_by_text("CAD split per node").wait_for(timeout=30_000)
+    tab.screenshot(path=str(DOCS_SHOTS / "circuit-diff.png"), full_page=True)
+    tab.get_by_text("relative change").click()
+    tab.wait_for_function("() => document.querySelector('.js-plotly-plot')._fullLayout.title.text"
+                          ".includes('relative change')", timeout=60_000)
+    _no_exception(tab)
+
+
+def test_subgraph_downloads_as_csv_and_circuit_tracer_json(server, tab, circuit_runs):
+    _open(tab, f"{server}/circuit?run={circuit_runs[2]['large']}")
+    _wait_chart(tab)
+    with tab.expect_download(timeout=60_000) as info:
+        tab.get_by_role("button", name="subgraph: CSV").click()
+    rows = list(csv.DictReader(io.StringIO(Path(info.value.path()).read_text())))
+    assert len(rows) == 300 and rows[0]["source_label"] and rows[0]["target_label"]
+    assert abs(float(rows[0]["score"])) >= abs(float(rows[-1]["score"]))
+    assert any(r["in_circuit"] == "True" for r in rows)             # the strongest edges are the circuit's
+    with tab.expect_download(timeout=60_000) as info:
+        tab.get_by_role("button", name="subgraph: circuit-tracer JSON").click()
+    data = json.loads(Path(info.value.path()).read_text())
+    assert len(data["links"]) == 300 and {"metadata", "qParams", "nodes", "links"} <= set(data)
+    assert all(" (" in node["clerp"] for node in data["nodes"])     # node name and its label
+    _no_exception(tab)
