@@ -1,17 +1,102 @@
 """Circuit-restricted null-space projection (after Geometric-Disentanglement Unlearning, 2025).
 
-With G = [g_1 .. g_k] the per-example retain-NLL gradients restricted to the circuit's coordinates (n x k)
-and Q an orthonormal basis of span(G) (reduced QR, columns with |R_jj| <= tol * max|R_jj| dropped):
+With G = [g_1 .. g_k]^T the per-example retain-NLL gradients restricted to the circuit's coordinates ([k, n]):
 
-    P(g) = g - Q (Q^T g)
+    P(g) = g - G^T (G G^T)^+ G g
 
-so <P(g), g_j> = 0 for every retain gradient: the retain loss is unchanged to first order by a step along P(g).
-P is idempotent and, working on the restricted vector, zero outside the circuit by construction.
+the orthogonal projection off span(g_1 .. g_k), so <P(g), g_j> = 0 for every retain gradient: the retain loss is
+unchanged to first order by a step along P(g).  P is idempotent and, working on the restricted vector, zero
+outside the circuit by construction.
+
+`RetainProjector` (the engine's projection) keeps the k gradients as they arrive, in bf16 by default, and works
+through the k x k Gram matrix G G^T (accumulated in fp64 over column chunks of CHUNK coordinates; the pseudo-
+inverse by an eigendecomposition, eigenvalues <= tol^2 * max dropped, i.e. singular values <= tol * max as the QR
+rule below, with tol raised to the storage dtype's epsilon: 2^-7 for bf16, where a smaller direction is rounding).
+It never forms an orthonormal basis, so nothing of size k x n is built besides the stored rows.
+
+    memory: k x n x 2 B (bf16 rows; 4 B with dtype=float32) + k x k; transient k x CHUNK x 8 B (fp64) per chunk
+    exactness: P is the exact orthogonal projection off the span of the *stored* rows (to fp32 tolerance): with
+    fp32 rows it equals the dense QR projection below; with bf16 rows it equals the QR projection (same tol) of the
+    bf16-rounded gradients, and differs from the fp32 one by the rounding (relative ~2^-8 of what is removed).
+
+The dense reference (`orthonormal_basis` + `project_off`): Q = reduced QR of G^T with columns whose |R_jj| <=
+tol * max|R_jj| dropped, P(g) = g - Q (Q^T g).  Memory k x n x 4 B for Q, with a construction peak of about
+3-4 x that (stacked rows, QR's transposed input and output, the column selection): ~256 B per coordinate at k=16
+against the projector's 32 B.  It is kept for tests and bench/projection_bench.py.
 """
 
 from __future__ import annotations
 
 import torch
+
+CHUNK = 1 << 18  # coordinates per column chunk of the Gram and the projection (k x CHUNK x 8 B fp64 transients)
+
+
+class RetainProjector:
+    """P(g) = g - G^T (G G^T)^+ G g over k stored retain gradients (rows of G in `dtype`, on the CPU, kept as
+    contiguous [k, CHUNK] column blocks so each block converts and multiplies at memory speed)."""
+
+    def __init__(self, n: int, k: int, *, dtype: torch.dtype = torch.bfloat16, tol: float = 1e-6):
+        self.n, self.k, self.count = n, k, 0
+        self.blocks = [torch.empty(k, min(CHUNK, n - lo), dtype=dtype) for lo in range(0, n, CHUNK)]
+        self.tol = max(tol, torch.finfo(dtype).eps)  # directions below the storage precision are rounding noise
+        # fp32 rows are the exact mode (conditioning up to 1/tol^2 = 1e12): fp64 arithmetic; bf16 rows: fp32
+        self.work = torch.float64 if dtype == torch.float32 else torch.float32
+        self.whiten: torch.Tensor | None = None  # U [k, r] with G^T U orthonormal, so (G G^T)^+ = U U^T
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, **kw) -> RetainProjector:
+        proj = cls(rows.shape[1], rows.shape[0], **kw)
+        for g in rows:
+            proj.add(g)
+        return proj.finish()
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.whiten is None else self.whiten.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        rows = sum(b.numel() * b.element_size() for b in self.blocks)
+        return rows + (0 if self.whiten is None else self.whiten.numel() * 8)
+
+    def add(self, g: torch.Tensor) -> None:
+        """Store one retain gradient (flat [n]) as the next row."""
+        if self.count >= self.k:
+            raise ValueError(f"projector holds {self.k} gradients; got one more")
+        flat = g.reshape(-1)
+        for lo, block in zip(range(0, self.n, CHUNK), self.blocks):
+            block[self.count].copy_(flat[lo: lo + block.shape[1]])
+        self.count += 1
+
+    def finish(self) -> RetainProjector:
+        """Drop unused rows, build the Gram matrix G G^T block by block (fp64) and U = V diag(lambda^-1/2)."""
+        if self.count < self.k:
+            self.blocks, self.k = [b[: self.count].clone() for b in self.blocks], self.count
+        gram = torch.zeros(self.k, self.k, dtype=torch.float64)
+        for block in self.blocks:
+            b = block.double()
+            gram += b @ b.T
+        evals, evecs = torch.linalg.eigh(gram)
+        keep = evals > self.tol ** 2 * evals.max().clamp(min=1e-300) if self.k else evals.bool()
+        self.whiten = evecs[:, keep] / evals[keep].sqrt()
+        return self
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        """P(g) for a flat g [n] (a new tensor, g's dtype)."""
+        if self.whiten is None:
+            raise RuntimeError("RetainProjector.finish() was not called")
+        if self.rank == 0:
+            return g.clone()
+        chunks = list(zip(range(0, self.n, CHUNK), self.blocks))
+        c = torch.zeros(self.k, dtype=torch.float64)  # G g
+        for lo, block in chunks:
+            c += (block.to(self.work) @ g[lo: lo + block.shape[1]].to(self.work)).double()
+        w = (self.whiten @ (self.whiten.T @ c)).to(self.work)  # (G G^T)^+ G g
+        out = g.clone()
+        for lo, block in chunks:
+            out[lo: lo + block.shape[1]] -= (block.to(self.work).T @ w).to(g.dtype)
+        return out
 
 
 def orthonormal_basis(gradients: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:

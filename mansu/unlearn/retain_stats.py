@@ -1,8 +1,9 @@
-"""Per-example retain gradients over the circuit's coordinates: the diagonal Fisher and the projection basis.
+"""Per-example retain gradients over the circuit's coordinates: the diagonal Fisher and the retain projector.
 
 One backward pass per example (N = max(k, n_fisher) examples): g_j = d NLL(x_j) / d theta restricted to the
-circuit (flat, [n]).  F = mean_j g_j^2 over all N; the basis is an orthonormal basis of the first k g_j.
-Memory: k x n for the basis plus n for F, n = the circuit's coordinates (never k x all parameters).
+circuit (flat, [n]).  F = mean_j g_j^2 over all N; the projector (mansu.unlearn.projection.RetainProjector) keeps
+the first k g_j, each stored as it arrives (no stack, no QR).
+Memory: k x n x 2 B (bf16 rows) + n x 4 B for F, n = the circuit's coordinates (never k x all parameters).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from mansu.devices import input_device
 from mansu.unlearn.data import TokenBatch
 from mansu.unlearn.objectives import nll_loss
 from mansu.unlearn.params import ParamIndex
-from mansu.unlearn.projection import orthonormal_basis
+from mansu.unlearn.projection import RetainProjector
 
 
 @dataclass(frozen=True)
 class RetainStats:
-    fisher: torch.Tensor  # [n]
-    basis: torch.Tensor   # [n, r], r <= k
+    fisher: torch.Tensor          # [n]
+    projector: RetainProjector    # P(g) = g - G^T (G G^T)^+ G g over the k retain gradients
     n_examples: int
 
 
@@ -42,19 +43,19 @@ def per_example_grads(model, batch: TokenBatch, index: ParamIndex, n: int, *, se
 
 
 def retain_statistics(model, retain: TokenBatch, index: ParamIndex, *, k: int, n_fisher: int,
-                      seed: int = 0) -> RetainStats:
-    """Diagonal Fisher over n_fisher retain examples and the orthonormal basis of k per-example gradients."""
+                      seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> RetainStats:
+    """Diagonal Fisher over n_fisher retain examples and the projector off k per-example gradients (stored in
+    `dtype`: bf16 by default, float32 for the projection that equals the dense QR one to fp32 tolerance)."""
     fisher = torch.zeros(index.numel)
-    rows: list[torch.Tensor] = []
+    projector = RetainProjector(index.numel, min(k, len(retain)), dtype=dtype)
     count = 0
     for j, g in per_example_grads(model, retain, index, max(k, n_fisher), seed=seed):
         if j < n_fisher:
             fisher += g * g
             count += 1
         if j < k:
-            rows.append(g)
-    basis = orthonormal_basis(torch.stack(rows)) if rows else torch.zeros(index.numel, 0)
-    return RetainStats(fisher / max(count, 1), basis, count)
+            projector.add(g)
+    return RetainStats(fisher / max(count, 1), projector.finish(), count)
 
 
 def fisher_only(model, batch: TokenBatch, index: ParamIndex, n: int, *, seed: int = 0) -> torch.Tensor:

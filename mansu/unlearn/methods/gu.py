@@ -1,12 +1,12 @@
 """Geometric-Disentanglement unlearning (GU): the forget gradient projected off the span of k per-example retain
-gradients, so retain loss is unchanged to first order: g <- g - Q Q^T g."""
+gradients, so retain loss is unchanged to first order: g <- g - G^T (G G^T)^+ G g (mansu.unlearn.projection).
+State: Adam's m and v 8 B/coordinate, proposal/priority 8 B, the k bf16 retain gradients 2k B."""
 
 from __future__ import annotations
 
 import torch
 
 from mansu.unlearn.methods.gradient import GradientMethod
-from mansu.unlearn.projection import project_off
 from mansu.unlearn.retain_stats import retain_statistics
 
 
@@ -21,7 +21,7 @@ class GU(GradientMethod):
         super().prepare()
         stats = retain_statistics(self.model, self.retain, self.index, k=self.config.k, n_fisher=1,
                                   seed=self.config.seed)
-        self.basis = stats.basis
+        self.projector = stats.projector
 
     def direction(self, g_f: torch.Tensor) -> torch.Tensor:
-        return project_off(g_f, self.basis)
+        return self.projector.project(g_f)

@@ -1,7 +1,7 @@
 """MANSU and its ablations (SPEC.md, sections 1-4; the exact equations are in docs/unlearning.md):
 
     g      = d L_forget / d theta            restricted to the circuit's coordinates (a)
-    p      = g - Q Q^T g                     Q: orthonormal basis of k per-example retain gradients (b)
+    p      = g - G^T (G G^T)^+ G g           G: k per-example retain gradients (rows, bf16) (b)
     cand   = the ceil(update_fraction * n) untouched coordinates with the largest |p|
     delta  = floor(-lr * p) on cand          each moved >= kappa bin widths, level changed on every
                                              grid of floor_quantizers (default NF4) (d)
@@ -14,7 +14,7 @@ bound (epsilon = inf).
 
 Per-coordinate state (fp32/bool on the CPU): Fisher 4 B, cumulative update 4 B, touched 1 B, floor geometry
 24 B (base weight, bin width, moves and caps up and down, combined over the listed grids), proposal and
-priority 8 B; plus the k x n retain basis (4k B).
+priority 8 B; plus the k retain gradients in bf16 (2k B; mansu.unlearn.projection.RetainProjector).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from mansu.quant.targets import quant_layout
 from mansu.unlearn.fisher import bound_clip, bound_scale, fisher_cost
 from mansu.unlearn.floor import floor_geometry, floor_update
 from mansu.unlearn.methods.base import FloorNotMetError, Method, check_finite, make_optimizer
-from mansu.unlearn.projection import project_off
 from mansu.unlearn.retain_stats import masked_grad, retain_statistics
 
 MANSU_FIELDS = ("lr", "objective", "beta", "k", "n_fisher", "epsilon", "kappa", "update_fraction", "blocksize",
@@ -55,7 +54,7 @@ class Mansu(Method):
         key = (self.index.names, self.index.numel)
         stats = self.cached(("retain", key, c.k, c.n_fisher, c.seed), lambda: retain_statistics(
             self.model, self.retain.to(self.device), self.index, k=c.k, n_fisher=c.n_fisher, seed=c.seed))
-        self.fisher, self.basis = stats.fisher, stats.basis
+        self.fisher, self.projector = stats.fisher, stats.projector
         params = {n: p.detach().cpu() for n, p in self.model.named_parameters() if n in self.index.names}
         self.geo = self.cached(("geometry", key, c.blocksize, c.floor_quantizers), lambda: floor_geometry(
             params, self.index, c.blocksize, layout=quant_layout(self.model),
@@ -74,7 +73,7 @@ class Mansu(Method):
             g = g + self.config.mansu_retain_weight * masked_grad(self.model, loss_r, self.index)
             loss = loss + self.config.mansu_retain_weight * loss_r
         check_finite(loss, g, step)
-        p = project_off(g, self.basis)
+        p = self.projector.project(g)
         stats = {"loss": float(loss.detach()), "grad_norm": float(g.norm()), "proj_removed_norm": float((g - p).norm())}
         delta, more = self.floored_step(p, step) if self.floor else self.dense_step(p)
         self.cum += delta
