@@ -9,6 +9,10 @@ References, measured in the same run:
   * floor preview: reading update.safetensors from disk (what any preview must at least pay) -> target <= 200 ms;
   * circuit figure: the same 2,000 drawn edges as one go.Scatter trace per edge (the naive figure) -> target
     build <= 0.5 s and faster than the naive figure.
+  * in Chromium (--browser; Debian chromium driven by playwright against `streamlit run app.py`): the Circuit page
+    of a 543k-edge graph (random scores on a 32-layer x 32-head layout) opened, and answering a node search,
+    against the same page on the 134-edge sample graph -> target <= 2 s; the floor preview end to end (slider key
+    press to the new metrics on screen) against the in-process preview -> target <= 200 ms.
 Each measurement prints one JSON line {"bench","metric","value","unit","reference","reference_value","ratio",
 "target","meets_target"}.
 """
@@ -118,10 +122,124 @@ def bench_circuit(repeats: int) -> None:
          ref / t, "<= 0.5 s and faster than the reference", t <= 0.5 and t < ref)
 
 
+CHROMIUM = "/usr/bin/chromium"
+_NODES_DRAWN = ("n => { const gd = document.querySelector('.js-plotly-plot');"
+                " return gd && gd._fullData && gd._fullData.length && gd._fullData.at(-1).x.length === n; }")
+
+
+def _serve(home: Path, runs: Path):
+    """`streamlit run app.py` on a free port; returns (process, url) once healthy."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MANSU_HOME": str(home), "MANSU_RUNS": str(runs)}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+                             "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError("streamlit did not become healthy")
+
+
+def _open_circuit(page, url: str, n_nodes: int) -> float:
+    """Seconds from navigation to the circuit chart drawn with its `n_nodes` node markers."""
+    t0 = time.perf_counter()
+    page.goto(url)
+    page.wait_for_function(_NODES_DRAWN, arg=n_nodes, timeout=120_000)
+    return time.perf_counter() - t0
+
+
+def _search_time(page, query: str) -> float:
+    """Seconds from pressing Enter in the node search to the pinned node's edges drawn."""
+    box = page.get_by_label("search nodes")
+    box.fill(query)
+    t0 = time.perf_counter()
+    box.press("Enter")
+    page.wait_for_function("q => document.querySelector('.js-plotly-plot')._fullData"
+                           ".some(t => (t.name || '').startsWith('edges of ' + q))", arg=query, timeout=120_000)
+    return time.perf_counter() - t0
+
+
+def _preview_time(page) -> float:
+    """Seconds from a κ slider key press to the new κ shown in the floor preview's metrics."""
+    page.locator("[data-testid='stMetric']", has_text="n updated").first.wait_for(timeout=60_000)
+    slider = page.locator("[data-testid='stSlider']", has_text="κ (bin widths)").locator("input[type='range']")
+    slider.scroll_into_view_if_needed()
+    slider.focus()
+    before = page.locator("[data-testid='stMetric']", has_text="kappa").first.inner_text()
+    t0 = time.perf_counter()
+    slider.press("ArrowRight")
+    page.wait_for_function("b => { const m = [...document.querySelectorAll('[data-testid=\"stMetric\"]')]"
+                           ".find(m => m.innerText.startsWith('kappa')); return m && m.innerText !== b; }",
+                           arg=before, timeout=60_000)
+    return time.perf_counter() - t0
+
+
+def bench_browser(repeats: int) -> None:
+    """The Circuit page on a 543k-edge graph and the floor preview, measured in Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    from mansu.testing import write_large_graph_run, write_sample_run
+
+    home = Path(tempfile.mkdtemp(prefix="mansu-app-bench-browser-"))
+    runs = home / "runs"
+    small = write_sample_run(runs, "mansu", 0, 0.3)
+    large = write_large_graph_run(runs, 32, 32, seed=0)
+    proc, url = _serve(home, runs)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox"])
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            ref_cold = _open_circuit(page, f"{url}/circuit?run={small.name}", 20)
+            cold = _open_circuit(page, f"{url}/circuit?run={large.name}", 66)    # reads and groups the graph
+            ref = statistics.median(_open_circuit(page, f"{url}/circuit?run={small.name}", 20)
+                                    for _ in range(repeats))
+            warm = statistics.median(_open_circuit(page, f"{url}/circuit?run={large.name}", 66)
+                                     for _ in range(repeats))
+            emit("circuit_open_543k_edges_cold", cold, "s", "the 134-edge sample graph, cold", ref_cold,
+                 cold / ref_cold, "<= 2 s", cold <= 2.0)
+            emit("circuit_open_543k_edges", warm, "s", "the 134-edge sample graph (median)", ref, warm / ref,
+                 "<= 2 s", warm <= 2.0)
+            search = statistics.median(_search_time(page, f"a{i}.h{i}") for i in range(3, 3 + repeats))
+            page.goto(f"{url}/circuit?run={small.name}")
+            page.wait_for_function(_NODES_DRAWN, arg=20, timeout=120_000)
+            ref_search = statistics.median(_search_time(page, f"a1.h{i}") for i in range(repeats))
+            emit("circuit_search_543k_edges", search, "s", "node search on the 134-edge sample graph (median)",
+                 ref_search, search / ref_search, "<= 2 s", search <= 2.0)
+            page.goto(f"{url}/update_nf4?run={small.name}")
+            preview = statistics.median(_preview_time(page) for _ in range(max(3, repeats)))
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    from safetensors.torch import load_file
+
+    from mansu.runs import layout
+    from mansu.unlearn.floor import preview_floor
+
+    tensors = load_file(str(small / layout.UPDATE))
+    in_process = _median_time(lambda: preview_floor(tensors, 1.1), 5)
+    emit("floor_preview_in_browser", preview * 1000, "ms", "preview_floor in process (the same run)",
+         in_process * 1000, preview / in_process, "<= 200 ms end to end", preview <= 0.2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, help="runs folder to render (default: MANSU_RUNS, else sample runs)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--browser", action="store_true", help="also measure in Chromium (circuit page, floor preview)")
+    parser.add_argument("--browser-only", action="store_true", help="only the Chromium measurements")
     args = parser.parse_args()
     root = args.runs or (Path(os.environ["MANSU_RUNS"]) if os.environ.get("MANSU_RUNS") else None)
     from mansu.runs.store import list_runs
@@ -133,11 +251,16 @@ def main() -> None:
         write_sample_run(root, "mansu", 0, 0.3)
         write_sample_run(root, "ga", 1, 0.6)
         print(json.dumps({"bench": "app", "note": f"no runs given: synthetic sample runs in {root}"}))
+    if args.browser_only:
+        bench_browser(args.repeats)
+        return
     os.environ["MANSU_RUNS"] = str(root)
     os.environ.setdefault("MANSU_HOME", str(Path(root).parent))
     bench_pages(args.repeats)
     bench_preview(root, max(5, args.repeats * 3))
     bench_circuit(args.repeats)
+    if args.browser:
+        bench_browser(args.repeats)
 
 
 if __name__ == "__main__":
