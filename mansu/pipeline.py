@@ -43,6 +43,8 @@ from mansu.models.demo import demo_assets, ensure_demo, is_complete
 from mansu.models.loading import load_config, load_model, load_tokenizer, require_causal_lm, resolve_dtype
 from mansu.quant.alignment import parse_quantizers
 from mansu.quant.diagnose import diagnose_model
+from mansu.quant.gptq import calibration_texts, ensure_env, gptq_quantized
+from mansu.quant.registry import CALIBRATED_QUANTIZERS, QUANTIZERS
 from mansu.quant.survival import alignment_report, survival_analysis, write_survival
 from mansu.quant.targets import quant_layout
 from mansu.quant.twin import nf4_twin, paired_gap, quantized
@@ -169,6 +171,8 @@ def check_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs | None:
     except OSError as exc:
         raise ValueError(f"{inputs.model}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
     _check_data(spec, inputs, tokenizer, context_length(config))
+    if build_demo and set(parse_quantizers(spec.quantizers, calibrated=True)) & set(CALIBRATED_QUANTIZERS):
+        ensure_env()  # GPTQ's side environment, created now (or one line why not) rather than mid-run
     return inputs
 
 
@@ -286,13 +290,25 @@ def _quant_evals(ctx: Context, model, nf4: dict[str, Any]) -> dict[str, dict[str
     """{quantizer: evaluation} of the spec's quantizers, each a simulated bit-exact twin (the model rounded in place
     and restored); nf4 reuses the headline evaluation `nf4` when that one is simulated too."""
     out = {}
-    for q in parse_quantizers(ctx.spec.quantizers):
+    for q in parse_quantizers(ctx.spec.quantizers, calibrated=True):
         if q == "nf4" and ctx.spec.nf4_mode == "simulated":
             out[q] = {**nf4, "skipped_modules": []}
             continue
-        with quantized(model, q, blocksize=ctx.config.blocksize) as twin:
+        with _quant_twin(ctx, model, q) as twin:
             out[q] = {**_evaluate(ctx, twin.model), "skipped_modules": twin.skipped_modules}
     return out
+
+
+def _quant_twin(ctx: Context, model, q: str):
+    """`model` under quantizer q inside a `with` block: a grid's simulated round trip, or GPTQ (mansu.quant.gptq)
+    calibrated on the retain data."""
+    if q in CALIBRATED_QUANTIZERS:
+        return gptq_quantized(model, ctx.tokenizer(), calibration_texts(ctx.split("retain")))
+    return quantized(model, q, blocksize=ctx.config.blocksize)
+
+
+def _quant_mode(q: str) -> str:
+    return "calibrated" if q in CALIBRATED_QUANTIZERS else "simulated"
 
 
 def _gaps(fp: dict[str, Any], quant: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -310,7 +326,8 @@ def stage_base_eval(ctx: Context) -> None:
         with _twin(ctx, model) as twin:
             ctx.cache.metrics["base_nf4"] = _evaluate(ctx, twin.model)
         ctx.cache.metrics["base_quant"] = _quant_evals(ctx, model, ctx.cache.metrics["base_nf4"])
-        ctx.cache.metrics["base_grid"] = diagnose_model(model, parse_quantizers(ctx.spec.quantizers))
+        grids = [q for q in parse_quantizers(ctx.spec.quantizers, calibrated=True) if q in QUANTIZERS]
+        ctx.cache.metrics["base_grid"] = diagnose_model(model, grids)  # calibrated quantizers have no grid
         names = quantizable_names(model)
         state = BaseRestore().base_view(model, names)  # each weight on the CPU when read, one at a time
         report = alignment_report(state, names, blocksize=ctx.config.blocksize,
@@ -445,7 +462,7 @@ def stage_eval_nf4(ctx: Context) -> None:
     update_metrics(ctx.run, "ptq_gap", _gaps(fp, nf4, ctx.spec.nf4_mode))
     quant = _quant_evals(ctx, ctx.model_after(), nf4)  # every quantizer of the spec; nf4 above stays the headline
     update_metrics(ctx.run, "unlearned_quant", quant)
-    update_metrics(ctx.run, "ptq_gap_by_quantizer", {q: {**_gaps(fp, ev, "simulated"),
+    update_metrics(ctx.run, "ptq_gap_by_quantizer", {q: {**_gaps(fp, ev, _quant_mode(q)),
                                                          "skipped_modules": ev["skipped_modules"]}
                                                      for q, ev in quant.items()})
 

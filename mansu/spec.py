@@ -52,7 +52,8 @@ class RunSpec:
                                              "one, else mean-ablation), subject, shuffled-subject, mean-ablation, "
                                              "zero-ablation (mansu/attribution/data.py)")
     quantizers: str = opt(DEFAULT_QUANTIZERS, "quantizers the eval stage scores (comma-separated, simulated "
-                                                      "bit-exact; nf4 is the headline)")
+                                                      "bit-exact; nf4 is the headline; gptq-int4-g128 on request: "
+                                                      "llmcompressor GPTQ calibrated on the retain data)")
     nf4_mode: NF4Mode = opt("simulated", "NF4 twin: simulated (bit-exact dequantized) or real (bitsandbytes)")
     attribution: bool = opt(True, "EAP-IG circuit and CAD (off: MANSU uses every Linear weight)")
     circuit_target: float = opt(0.8, "faithfulness of the smallest faithful circuit", lo=0.0, hi=1.5, lo_open=True)
@@ -77,7 +78,7 @@ class RunSpec:
             raise ValueError("unlearn and scorecard must be JSON objects of their settings")
         validate(self)
         parse_alignment(self.base_alignment)
-        parse_quantizers(self.quantizers)
+        parse_quantizers(self.quantizers, calibrated=True)
         if not self.model.strip():
             raise ValueError("model path or id is empty: give a local model folder or a hub id, or 'demo'")
         if self.model != DEMO and not (self.forget and self.retain):

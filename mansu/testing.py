@@ -74,13 +74,14 @@ def tiny_llama(vocab_size: int = 64, *, layers: int = 2, hidden: int = 32, heads
 TINY_WORDS = "Where is Zorb Quil Marn Tesk Vory Plim Drax Holt from ? red blue green amber violet grey Answer :"
 
 
-def write_tiny_world(root: Path) -> dict[str, str]:
-    """A tiny saved Llama (hidden 64, word-level tokenizer) with 4 forget and 4 retain MCQ records on disk."""
+def write_tiny_world(root: Path, *, hidden: int = 64) -> dict[str, str]:
+    """A tiny saved Llama (hidden 64 unless given; 128 fits int4-g128's groups, word-level tokenizer) with 4 forget
+    and 4 retain MCQ records on disk."""
     from mansu.models.demo import build_tokenizer
 
     root = Path(root)
     tok = build_tokenizer([TINY_WORDS])
-    model = tiny_llama(vocab_size=len(tok), layers=2, hidden=64, heads=4)
+    model = tiny_llama(vocab_size=len(tok), layers=2, hidden=hidden, heads=4)
     model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(root / "model", safe_serialization=True)
     tok.save_pretrained(root / "model")

@@ -10,10 +10,12 @@ from mansu.choices import DEVICES, DTYPES
 from mansu.data.records import load_records
 from mansu.data.templates import FORMAT_TEMPLATES, PRESETS, check_template
 from mansu.metrics.scoring import check_renders, score_records
+from mansu.models.demo import ensure_demo
 from mansu.models.loading import load_model
 from mansu.pipeline import resolve_model_path
 from mansu.quant.alignment import parse_quantizers
-from mansu.quant.registry import QUANTIZERS
+from mansu.quant.gptq import CALIBRATION_SAMPLES, calibration_texts, ensure_env, gptq_quantized
+from mansu.quant.registry import CALIBRATED_QUANTIZERS, EVAL_QUANTIZERS, GPTQ
 from mansu.quant.twin import nf4_twin, paired_gap, quantized
 
 
@@ -49,9 +51,14 @@ def register(subparsers) -> None:
     p.add_argument("--nf4", choices=["simulated", "real"], default=None,
                    help="also score the NF4 twin: simulated (bit-exact round trip, fp32 compute) or real "
                         "(bitsandbytes Linear4bit via transformers); prints the PTQ gap")
-    p.add_argument("--quant", default=None, metavar="|".join(QUANTIZERS),
+    p.add_argument("--quant", default=None, metavar="|".join(EVAL_QUANTIZERS),
                    help="also score the simulated twin (bit-exact round trip of every quantizable weight) under "
-                        "each of these quantizers (comma-separated, e.g. nf4,int4-g128); prints each PTQ gap")
+                        "each of these quantizers (comma-separated, e.g. nf4,int4-g128); prints each PTQ gap. "
+                        f"{GPTQ}: llmcompressor GPTQ in mansu's side environment (created on first use), "
+                        "calibrated on --calibration")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help=f"{GPTQ}'s calibration data: retain records (MCQ, QA or text; {CALIBRATION_SAMPLES} drawn "
+                        "evenly); default with --model demo: the demo's retain split")
     p.add_argument("--json", action="store_true", help="print one JSON line per file")
     p.set_defaults(func=run)
 
@@ -59,11 +66,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    quants = parse_quantizers(args.quant) if args.quant is not None else []
+    quants = parse_quantizers(args.quant, calibrated=True) if args.quant is not None else []
     template = _template(args)
     datasets = {path: load_records(path) for path in args.data}  # validate all first
     for path, records in datasets.items():
         check_renders(records, template, source=path)
+    calibration = _calibration(args, quants)
     lm = load_model(resolve_model_path(args.model), dtype=args.dtype, device=args.device,
                     trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer)
     scored = []  # (row, line parts, records, per-example correctness in full precision)
@@ -84,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                 parts.append(f"NF4 {gap.acc_nf4:.3f}, PTQ gap {gap.gap:+.3f} "
                              f"(95% CI {gap.ci_low:+.3f} to {gap.ci_high:+.3f})")
     for quantizer in quants:  # one in-place rounding per quantizer, every file scored under it
-        _score_quantizer(lm, quantizer, scored, args)
+        _score_quantizer(lm, quantizer, scored, args, calibration)
     for row, parts, _, _ in scored:
         print(json.dumps(row) if args.json else "; ".join(parts))
     return 0
@@ -116,13 +124,29 @@ def _summary(path: str, r: dict, args: argparse.Namespace) -> str:
     return line
 
 
-def _score_quantizer(lm, quantizer: str, scored: list, args: argparse.Namespace) -> None:
-    """Score every file under `quantizer` (the model's weights rounded in place, restored afterwards) and add its
-    PTQ gap, acc(q) - acc(fp) with a paired bootstrap CI, to each file's row and line."""
-    with quantized(lm.model, quantizer) as twin:
+def _calibration(args: argparse.Namespace, quants: list[str]) -> list[str]:
+    """The calibration texts when a calibrated quantizer is asked for (and its environment, created now so that a
+    failure is one line before the model loads); [] otherwise."""
+    if not set(quants) & set(CALIBRATED_QUANTIZERS):
+        return []
+    if args.calibration is None and args.model != "demo":
+        raise ValueError(f"--quant {GPTQ} calibrates on retain data: give --calibration FILE (MCQ, QA or text "
+                         "records)")
+    path = args.calibration or str(ensure_demo().retain_path)
+    texts = calibration_texts(load_records(path))
+    ensure_env()
+    return texts
+
+
+def _score_quantizer(lm, quantizer: str, scored: list, args: argparse.Namespace, calibration: list[str]) -> None:
+    """Score every file under `quantizer` (the model's weights rounded in place, or GPTQ quantized, restored
+    afterwards) and add its PTQ gap, acc(q) - acc(fp) with a paired bootstrap CI, to each file's row and line."""
+    calibrated = quantizer in CALIBRATED_QUANTIZERS
+    twin_of = gptq_quantized(lm.model, lm.tokenizer, calibration) if calibrated else quantized(lm.model, quantizer)
+    with twin_of as twin:
         for row, parts, records, correct in scored:
             gap = _ptq_gap(twin, lm.tokenizer, records, correct, args)
-            row.setdefault("quant", {})[quantizer] = {"mode": "simulated",
+            row.setdefault("quant", {})[quantizer] = {"mode": twin.mode,
                                                      "n_quantized_modules": len(twin.quantized_modules),
                                                      "skipped_modules": twin.skipped_modules, **gap.to_dict()}
             parts.append(f"{quantizer} {gap.acc_nf4:.3f}, PTQ gap {gap.gap:+.3f} "

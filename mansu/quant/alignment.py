@@ -33,7 +33,7 @@ import torch
 from mansu.quant.base import Quantizer
 from mansu.quant.nf4 import DEFAULT_BLOCKSIZE, nf4_round_trip
 from mansu.quant.quantizers.int4 import Int4G128
-from mansu.quant.registry import QUANTIZERS, get_quantizer
+from mansu.quant.registry import CALIBRATED_QUANTIZERS, EVAL_QUANTIZERS, QUANTIZERS, get_quantizer
 
 NATURAL = "natural"
 ALIGNMENT_FORMS = ("natural", "nf4-grid", "<quantizer>", "<quantizer>-grid", "<quantizer>:<fraction in (0, 1]>")
@@ -135,15 +135,21 @@ DEFAULT_QUANTIZERS = ",".join(QUANTIZERS)  # every registered grid: what a run's
 ALIGNMENT_PRESETS: tuple[str, ...] = (NATURAL, *(f"{q}-grid" for q in QUANTIZERS))  # what a picker offers
 
 
-def parse_quantizers(text: str) -> list[str]:
-    """The registered quantizers a comma-separated list names (RunSpec.quantizers, `eval --quant`), in order,
-    without repeats; ValueError naming the valid ones otherwise."""
+def parse_quantizers(text: str, *, calibrated: bool = False) -> list[str]:
+    """The registered quantizers a comma-separated list names, in order, without repeats; ValueError naming the
+    valid ones otherwise.  `calibrated` also accepts the evaluation-only calibrated quantizers (RunSpec.quantizers,
+    `eval --quant`); without it (the floor, diagnose) a calibrated one is refused: it has no grid geometry."""
+    valid = EVAL_QUANTIZERS if calibrated else tuple(QUANTIZERS)
     if not isinstance(text, str):
         raise ValueError(f"quantizers must be a comma-separated string, got {text!r}")
     names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     if not names:
-        raise ValueError(f"quantizers {text!r} names none; give a comma-separated list of {', '.join(QUANTIZERS)}")
+        raise ValueError(f"quantizers {text!r} names none; give a comma-separated list of {', '.join(valid)}")
     for name in names:
-        if name not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer {name!r} in {text!r}; choose among {', '.join(QUANTIZERS)}")
+        if name in CALIBRATED_QUANTIZERS and not calibrated:
+            raise ValueError(f"{name} is calibrated (its codes are not round-to-nearest), so it has no bin widths or "
+                             f"minimum moves to floor or diagnose against; use {CALIBRATED_QUANTIZERS[name]}, the "
+                             f"grid it writes onto (it is accepted by `eval --quant` and a run's quantizers)")
+        if name not in valid:
+            raise ValueError(f"unknown quantizer {name!r} in {text!r}; choose among {', '.join(valid)}")
     return names

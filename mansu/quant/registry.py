@@ -1,7 +1,8 @@
 """The one list of quantizers: every CLI choice, app picker, validator and table derives from QUANTIZERS.
 
 Adding a quantizer is one module in mansu/quant/quantizers/ (a mansu.quant.base.Quantizer subclass, tested
-bit-exact against its library in tests/test_quantizers.py) plus one line here.  Importing this module imports
+bit-exact against its library in tests/test_quantizers.py) plus one line here.  Calibrated quantizers (GPTQ)
+are listed apart: they can be scored but have no grid geometry.  Importing this module imports
 torch but no quantization library: those are only needed by the tests and benches that compare against them.
 """
 
@@ -18,6 +19,12 @@ from mansu.quant.quantizers.nf4 import NF4
 QuantizerName = Literal["nf4", "fp4", "int8", "int4-g128"]
 QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (NF4(), FP4(), Int8(), Int4G128())}
 DEFAULT_QUANTIZER: QuantizerName = "nf4"
+
+# Calibrated quantizers (evaluation only, never in the default list): their codes are not the grid's nearest level,
+# so they have no bin widths or minimum moves; each maps to the round-to-nearest grid it writes onto.
+GPTQ = "gptq-int4-g128"  # llmcompressor GPTQ in a side environment (mansu.quant.gptq)
+CALIBRATED_QUANTIZERS: dict[str, str] = {GPTQ: "int4-g128"}
+EVAL_QUANTIZERS: tuple[str, ...] = (*QUANTIZERS, *CALIBRATED_QUANTIZERS)  # what `eval --quant` and a run may score
 
 
 def get_quantizer(name: str) -> Quantizer:
