@@ -225,7 +225,8 @@ def test_run_on_gpt2_nf4_grid_base_reports_what_a_real_load_shows(tmp_path):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["--model", str(tmp_path / "gpt2"), "--forget", str(tmp_path / "forget.jsonl"), "--retain",
             str(tmp_path / "retain.jsonl"), "--method", "mansu", "--base-alignment", "nf4-grid", "--no-attribution",
-            "--steps", "2", "--update-fraction", "0.02", "--k", "2", "--n-fisher", "4", "--batch-size", "2", "--json"]
+            "--steps", "2", "--update-fraction", "0.02", "--k", "2", "--n-fisher", "4", "--batch-size", "2", "--json",
+            "--save-model"]
     env = {**os.environ, "MANSU_RUNS": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "mansu", "run", *args], capture_output=True, text=True, env=env,
                          timeout=300)
