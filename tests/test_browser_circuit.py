@@ -112,8 +112,9 @@ def test_diff_view_shows_the_cad_split_on_one_layout(server, tab, circuit_runs):
     reroute = float(tab.locator("[data-testid='stMetric']", has_text="rerouting part")
                     .locator("[data-testid='stMetricValue']").inner_text())
     assert 0 < shrink < cad and reroute > 0 and shrink + reroute == pytest.approx(cad, abs=2e-3)
-    groups = tab.evaluate("() => document.querySelector('.js-plotly-plot')._fullData.map(t => t.legendgroup)")
-    assert "Δ+" in groups and "Δ-" in groups
+    # the one-graph chart is replaced by the diff chart: signed change, green up and purple down
+    tab.wait_for_function("() => ['Δ+', 'Δ-'].every(g => document.querySelector('.js-plotly-plot')._fullData"
+                          ".some(t => t.legendgroup === g))", timeout=60_000)
     tab.screenshot(path=str(DOCS_SHOTS / "circuit-diff-change.png"), full_page=True)
     tab.get_by_text("CAD split").first.click()
     tab.wait_for_function("() => ['shrinkage', 'rerouting', 'grew outside circuit'].every(g => document"
