@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("demo", "eval", "attribute", "runs", "run", "compare", "report", "diagnose", "gptq_env", "export")
+COMMANDS = ("demo", "eval", "attribute", "runs", "run", "compare", "report", "diagnose", "gptq_env", "export", "attack")
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,0 +1,1 @@
+"""Relearning attacks on an unlearned model and the run's durability certificate (mansu.attack.relearn)."""
