@@ -62,9 +62,10 @@ def check_fit(tokenizer: Any, limit: int | None, records: Sequence[Record], *, t
                   source=source)
 
 
-def token_stats(model: Any, sequences: Sequence[tuple[list[int], int]], *, batch_size: int = 64,
-                source: str | None = None) -> list[tuple[float, int, int]]:
-    """(sum of log p, number of scored tokens, number that are top-1) of each (ids, start) sequence, teacher forced."""
+def token_logprobs(model: Any, sequences: Sequence[tuple[list[int], int]], *, batch_size: int = 64,
+                   source: str | None = None) -> list[tuple[Any, Any]]:
+    """(log p of each scored token, whether it is the top-1 next token) of each (ids, start) sequence, teacher
+    forced: two CPU tensors of len(ids) - start per sequence."""
     import torch
 
     check_context(model, [len(ids) for ids, _ in sequences], owners=range(len(sequences)), source=source)
@@ -83,9 +84,15 @@ def token_stats(model: Any, sequences: Sequence[tuple[list[int], int]], *, batch
         for i, (seq, start) in enumerate(chunk):
             pos = torch.arange(start - 1, len(seq) - 1)
             tokens = torch.tensor(seq[start:])
-            out.append((logp[i, pos, tokens].sum().item(), len(tokens),
-                        int((logits[i, pos].argmax(-1) == tokens).sum())))
+            out.append((logp[i, pos, tokens], logits[i, pos].argmax(-1) == tokens))
     return out
+
+
+def token_stats(model: Any, sequences: Sequence[tuple[list[int], int]], *, batch_size: int = 64,
+                source: str | None = None) -> list[tuple[float, int, int]]:
+    """(sum of log p, number of scored tokens, number that are top-1) of each (ids, start) sequence, teacher forced."""
+    return [(lp.sum().item(), len(lp), int(top.sum()))
+            for lp, top in token_logprobs(model, sequences, batch_size=batch_size, source=source)]
 
 
 def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, template: str | Template | None = None,
