@@ -39,6 +39,7 @@ from mansu.data.records import load_records
 from mansu.io import read_json, write_json_atomic
 from mansu.metrics.accuracy import context_length
 from mansu.metrics.scoring import check_fit, score_records
+from mansu.metrics.text import ROUGE_PER_RECORD, check_holdout, text_metrics
 from mansu.models.demo import demo_assets, ensure_demo, is_complete
 from mansu.models.loading import load_config, load_model, load_tokenizer, require_causal_lm, resolve_dtype
 from mansu.quant.alignment import parse_quantizers
@@ -107,10 +108,13 @@ class RunInputs:
     forget_eval: str = ""   # empty: scored on the training split (a warning says so)
     retain_eval: str = ""
     probe: str = ""         # empty: attribution probes the forget training split
+    holdout: str = ""       # empty: no membership-inference signal (mansu.metrics.text)
 
     def path(self, split: str) -> str:
         """The file of a split: forget, retain, forget_eval, retain_eval or probe (the last three default to
         their training split)."""
+        if split == "holdout":
+            return self.holdout
         return getattr(self, split) or (self.retain if split == "retain_eval" else self.forget)
 
     def eval_sets(self) -> dict[str, Any]:
@@ -118,6 +122,7 @@ class RunInputs:
         (stored as metrics.json "eval_sets")."""
         on_training = [s for s in ("forget", "retain") if not getattr(self, f"{s}_eval")]
         out = {"forget": self.path("forget_eval"), "retain": self.path("retain_eval"), "probe": self.path("probe"),
+               **({"holdout": self.holdout} if self.holdout else {}),
                "on_training_data": on_training}
         if on_training:
             out["warning"] = (f"the {' and '.join(on_training)} scores are on the training data (the records the "
@@ -132,7 +137,7 @@ def resolve_model_path(name: str) -> str:
 
 def resolve_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs:
     """The spec's model and data paths; 'demo' is the cached demo model (built first when `build_demo`)."""
-    evals = (spec.forget_eval, spec.retain_eval, spec.probe)
+    evals = (spec.forget_eval, spec.retain_eval, spec.probe, spec.holdout)
     if not spec.is_demo:
         return RunInputs(spec.model, spec.forget, spec.retain, *evals)
 
@@ -149,9 +154,11 @@ def load_split(path: str) -> list:
 def _check_data(spec: RunSpec, inputs: RunInputs, tokenizer: Any, limit: int | None) -> None:
     """Every data file of the run parses, renders under the template and fits the context; the corruption kind
     suits the probe records (subject needs subjects)."""
-    splits = ("forget", "retain", "forget_eval", "retain_eval", "probe")
-    for path in dict.fromkeys(inputs.path(s) for s in splits):
+    splits = ("forget", "retain", "forget_eval", "retain_eval", "probe", "holdout")
+    for path in dict.fromkeys(inputs.path(s) for s in splits if inputs.path(s)):
         check_fit(tokenizer, limit, load_split(path), template=spec.prompt_template, source=path)
+    if inputs.holdout:
+        check_holdout(load_split(inputs.path("forget_eval")), load_split(inputs.holdout), inputs.holdout)
     if spec.attribution:
         resolve_kind(spec.corruption, load_split(inputs.path("probe")))
 
@@ -277,8 +284,13 @@ class Context:
 
 def _evaluate(ctx: Context, model) -> dict[str, Any]:
     tok = ctx.tokenizer()
-    return {split: score_records(model, tok, recs, template=ctx.spec.prompt_template, batch_size=256, n_boot=1000)
-            for split, recs in (("forget", ctx.eval_forget()), ("retain", ctx.eval_retain()))}
+    out = {}
+    for split, recs in (("forget", ctx.eval_forget()), ("retain", ctx.eval_retain())):
+        scores = score_records(model, tok, recs, template=ctx.spec.prompt_template, batch_size=256, n_boot=1000)
+        holdout = ctx.split("holdout") if split == "forget" and ctx.inputs.holdout else None
+        out[split] = {**scores, **text_metrics(model, tok, recs, loss=scores.get("loss"), holdout=holdout,
+                                               template=ctx.spec.prompt_template)}  # QA/text only (MUSE, TOFU)
+    return out
 
 
 def _twin(ctx: Context, model):
@@ -315,6 +327,9 @@ def _gaps(fp: dict[str, Any], quant: dict[str, Any], mode: str) -> dict[str, Any
     """PTQ gap per split, acc(quantized) - acc(fp), paired bootstrap CI (mansu.quant.twin.paired_gap)."""
     gaps = {split: paired_gap(fp[split]["correct"], quant[split]["correct"]).to_dict()
             for split in ("forget", "retain")}
+    for split, gap in gaps.items():  # QA/text: the gap of the ROUGE-L recall too, the scorecard's metric there
+        if ROUGE_PER_RECORD in fp[split] and ROUGE_PER_RECORD in quant[split]:
+            gap["rouge_l"] = paired_gap(fp[split][ROUGE_PER_RECORD], quant[split][ROUGE_PER_RECORD]).to_dict()
     return {**gaps, "mode": mode}
 
 

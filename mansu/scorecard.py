@@ -13,9 +13,17 @@ With accuracies on the forget (f) and retain (r) MCQ splits, "fp" the unlearned 
 NF4 is the headline (the paper's).  `survives` applies property 3 to every quantizer the run scored (nf4, fp4,
 int8, int4-g128 by default): survives iff acc_f(q) - acc_f(fp) <= max_ptq_gap, with the gap's paired CI.
 
-The accuracies are each split's "accuracy" (mansu.metrics.scoring): MCQ accuracy under the run's template; for QA
-and text records, where no choice accuracy exists, token accuracy (the fraction of answer / text tokens that are the
-model's top-1 next token, the per-token form of the loss), so the same margins read in the same [0, 1] units.
+The metric matches the split's data shape (its "shape" in metrics.json), always in [0, 1], higher = knows more:
+
+    mcq   "accuracy": MCQ accuracy under the run's template (mansu.metrics.scoring)
+    text  verbatim memorisation: mean ROUGE-L recall of the greedy continuation of each text's prefix against the
+          true continuation (MUSE's VerbMem; mansu.metrics.text)
+    qa    knowledge memorisation: mean ROUGE-L recall of the greedy answer against the true answer (TOFU, KnowMem)
+
+so forgetting on text is the drop of verbatim recall, and the PTQ gap of a text or QA forget set is the paired gap of
+that recall (ptq_gap.forget.rouge_l).  Retain preservation on a QA/text retain set also fails when the retain loss
+(mean NLL per token) rises by more than retain_loss_margin nats: recall can hold while the model's fit to the text
+degrades (GradDiff's typical damage).  Runs scored before these metrics existed fall back to token accuracy.
 
 `margin` is how far inside (+) or outside (-) the threshold the value lies.  A property whose inputs are
 missing (e.g. attribution not available) is reported as status "not available", never as a pass, with the
@@ -36,6 +44,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from mansu.io import read_checked, write_checked
+from mansu.options import opt
 from mansu.runs import layout
 
 PropertyName = Literal["forgetting", "retain", "ptq_gap", "structural_erasure"]
@@ -63,6 +72,8 @@ class ScorecardConfig:
     retain_margin: float = 0.05   # retain accuracy may fall by <= 5 points
     max_ptq_gap: float = 0.0      # NF4 may not bring any forgotten answer back on average
     cad_threshold: float = 0.30   # CAD in [0, 1]; 0.3 ~ edges moved by a third of their combined attribution
+    retain_loss_margin: float = opt(0.20, "QA/text retain sets: the retain loss (mean NLL per token) may rise by at "
+                                          "most this many nats (0.2 nats: perplexity x1.22)", lo=0.0)
 
     def __post_init__(self) -> None:
         for name in ("forget_margin", "retain_margin", "cad_threshold"):
@@ -71,6 +82,9 @@ class ScorecardConfig:
                 raise ValueError(f"scorecard {name} must be a number in [0, 1], got {v!r}")
         if not isinstance(self.max_ptq_gap, (int, float)) or not -1 <= self.max_ptq_gap <= 1:
             raise ValueError(f"scorecard max_ptq_gap must be a number in [-1, 1], got {self.max_ptq_gap!r}")
+        v = self.retain_loss_margin
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ValueError(f"scorecard retain_loss_margin must be a number of nats >= 0, got {v!r}")
 
 
 def _prop(value: float | None, threshold: float, higher_is_better: bool, **extra: Any) -> dict[str, Any]:
@@ -84,28 +98,77 @@ def _prop(value: float | None, threshold: float, higher_is_better: bool, **extra
             "threshold": threshold, "margin": margin, **extra}
 
 
+METRIC_LABELS = {"mcq": "accuracy", "text": "verbatim ROUGE-L recall", "qa": "knowledge ROUGE-L recall"}
+RULE_NAMES = {"accuracy": "acc", "verbatim ROUGE-L recall": "verbatim_rouge_l",
+              "knowledge ROUGE-L recall": "knowledge_rouge_l", "token accuracy": "token_acc"}
+
+
+def _uses_rouge(metrics: dict, split: str) -> bool:
+    """A QA/text split scored with the memorisation metrics (older runs have token accuracy only)."""
+    entry = (metrics.get("base_fp") or {}).get(split) or {}
+    return entry.get("shape") in ("qa", "text") and "rouge_l_recall" in entry
+
+
 def _acc(metrics: dict, key: str, split: str) -> float | None:
+    """The split's scorecard metric (module docstring) in model `key`."""
     try:
-        return float(metrics[key][split]["accuracy"])
+        return float(metrics[key][split]["rouge_l_recall" if _uses_rouge(metrics, split) else "accuracy"])
     except (KeyError, TypeError):
         return None
+
+
+def _label(metrics: dict, split: str) -> str:
+    shape = ((metrics.get("base_fp") or {}).get(split) or {}).get("shape", "mcq")
+    return METRIC_LABELS.get(shape, "accuracy") if _uses_rouge(metrics, split) or shape == "mcq" else "token accuracy"
+
+
+def _loss_rise(metrics: dict) -> float | None:
+    """Retain loss (nats/token) after minus before, for a QA/text retain split."""
+    try:
+        return float(metrics["unlearned_fp"]["retain"]["loss"]) - float(metrics["base_fp"]["retain"]["loss"])
+    except (KeyError, TypeError):
+        return None
+
+
+def _forget_gap(entry: dict, metrics: dict) -> dict:
+    """The PTQ gap entry of the forget split on its scorecard metric."""
+    forget = (entry or {}).get("forget") or {}
+    return forget.get("rouge_l") or {} if _uses_rouge(metrics, "forget") else forget
+
+
+def _retain(metrics: dict, config: ScorecardConfig) -> dict[str, Any]:
+    """Property 2: the metric's loss within retain_margin and, on QA/text, the loss rise within retain_loss_margin."""
+    br, ur = _acc(metrics, "base_fp", "retain"), _acc(metrics, "unlearned_fp", "retain")
+    label = _label(metrics, "retain")
+    m = RULE_NAMES[label]
+    prop = _prop(None if br is None or ur is None else br - ur, config.retain_margin, False, base=br, unlearned=ur,
+                 metric=label, rule=f"{m}_retain(base) - {m}_retain(unlearned) <= threshold")
+    rise = _loss_rise(metrics) if _uses_rouge(metrics, "retain") else None
+    if rise is None or prop["value"] is None:
+        return prop
+    loss = _prop(rise, config.retain_loss_margin, False)
+    passed = prop["pass"] and loss["pass"]
+    return {**prop, "pass": passed, "status": "pass" if passed else "fail", "loss_rise": loss["value"],
+            "loss_threshold": config.retain_loss_margin, "loss_margin": loss["margin"],
+            "rule": prop["rule"] + " and loss_retain(unlearned) - loss_retain(base) <= loss_threshold nats"}
 
 
 def build_scorecard(metrics: dict[str, Any], cad: dict[str, Any] | None,
                     config: ScorecardConfig = ScorecardConfig()) -> dict:
     """Scorecard dict from metrics.json (keys base_fp, unlearned_fp, unlearned_nf4, ptq_gap) and cad.json."""
     bf, uf = _acc(metrics, "base_fp", "forget"), _acc(metrics, "unlearned_fp", "forget")
-    br, ur = _acc(metrics, "base_fp", "retain"), _acc(metrics, "unlearned_fp", "retain")
-    gap = (metrics.get("ptq_gap") or {}).get("forget") or {}
+    gap = _forget_gap(metrics.get("ptq_gap") or {}, metrics)
+    label = _label(metrics, "forget")
+    m = RULE_NAMES[label]
     cad_nf4 = ((cad or {}).get("after_nf4") or {}).get("value")
     props = {
         "forgetting": _prop(None if bf is None or uf is None else bf - uf, config.forget_margin, True,
-                            base=bf, unlearned=uf, rule="acc_forget(base) - acc_forget(unlearned) >= threshold"),
-        "retain": _prop(None if br is None or ur is None else br - ur, config.retain_margin, False,
-                        base=br, unlearned=ur, rule="acc_retain(base) - acc_retain(unlearned) <= threshold"),
+                            base=bf, unlearned=uf, metric=label,
+                            rule=f"{m}_forget(base) - {m}_forget(unlearned) >= threshold"),
+        "retain": _retain(metrics, config),
         "ptq_gap": _prop(gap.get("gap"), config.max_ptq_gap, False, ci_low=gap.get("ci_low"),
-                         ci_high=gap.get("ci_high"), recovery_significant=(gap.get("ci_low") or 0) > 0,
-                         rule="acc_forget(NF4) - acc_forget(fp) <= threshold"),
+                         ci_high=gap.get("ci_high"), recovery_significant=(gap.get("ci_low") or 0) > 0, metric=label,
+                         rule=f"{m}_forget(NF4) - {m}_forget(fp) <= threshold"),
         "structural_erasure": _prop(cad_nf4, config.cad_threshold, True,
                                     ci_low=((cad or {}).get("after_nf4") or {}).get("ci_low"),
                                     ci_high=((cad or {}).get("after_nf4") or {}).get("ci_high"),
@@ -125,7 +188,7 @@ def survives(metrics: dict[str, Any], config: ScorecardConfig = ScorecardConfig(
     headline property; this says which other deployed formats the forgetting survives."""
     out = {}
     for q, entry in (metrics.get("ptq_gap_by_quantizer") or {}).items():
-        gap = (entry or {}).get("forget") or {}
+        gap = _forget_gap(entry, metrics)
         p = _prop(gap.get("gap"), config.max_ptq_gap, False)
         out[q] = {"survives": p["pass"], "status": p["status"], "gap": p["value"], "margin": p["margin"],
                   "ci_low": gap.get("ci_low"), "ci_high": gap.get("ci_high"),
@@ -190,8 +253,10 @@ def format_scorecard(card: dict) -> str:
             why = f": {p['reason']}" if p.get("reason") else ""
             lines.append(f"{name:<19} n/a   ({p['status']}{why})")
         else:
+            loss = (f"; loss rise {p['loss_rise']:+.3f} nats (threshold {p['loss_threshold']:.3f})"
+                    if p.get("loss_rise") is not None else "")
             lines.append(f"{name:<19} {'PASS' if p['pass'] else 'FAIL'}  value {p['value']:+.3f}  "
-                         f"threshold {p['threshold']:.3f}  margin {p['margin']:+.3f}")
+                         f"threshold {p['threshold']:.3f}  margin {p['margin']:+.3f}{loss}")
     survived = card.get("survives") or {}
     if survived:
         lines.append("PTQ gap per quantizer: " + ", ".join(

@@ -48,6 +48,9 @@ class RunSpec:
     retain_eval: str = opt("", "retain set the scores are computed on (default: the retain training set, with a "
                                "warning)")
     probe: str = opt("", "records attribution and CAD probe (default: the forget training set)")
+    holdout: str = opt("", "records never trained on, from the forget set's distribution and shape: the non-members "
+                           "of the membership-inference signal (Min-K prob AUC, MUSE's PrivLeak; QA/text forget sets); "
+                           "empty: no membership signal")
     corruption: CorruptionKind = opt("auto", "attribution's corrupted input: auto (subject when every record has "
                                              "one, else mean-ablation), subject, shuffled-subject, mean-ablation, "
                                              "zero-ablation (mansu/attribution/data.py)")

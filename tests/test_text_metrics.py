@@ -116,3 +116,44 @@ def test_prompt_split_and_metrics_shape():
     assert 0 <= out["mia"]["auc"] <= 1 and out["mia"]["n_holdout"] == 1
     assert text_metrics(model, tok, [QARecord("Which colour does Zorb wear ?", "red")],
                         template="plain")["rouge_kind"] == "knowledge"
+
+
+def _split(shape, acc, rouge, loss):
+    return {"shape": shape, "accuracy": acc, "ci_low": acc, "ci_high": acc, "loss": loss, "rouge_l_recall": rouge}
+
+
+def _metrics(forget_rouge_after, retain_loss_after, shape="text"):
+    gap = {"forget": {"gap": 0.5, "ci_low": 0.4, "ci_high": 0.6, "rouge_l": {"gap": -0.01, "ci_low": -0.02,
+                                                                            "ci_high": 0.0}}}
+    return {"base_fp": {"forget": _split(shape, 0.9, 0.95, 0.5), "retain": _split(shape, 0.9, 0.9, 0.5)},
+            "unlearned_fp": {"forget": _split(shape, 0.88, forget_rouge_after, 0.6),
+                             "retain": _split(shape, 0.9, 0.9, retain_loss_after)},
+            "ptq_gap": gap, "ptq_gap_by_quantizer": {"int8": gap}}
+
+
+def test_scorecard_reads_rouge_and_retain_loss_on_text():
+    from mansu.scorecard import ScorecardConfig, build_scorecard, format_scorecard
+
+    card = build_scorecard(_metrics(0.30, 0.6), None)
+    forget, retain, gap = (card["properties"][k] for k in ("forgetting", "retain", "ptq_gap"))
+    assert forget["value"] == pytest.approx(0.65) and forget["pass"]  # ROUGE drop, not the 0.02 token-accuracy drop
+    assert forget["metric"] == "verbatim ROUGE-L recall"
+    assert retain["pass"] and retain["loss_rise"] == pytest.approx(0.1)
+    assert gap["value"] == pytest.approx(-0.01) and gap["pass"]  # the ROUGE gap, not the token-accuracy gap
+    assert card["survives"]["int8"]["survives"]
+    damaged = build_scorecard(_metrics(0.30, 1.33), None)["properties"]["retain"]  # recall kept, loss +0.83 nats
+    assert not damaged["pass"] and damaged["status"] == "fail" and damaged["loss_margin"] == pytest.approx(-0.63)
+    assert "loss rise +0.830" in format_scorecard(build_scorecard(_metrics(0.30, 1.33), None))
+    assert build_scorecard(_metrics(0.30, 1.33), None, ScorecardConfig(retain_loss_margin=1.0))["properties"][
+        "retain"]["pass"]
+    with pytest.raises(ValueError, match="retain_loss_margin"):
+        ScorecardConfig(retain_loss_margin=-0.1)
+
+
+def test_scorecard_mcq_unchanged():
+    from mansu.scorecard import build_scorecard
+
+    metrics = _metrics(0.30, 1.33, shape="mcq")
+    props = build_scorecard(metrics, None)["properties"]
+    assert props["forgetting"]["value"] == pytest.approx(0.02) and props["ptq_gap"]["value"] == 0.5
+    assert "loss_rise" not in props["retain"] and props["retain"]["rule"].startswith("acc_retain(base)")

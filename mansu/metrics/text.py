@@ -43,6 +43,7 @@ MIN_K = 0.4            # MUSE's PrivLeak uses Min-40%
 AUC_REFERENCE = 0.5    # stands in for the retrained model's AUC (MUSE's PrivLeak reference)
 _SEPARATORS = re.compile(r"[^a-z0-9]+")
 ROUGE_KINDS = {"text": "verbatim", "qa": "knowledge"}
+ROUGE_PER_RECORD = "rouge_l_per_record"  # the key of the per-record recall in a split's scores
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def rouge_memorisation(model: Any, tokenizer: Any, records: Sequence[Record], te
     recall = [s.recall for s in scores]
     lo, hi = bootstrap_ci(recall, n_boot=n_boot, seed=seed)
     return {"rouge_l_recall": sum(recall) / len(recall), "rouge_l_f": sum(s.fmeasure for s in scores) / len(scores),
-            "rouge_l_ci_low": lo, "rouge_l_ci_high": hi, "rouge_l_per_record": recall}
+            "rouge_l_ci_low": lo, "rouge_l_ci_high": hi, ROUGE_PER_RECORD: recall}
 
 
 def min_k_scores(model: Any, tokenizer: Any, records: Sequence[Record], template: Template, *,
@@ -163,6 +164,17 @@ def membership(model: Any, tokenizer: Any, forget: Sequence[Record], holdout: Se
     auc = membership_auc(min_k_scores(model, tokenizer, forget, template, batch_size=batch_size),
                          min_k_scores(model, tokenizer, holdout, template, batch_size=batch_size))
     return {"auc": auc, "privleak": privleak(auc), "k": MIN_K, "n_forget": len(forget), "n_holdout": len(holdout)}
+
+
+def check_holdout(forget: Sequence[Record], holdout: Sequence[Record], source: str = "holdout set") -> None:
+    """A holdout set holds QA or text records of the forget set's shape (ValueError in one line otherwise)."""
+    want, got = shape_of(list(forget)), shape_of(list(holdout))
+    if want == "mcq":
+        raise ValueError(f"{source}: the membership signal is computed for QA and text forget sets; the forget set "
+                         "holds MCQ records (drop the holdout set)")
+    if got != want:
+        raise ValueError(f"{source}: {got} records, but the forget set holds {want} records; give holdout records "
+                         "of the forget set's shape")
 
 
 def text_metrics(model: Any, tokenizer: Any, records: Sequence[Record], *, loss: float | None = None,
@@ -181,8 +193,6 @@ def text_metrics(model: Any, tokenizer: Any, records: Sequence[Record], *, loss:
     if loss is not None:
         out["perplexity"] = math.exp(min(loss, 700.0))  # exp overflows past ~709 nats
     if holdout:
-        if shape_of(list(holdout)) != shape:
-            raise ValueError(f"the holdout set holds {shape_of(list(holdout))} records but the forget set {shape} "
-                             "records; give holdout records of the forget set's shape")
+        check_holdout(records, holdout)
         out["mia"] = membership(model, tokenizer, records, holdout, tmpl)
     return out
