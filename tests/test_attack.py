@@ -121,3 +121,20 @@ def test_a_run_without_an_update_is_refused(runs_env, tmp_path, monkeypatch, cap
     assert main(["attack", run.name, "--kind", "relearn"]) == 2
     assert "no model_update.safetensors" in capsys.readouterr().err
     assert sorted(p.name for p in copy.iterdir()) == before
+
+
+def test_curves_reach_the_app_figure_and_the_reviewer_report(runs_env):
+    from mansu.attack.relearn import read_attacks
+    from mansu.runs.store import load_run
+    from mansu.viz.attack import attack_curves_figure, recovered_rows
+    from mansu.viz.reviewer import reviewer_report
+
+    run, _ = runs_env
+    assert main(["attack", run.name, "--kind", "relearn", *FAST]) == 0
+    attacks = read_attacks(run)
+    fig = attack_curves_figure(attacks)
+    forget = [t for t in fig.data if t.name.startswith("forget: relearn (fp)")]
+    assert list(forget[0].x) == list(range(0, STEPS + 1, EVERY))
+    assert {r["precision"] for r in recovered_rows(attacks) if r["attack"] == "relearn"} == {"fp", "nf4"}
+    assert "relearning attacks" in reviewer_report([load_run(run.name, run.parent)])
+    assert attack_curves_figure({}) is None

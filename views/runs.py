@@ -4,9 +4,11 @@ delete; on a fresh install one action: build and run the demo."""
 import pandas as pd
 import streamlit as st
 
+from mansu.attack.relearn import read_attacks
 from mansu.launch import ACTIVE, cancel_run
 from mansu.paths import runs_root
 from mansu.runs.store import delete_run
+from mansu.viz.attack import attack_curves_figure, recovered_rows
 from mansu.viz.report import badge_markdown, scorecard_rows
 from mansu.viz.tables import run_row
 from ui import launch as ui_launch
@@ -88,6 +90,11 @@ if sel.run is not None:
         st.warning(eval_sets["warning"], icon="⚠️")
     if erasure.get("reason"):
         st.info(f"structural erasure not available: {erasure['reason']}")
+    attacks = read_attacks(run.path)
+    if attacks:  # written by `mansu attack RUN --kind ...`
+        st.markdown("**Relearning attacks** (`mansu attack`): does the forgetting come back under fine-tuning?")
+        st.plotly_chart(attack_curves_figure(attacks), key="runs-attacks", width="stretch")
+        st.dataframe(pd.DataFrame(recovered_rows(attacks)), hide_index=True)
     with st.expander("config"):
         st.json(run.config, expanded=False)
 

@@ -21,12 +21,14 @@ from urllib.parse import quote
 
 import plotly.graph_objects as go
 
+from mansu.attack.relearn import read_attacks
 from mansu.io import portable_path, portable_paths
 from mansu.matrix import GapCell, MatrixRun, cell_text, cells_for, gap_matrix, summary
 from mansu.runs.store import RunSummary
 from mansu.spec import DEMO, RunSpec, demo_spec
 from mansu.unlearn.methods import METHODS
 from mansu.unlearn.methods.base import COMMON_FIELDS
+from mansu.viz.attack import attack_curves_figure
 from mansu.viz.compare import accuracy, cad_value, ptq_gap
 from mansu.viz.matrix import gap_matrix_figure
 from mansu.viz.quant import ptq_gap_by_quantizer_figure
@@ -56,6 +58,11 @@ CAPTIONS = {
            "carried the forget behaviour changed, not only the output.",
     "diff before vs after_nf4": "The forget circuit's edges before unlearning, coloured by how their attribution "
                                 "changed after unlearning + NF4 (green up, purple down).",
+    "relearning attacks": "Forget accuracy (solid) and retain accuracy (dotted) of the unlearned model while an "
+                          "attacker fine-tunes it (`mansu attack`): on a few forget records (relearn), on unrelated "
+                          "records (relearn-unrelated), or as a LoRA on its frozen NF4 twin (quantize-relearn). A "
+                          "curve climbing to the dashed base line is forgetting that comes back; the recovered "
+                          "fractions with 95% intervals are in the run's certificate.json.",
     MATRIX: "The forget-set PTQ gap of every method of the report (rows) under every quantizer (columns), pooled "
             "over its seeds: red cells are quantizers that bring forgotten answers back, blue ones lower forget "
             "accuracy further, white is no change; * marks a 95% interval that excludes 0 (hover for it).",
@@ -534,6 +541,9 @@ def reviewer_report(runs: list[RunSummary], *, generated: str | None = None) -> 
     by_quantizer = ptq_gap_by_quantizer_figure(runs[0].metrics, _max_gap(runs[0]))
     if by_quantizer is not None:
         figs["PTQ gap per quantizer"] = by_quantizer
+    curves = attack_curves_figure(read_attacks(runs[0].path))
+    if curves is not None:
+        figs["relearning attacks"] = curves
     figures = {name: figs[name] for name in CAPTIONS if name in figs}
     cells = matrix_cells(runs)
     figures.update({f"{MATRIX}: {b} base": gap_matrix_figure(cells, b) for b in dict.fromkeys(c.base for c in cells)})
