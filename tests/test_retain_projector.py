@@ -38,6 +38,7 @@ def test_fp32_rows_equal_the_dense_qr_projection(small_chunks):
     g = torch.randn(4500, generator=gen) + 3 * rows[2]
     proj = RetainProjector.from_rows(rows, dtype=torch.float32)
     assert len(proj.blocks) == 5 and proj.rank == 16
+    assert proj.nbytes == 16 * 4500 * 4 + 16 * 16 * 8             # rows + whitening, before the work buffer
     exact = _qr_projection64(rows, g)
     p = proj.project(g)
     assert _rel(p, exact, g.double() - exact) < 1e-5
@@ -45,7 +46,7 @@ def test_fp32_rows_equal_the_dense_qr_projection(small_chunks):
     assert _rel(p, dense, g - dense) < 1e-4                     # today's dense projection, same answer
     assert float((rows.double() @ p.double()).abs().max()) < 1e-4 * float(g.norm() * rows.norm(dim=1).max())
     assert _rel(proj.project(p), p, g - p) < 1e-5               # idempotent
-    assert proj.nbytes == 16 * 4500 * 4 + 16 * 16 * 8
+    assert proj.nbytes == 16 * 4500 * 4 + 16 * 16 * 8 + 16 * 1000 * 8  # + one fp64 block buffer
 
 
 def test_rank_deficient_rows_drop_the_dependent_direction(small_chunks):

@@ -14,7 +14,7 @@ inverse by an eigendecomposition, eigenvalues <= tol^2 * max dropped, i.e. singu
 rule below, with tol raised to the storage dtype's epsilon: 2^-7 for bf16, where a smaller direction is rounding).
 It never forms an orthonormal basis, so nothing of size k x n is built besides the stored rows.
 
-    memory: k x n x 2 B (bf16 rows; 4 B with dtype=float32) + k x k; transient k x CHUNK x 8 B (fp64) per chunk
+    memory: k x n x 2 B (bf16 rows; 4 B with dtype=float32) + k x k + a k x CHUNK work buffer (64 MB at k=16)
     exactness: P is the exact orthogonal projection off the span of the *stored* rows (to fp32 tolerance): with
     fp32 rows it equals the dense QR projection below; with bf16 rows it equals the QR projection (same tol) of the
     bf16-rounded gradients, and differs from the fp32 one by the rounding (relative ~2^-8 of what is removed).
@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import torch
 
-CHUNK = 1 << 18  # coordinates per column chunk of the Gram and the projection (k x CHUNK x 8 B fp64 transients)
+# Coordinates per column block: few large ops (on a busy CPU each threaded op can wait for a core), one reused
+# k x CHUNK work buffer (64 MB at k = 16 in fp32).
+CHUNK = 1 << 20
 
 
 class RetainProjector:
@@ -43,6 +45,7 @@ class RetainProjector:
         # fp32 rows are the exact mode (conditioning up to 1/tol^2 = 1e12): fp64 arithmetic; bf16 rows: fp32
         self.work = torch.float64 if dtype == torch.float32 else torch.float32
         self.whiten: torch.Tensor | None = None  # U [k, r] with G^T U orthonormal, so (G G^T)^+ = U U^T
+        self._buf: torch.Tensor | None = None    # [k, min(CHUNK, n)] in `work`: each block converted into it
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor, **kw) -> RetainProjector:
@@ -58,7 +61,8 @@ class RetainProjector:
     @property
     def nbytes(self) -> int:
         rows = sum(b.numel() * b.element_size() for b in self.blocks)
-        return rows + (0 if self.whiten is None else self.whiten.numel() * 8)
+        work = 0 if self._buf is None else self._buf.numel() * self._buf.element_size()
+        return rows + work + (0 if self.whiten is None else self.whiten.numel() * 8)
 
     def add(self, g: torch.Tensor) -> None:
         """Store one retain gradient (flat [n]) as the next row."""
@@ -88,15 +92,23 @@ class RetainProjector:
             raise RuntimeError("RetainProjector.finish() was not called")
         if self.rank == 0:
             return g.clone()
-        chunks = list(zip(range(0, self.n, CHUNK), self.blocks))
         c = torch.zeros(self.k, dtype=torch.float64)  # G g
-        for lo, block in chunks:
-            c += (block.to(self.work) @ g[lo: lo + block.shape[1]].to(self.work)).double()
+        for lo, rows in self._converted():
+            c += (rows @ g[lo: lo + rows.shape[1]].to(self.work)).double()
         w = (self.whiten @ (self.whiten.T @ c)).to(self.work)  # (G G^T)^+ G g
         out = g.clone()
-        for lo, block in chunks:
-            out[lo: lo + block.shape[1]] -= (block.to(self.work).T @ w).to(g.dtype)
+        for lo, rows in self._converted():
+            out[lo: lo + rows.shape[1]] -= (rows.T @ w).to(g.dtype)
         return out
+
+    def _converted(self):
+        """(offset, block in the work dtype) for each column block, through the one reused buffer."""
+        if self._buf is None:
+            self._buf = torch.empty(self.k, min(CHUNK, self.n), dtype=self.work)
+        for lo, block in zip(range(0, self.n, CHUNK), self.blocks):
+            rows = self._buf[:, : block.shape[1]]
+            rows.copy_(block)
+            yield lo, rows
 
 
 def orthonormal_basis(gradients: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
