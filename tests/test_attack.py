@@ -138,3 +138,23 @@ def test_curves_reach_the_app_figure_and_the_reviewer_report(runs_env):
     assert {r["precision"] for r in recovered_rows(attacks) if r["attack"] == "relearn"} == {"fp", "nf4"}
     assert "relearning attacks" in reviewer_report([load_run(run.name, run.parent)])
     assert attack_curves_figure({}) is None
+
+
+def test_runs_page_shows_the_attack_curves(runs_env, tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    run, _ = runs_env
+    assert main(["attack", run.name, "--kind", "relearn", *FAST]) == 0
+    shutil.copytree(run, tmp_path / "runs" / run.name)
+    monkeypatch.setenv("MANSU_HOME", str(tmp_path))
+    monkeypatch.setenv("MANSU_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+    at.run()
+    at.switch_page("views/runs.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Relearning attacks" in m.value for m in at.markdown)
+    assert any(r["attack"] == "relearn" for r in at.dataframe[-1].value.to_dict("records"))
