@@ -12,6 +12,9 @@ stamp=".venv/.installed-$(basename "$requirements")-$(cat requirements*.txt pypr
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -r "$requirements"
+  if [ "$(basename "$requirements")" = requirements-dev.txt ]; then  # the tests' corpus: without its stale deps
+    .venv/bin/python -m pip install --quiet --no-deps -r requirements-corpus.txt
+  fi
   .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
   touch "$stamp"
 fi
