@@ -52,6 +52,7 @@ def run_unlearning(model, forget: TokenBatch, retain: TokenBatch, config: Unlear
     method.prepare()
     prep = time.perf_counter() - t0
     total, steps = torch.zeros(index.numel), []
+    state = state_bytes(method, total)
     for i in range(config.steps):
         t = time.perf_counter()
         delta, stats = method.step(i)
@@ -64,4 +65,34 @@ def run_unlearning(model, forget: TokenBatch, retain: TokenBatch, config: Unlear
             on_step(record)
     summary = {"prepare_seconds": round(prep, 3), "loop_seconds": round(time.perf_counter() - t0 - prep, 3),
                "n_coordinates": index.numel, "n_params_touched": int((total != 0).sum())}
+    state = max(state, state_bytes(method, total))
+    summary.update(state_bytes=state, state_bytes_per_coordinate=round(state / max(index.numel, 1), 2))
     return UnlearnResult(index, total, steps, method.proposal, method.priority, method.fisher, summary)
+
+
+_NOT_STATE = ("model", "forget", "retain", "config", "cache")  # inputs and shared caches, not the method's state
+
+
+def state_bytes(method, *extra: torch.Tensor) -> int:
+    """Bytes of the engine's per-run state: the index's flat indices, `extra` (the cumulative update) and every
+    tensor the method holds, one level into its optimizer, floor geometry and projector; each storage once."""
+    seen: dict[int, int] = {}
+
+    def add(value) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                add(v)
+
+    add(method.index.flat_idx)
+    add(extra)
+    for name, value in vars(method).items():
+        if name in _NOT_STATE or isinstance(value, torch.nn.Module):
+            continue
+        add(value)
+        if hasattr(value, "__dict__") and not isinstance(value, torch.Tensor):
+            for inner in vars(value).values():
+                add(inner)
+    return sum(seen.values())
