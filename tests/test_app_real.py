@@ -68,7 +68,7 @@ def test_apply_kappa_starts_a_child_run_of_the_backend(app_env):
     import time
 
     from mansu.launch import cancel_run, find_run_for_pid
-    from mansu.runs.store import load_run
+    from mansu.runs.store import artifact, load_run
 
     at = AppTest.from_file(APP, default_timeout=120).run()
     at.switch_page("views/update_nf4.py").run()
@@ -89,7 +89,8 @@ def test_apply_kappa_starts_a_child_run_of_the_backend(app_env):
         assert child is not None, info.log_path.read_text()[-2000:]
         spec = load_run(child, app_env.parent).config["spec"]
         assert spec["parent_run"] == app_env.name and spec["unlearn"]["kappa"] == 1.5
-        assert (app_env.parent / child / "circuit.json").is_file()  # the parent's circuit, reused
+        # the parent's circuit, reused by reference (inherited.json), not copied
+        assert artifact(app_env.parent / child, "circuit.json") == app_env / "circuit.json"
     finally:
         if child is not None:
             cancel_run(child, app_env.parent)
