@@ -72,7 +72,7 @@ def summary_line(result: dict) -> str:
     parts = []
     for precision, s in result["summary"].items():
         if s.get("recovered") is None:
-            parts.append(f"{precision} n/a")
+            parts.append(f"{precision} n/a ({s.get('reason', 'not measured')})")
         else:
             parts.append(f"{precision} {s['recovered']:+.2f} [{s['ci_low']:+.2f}, {s['ci_high']:+.2f}]")
     return (f"{result['kind']}: forget {curve[0]['forget']:.3f} -> {curve[-1]['forget']:.3f} in {curve[-1]['step']} "
