@@ -6,6 +6,7 @@ import streamlit as st
 
 from mansu.attack.relearn import read_attacks
 from mansu.launch import ACTIVE, cancel_run
+from mansu.metrics.text import text_summary
 from mansu.paths import runs_root
 from mansu.runs.store import delete_run
 from mansu.viz.attack import attack_curves_figure, recovered_rows
@@ -88,6 +89,8 @@ if sel.run is not None:
                f"{eval_sets.get('retain', 'the retain split')}")
     if eval_sets.get("warning"):
         st.warning(eval_sets["warning"], icon="⚠️")
+    if text_summary(run.metrics or {}):  # QA/text memorisation metrics (mansu.metrics.text, docs/metrics.md)
+        st.caption(text_summary(run.metrics or {}))
     if erasure.get("reason"):
         st.info(f"structural erasure not available: {erasure['reason']}")
     attacks = read_attacks(run.path)

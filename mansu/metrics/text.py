@@ -196,3 +196,22 @@ def text_metrics(model: Any, tokenizer: Any, records: Sequence[Record], *, loss:
         check_holdout(records, holdout)
         out["mia"] = membership(model, tokenizer, records, holdout, tmpl)
     return out
+
+
+def text_summary(metrics: dict[str, Any]) -> str | None:
+    """One line of a run's QA/text memorisation metrics, base -> unlearned (fp), for the Runs page; None without."""
+    base, after = (metrics or {}).get("base_fp") or {}, (metrics or {}).get("unlearned_fp") or {}
+    if "rouge_l_recall" not in (base.get("forget") or {}):
+        return None
+    parts = []
+    for split in ("forget", "retain"):
+        b, a = base.get(split) or {}, after.get(split) or {}
+        if "rouge_l_recall" in b:
+            parts.append(f"{split} {b['rouge_kind']} ROUGE-L recall {b['rouge_l_recall']:.2f} → "
+                         f"{a.get('rouge_l_recall', float('nan')):.2f}, loss {b['loss']:.2f} → "
+                         f"{a.get('loss', float('nan')):.2f} nats")
+    mia_b, mia_a = (base.get("forget") or {}).get("mia"), (after.get("forget") or {}).get("mia")
+    if mia_b and mia_a:
+        parts.append(f"membership AUC {mia_b['auc']:.2f} → {mia_a['auc']:.2f} (PrivLeak {mia_b['privleak']:+.0f} → "
+                     f"{mia_a['privleak']:+.0f})")
+    return " · ".join(parts)
