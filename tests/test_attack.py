@@ -158,3 +158,29 @@ def test_runs_page_shows_the_attack_curves(runs_env, tmp_path, monkeypatch):
     assert not at.exception, [e.value for e in at.exception]
     assert any("Relearning attacks" in m.value for m in at.markdown)
     assert any(r["attack"] == "relearn" for r in at.dataframe[-1].value.to_dict("records"))
+
+
+def test_lora_on_the_nf4_twin_trains_only_the_adapter():
+    """QLoRA as quantize-relearn runs it: inside the twin + adapter block the model starts as its NF4 twin (B = 0),
+    one step moves only the adapter, and on exit the model's own weights and output are as before."""
+    import torch
+
+    from mansu.attack.lora import lora
+    from mansu.quant.twin import quantized
+    from mansu.testing import tiny_llama
+
+    model = tiny_llama(vocab_size=40, hidden=64)
+    x = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fp = model(input_ids=x).logits.detach()
+    with quantized(model, "nf4") as twin:
+        nf4 = twin.model(input_ids=x).logits.detach()
+    with quantized(model, "nf4"), lora(model, rank=4) as adapters:
+        assert torch.equal(model(input_ids=x).logits, nf4)
+        assert not any(p.requires_grad for p in model.parameters())
+        loss = model(input_ids=x).logits.logsumexp(-1).mean()
+        loss.backward()
+        torch.optim.SGD(adapters, lr=0.1).step()
+        assert not torch.allclose(model(input_ids=x).logits, nf4)
+    assert all(torch.equal(p, weights[n]) and p.requires_grad for n, p in model.named_parameters())
+    assert torch.equal(model(input_ids=x).logits, fp)

@@ -20,11 +20,11 @@ import torch
 from mansu.quant.targets import quantizable_modules
 
 
-def _adapter(in_features: int, out_features: int, rank: int, device: Any) -> tuple[torch.nn.Parameter,
-                                                                                   torch.nn.Parameter]:
-    a = torch.empty(rank, in_features, device=device)
-    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft's default for A
-    return torch.nn.Parameter(a), torch.nn.Parameter(torch.zeros(out_features, rank, device=device))
+def _adapter(in_features: int, out_features: int, rank: int, gen: torch.Generator) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    a = torch.empty(rank, in_features)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)  # peft's default for A
+    return a, torch.zeros(out_features, rank)
 
 
 @contextlib.contextmanager
@@ -33,7 +33,7 @@ def lora(model: Any, *, rank: int = 8, alpha: float = 16.0, seed: int = 0) -> It
     parameters are frozen in the block (requires_grad restored on exit) and `params` are the adapters to train."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     scale = alpha / rank
     frozen = {name: p.requires_grad for name, p in model.named_parameters()}
     params: list[torch.nn.Parameter] = []
@@ -51,7 +51,7 @@ def lora(model: Any, *, rank: int = 8, alpha: float = 16.0, seed: int = 0) -> It
         for name, is_conv in quantizable_modules(model).items():
             weight = model.get_submodule(name).weight
             in_f, out_f = (weight.shape[0], weight.shape[1]) if is_conv else (weight.shape[1], weight.shape[0])
-            a, b = _adapter(in_f, out_f, rank, weight.device)
+            a, b = (torch.nn.Parameter(t.to(weight.device)) for t in _adapter(in_f, out_f, rank, gen))
             params += [a, b]
             handles.append(model.get_submodule(name).register_forward_hook(hook_for(a, b)))
         yield params
