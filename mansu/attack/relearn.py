@@ -36,19 +36,16 @@ from typing import Any, Literal, get_args
 
 from mansu.io import read_checked, write_checked
 from mansu.options import opt, validate
+from mansu.runs import layout
 
 log = logging.getLogger(__name__)
 
 AttackKind = Literal["relearn", "relearn-unrelated", "quantize-relearn"]
 KINDS: tuple[str, ...] = get_args(AttackKind)
 ALL = "all"  # every kind, then certificate.json
-CERTIFICATE = "certificate.json"
+CERTIFICATE = layout.CERTIFICATE
 FP = "fp"
-
-
-def attack_file(run: Path, kind: str) -> Path:
-    """attack_<kind>.json in the run folder."""
-    return Path(run) / f"attack_{kind}.json"
+attack_file = layout.attack_json
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@
         update.safetensors     the update delta and bin widths of updated parameters (floor preview)
         model_update.safetensors  the unlearned model as touched coordinates + values over the base (mansu export)
         model/                 the unlearned model (save_pretrained), only with --save-model
+        attack_<kind>.json     a relearning attack's recovery curve and recovered fractions (mansu attack)
+        certificate.json       the durability certificate: recovered fraction per attack and precision
 """
 
 from pathlib import Path
@@ -38,6 +40,7 @@ UPDATE = "update.safetensors"
 MODEL_UPDATE = "model_update.safetensors"
 INHERITED = "inherited.json"
 MODEL_DIR = "model"
+CERTIFICATE = "certificate.json"
 
 ATTRIBUTION_STAGES = ("before", "after_fp", "after_nf4")
 
@@ -55,3 +58,8 @@ def attribution_tracer_json(run_dir: Path, stage: str) -> Path:
 def attribution_tensors(run_dir: Path, stage: str) -> Path:
     """The dense edge scores of one attribution stage."""
     return Path(run_dir) / ATTRIBUTION_DIR / f"{stage}.safetensors"
+
+
+def attack_json(run_dir: Path, kind: str) -> Path:
+    """The file of one relearning attack (mansu.attack.relearn.KINDS)."""
+    return Path(run_dir) / f"attack_{kind}.json"
