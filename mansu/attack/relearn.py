@@ -209,55 +209,64 @@ def grid_quantizers(spec: Any) -> list[str]:
     return [q for q in parse_quantizers(spec.quantizers, calibrated=True) if q in QUANTIZERS]
 
 
-def _forget_under(model: Any, q: str, blocksize: int, evaluate_forget: Callable[[Any], dict]) -> dict:
-    from mansu.quant.twin import quantized
-
-    with quantized(model, q, blocksize=blocksize) as twin:
-        return evaluate_forget(twin.model)
-
-
 def run_attack(run: Path, kind: AttackKind, cfg: AttackConfig, *, device: str = "cpu") -> dict[str, Any]:
     """Attack the unlearned model of `run` with `kind`; writes attack_<kind>.json and returns it."""
     from mansu.commands.export import rebuild_model
-    from mansu.metrics.scoring import score_records
     from mansu.runs.store import read_config, read_metrics
     from mansu.spec import RunSpec
     from mansu.unlearn.data import encode_records
 
     spec = RunSpec.from_dict(read_config(run)["spec"])
-    metrics = read_metrics(run)
     data = attack_data(spec, kind, cfg)
     lm = rebuild_model(run, device=device)
     template = spec.prompt_template
     batch = encode_records(lm.tokenizer, data.train, template)
     evaluate = _scorer(lm.model, lm.tokenizer, data, template)
-    blocksize = spec.unlearn.blocksize
-
-    def forget_scores(model: Any) -> dict:
-        return score_records(model, lm.tokenizer, data.forget, template=template, batch_size=256, n_boot=200)
-
     if kind == "quantize-relearn":
-        curve, first, last = _qlora_curve(lm.model, batch, cfg, data, evaluate, blocksize)
-        precisions = {"nf4": (first["forget"]["correct"], last["forget"]["correct"])}
+        curve, first, last = _qlora_curve(lm.model, batch, cfg, data, evaluate, spec.unlearn.blocksize)
+        pairs = {"nf4": (first["forget"]["correct"], last["forget"]["correct"])}
     else:
-        quants = grid_quantizers(spec)
-        before = {q: _forget_under(lm.model, q, blocksize, forget_scores)["correct"] for q in quants}
-        curve, first, last = relearn_curve(lm.model, list(lm.model.parameters()), batch, cfg.lr, cfg, data, evaluate)
-        precisions = {FP: (first["forget"]["correct"], last["forget"]["correct"])}
-        precisions |= {q: (before[q], _forget_under(lm.model, q, blocksize, forget_scores)["correct"])
-                       for q in quants}
-    summary = {}
-    for precision, (unlearned, attacked) in precisions.items():
-        base = base_correct(metrics, precision)
-        summary[precision] = ({"recovered": None, "reason": f"no base forget evaluation under {precision} in "
-                                                            "metrics.json"} if base is None or len(base) != len(
-            unlearned) else summarise(base, unlearned, attacked, data.held_out))
+        curve, pairs = _fp_attack(lm, spec, batch, cfg, data, evaluate)
     out = {"kind": kind, "run_id": Path(run).name, "method": spec.method, "base_alignment": spec.base_alignment,
            "config": asdict(cfg), "precision": "nf4" if kind == "quantize-relearn" else FP,
            "records": {"train": len(data.train), "forget": len(data.forget), "held_out": len(data.held_out),
                        "retain": len(data.retain), "template": template},
-           "curve": curve, "summary": summary}
+           "curve": curve, "summary": _summaries(read_metrics(run), pairs, data.held_out)}
     write_checked(attack_file(run, kind), out, check_attack)
+    return out
+
+
+def _fp_attack(lm: Any, spec: Any, batch: Any, cfg: AttackConfig, data: AttackData,
+               evaluate: Callable[[], Scores]) -> tuple[list[dict[str, Any]], dict[str, tuple[list, list]]]:
+    """Full fine-tuning: the curve, and {precision: (unlearned, attacked) forget scores} in fp and under each of the
+    run's grid quantizers (the attacked model deployed quantized)."""
+    from mansu.metrics.scoring import score_records
+
+    def forget_under(q: str) -> list:
+        from mansu.quant.twin import quantized
+
+        with quantized(lm.model, q, blocksize=spec.unlearn.blocksize) as twin:
+            return score_records(twin.model, lm.tokenizer, data.forget, template=spec.prompt_template,
+                                 batch_size=256, n_boot=200)["correct"]
+
+    quants = grid_quantizers(spec)
+    before = {q: forget_under(q) for q in quants}
+    curve, first, last = relearn_curve(lm.model, list(lm.model.parameters()), batch, cfg.lr, cfg, data, evaluate)
+    return curve, {FP: (first["forget"]["correct"], last["forget"]["correct"]),
+                   **{q: (before[q], forget_under(q)) for q in quants}}
+
+
+def _summaries(metrics: dict[str, Any], pairs: dict[str, tuple[list, list]],
+               held_out: list[int]) -> dict[str, dict[str, Any]]:
+    """{precision: recovered fraction} against the run's base evaluation in that precision."""
+    out = {}
+    for precision, (unlearned, attacked) in pairs.items():
+        base = base_correct(metrics, precision)
+        if base is None or len(base) != len(unlearned):
+            out[precision] = {"recovered": None, "reason": f"no base forget evaluation under {precision} on these "
+                                                           "questions in metrics.json"}
+        else:
+            out[precision] = summarise(base, unlearned, attacked, held_out)
     return out
 
 
