@@ -19,7 +19,7 @@ from conftest import REPO
 from mansu.runs import layout
 
 PLAYS = {"forget": "macbeth", "retain": ("hamlet", "lear", "tempest", "othello")}
-N_FORGET, N_RETAIN_PER_PLAY, N_HOLDOUT = 24, 6, 24
+N_FORGET, N_RETAIN_PER_PLAY, N_HOLDOUT = 16, 4, 16
 QUANTIZERS = ("nf4", "fp4", "int8", "int4-g128")
 TEXT_KEYS = ("rouge_l_recall", "rouge_l_f", "rouge_l_per_record", "perplexity", "loss")
 
@@ -39,7 +39,7 @@ def play_lines(play: str, n: int, skip: int = 0) -> list[str]:
     return spoken[skip:skip + n]
 
 
-def train_memoriser(texts: list[str], tokenizer, steps: int = 80):
+def train_memoriser(texts: list[str], tokenizer, steps: int = 60):
     """A tiny Llama (hidden 128: int4-g128's group fits) trained on every text, full batch, until it reproduces them
     (the loss floor is the first word of each line, unpredictable after BOS)."""
     import torch
@@ -138,4 +138,5 @@ def test_unlearning_shakespeare_drops_verbatim_recall(corpus, tmp_path, method, 
     assert metrics["unlearned_fp"]["forget"]["rouge_l_ci_high"] < metrics["base_fp"]["forget"]["rouge_l_ci_low"]
     forgetting = card["properties"]["forgetting"]
     assert forgetting["metric"] == "verbatim ROUGE-L recall" and forgetting["value"] == pytest.approx(before - after)
-    assert "loss_rise" in card["properties"]["retain"]
+    rise = metrics["unlearned_fp"]["retain"]["loss"] - metrics["base_fp"]["retain"]["loss"]
+    assert card["properties"]["retain"]["loss_rise"] == pytest.approx(rise, abs=1e-9)
