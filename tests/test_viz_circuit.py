@@ -227,7 +227,7 @@ def test_cad_split_sums_to_cad_and_separates_shrinkage_from_rerouting():
     assert (mixed.edge_shrinkage + mixed.edge_rerouting).sum() == pytest.approx(mixed.cad)
     cls = {(d.names[a], d.names[b]): c for a, b, c in zip(d.src, d.dst, mixed.edge_class)}
     assert cls[("input", "m0")] == "shrinkage" and cls[("m0", "logits")] == "rerouting"
-    assert cls[("a0.h0", "m0")] == "rerouting" and cls[("a0.h1", "m0")] == "outside circuit"
+    assert cls[("a0.h0", "m0")] == "rerouting" and cls[("a0.h1", "m0")] == "grew outside circuit"
     assert mixed.outside_gain == pytest.approx(0.7 / 7.7)
 
 

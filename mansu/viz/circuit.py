@@ -274,12 +274,13 @@ def node_edges(graph: GraphData, node: str, direction: EdgeDirection, limit: int
 
 DiffColour = Literal["change", "split"]
 CHANGE_COLORS = ("#2ca02c", "#9467bd")   # after - before: green up, purple down
-SPLIT_COLORS = dict(zip(EDGE_CLASSES, ("#1f77b4", "#d62728", "#ff7f0e", "#bbbbbb")))  # shrinkage, rerouting, ...
+SPLIT_COLORS = dict(zip(EDGE_CLASSES, ("#1f77b4", "#d62728", "#ff7f0e", "#cccccc", "#888888")))  # in that order
 SPLIT_RULE = ("CAD split (over the original circuit's edges, as in mansu.attribution.cad): shrinkage is the net "
               "scale change |S−T|/(S+T) (S, T: the circuit's total |score| before and after), shared among the "
               "edges that shrank with it; rerouting is the rest of CAD: sign flips, and redistribution (edges "
-              "moving against the net change). An edge is coloured by its larger part. Edges outside the circuit "
-              "whose |score| grew are rerouting that CAD does not see: shown in orange and counted apart.")
+              "moving against the net change). Colours: blue = circuit edge, same sign, smaller (shrinkage); red = "
+              "circuit edge that flipped sign or grew (rerouting); orange = edge outside the circuit whose |score| "
+              "grew (rerouting that CAD does not see, counted apart); light grey = other edges outside the circuit.")
 
 
 def diff_nodes(diff: GraphDiff, change: np.ndarray) -> GraphData:
@@ -330,7 +331,8 @@ def graph_diff_figure(diff: GraphDiff, *, colour: DiffColour = "change", relativ
     traces.append(node)
     fig = go.Figure(traces)
     kind = "relative change (after − before)/|before|, clipped at ±200%" if relative else "change (after − before)"
-    _axes(fig, diff.names, diff.layers, title or f"{kind}: {pruned.summary().replace('|score|', '|change|')}")
+    _axes(fig, diff.names, diff.layers, f"{title + ' · ' if title else ''}{kind}"
+          f"<br><sup>{pruned.summary().replace('|score|', '|change|')}</sup>")
     return fig
 
 

@@ -18,8 +18,11 @@ by one factor; rerouting is the rest. Per edge (each edge's share of CAD is cad.
   change (shrank when T < S) in proportion to m_e; their remaining magnitude change and that of every edge moving
   against the net change (redistribution among the circuit's edges) is rerouting.
 
-Attribution moving onto edges outside the circuit is rerouting too, but CAD does not see it: it is reported
-beside CAD as `outside_gain` = sum over edges outside C of max(|t_e| - |s_e|, 0), in the same units (/(S + T)).
+An edge's class (its colour in the diff view) follows the issue's wording: a circuit edge that flipped sign or grew is
+rerouting, one that kept its sign and shrank is shrinkage; outside the circuit, an edge whose |score| grew is
+"grew outside circuit". Attribution moving onto edges outside the circuit is rerouting too, but CAD does not see
+it: it is reported beside CAD as `outside_gain` = sum over edges outside C of max(|t_e| - |s_e|, 0), in the same
+units (/(S + T)).
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ import numpy as np
 from mansu.viz.artifacts import GraphData
 
 GROUP_NODE_LIMIT = 300   # above this many nodes the explorer draws one node per layer's heads by default
-EdgeClass = Literal["shrinkage", "rerouting", "outside circuit", "unchanged"]
-EDGE_CLASSES: tuple[EdgeClass, ...] = ("shrinkage", "rerouting", "outside circuit", "unchanged")
+EdgeClass = Literal["shrinkage", "rerouting", "grew outside circuit", "outside circuit", "unchanged"]
+EDGE_CLASSES: tuple[EdgeClass, ...] = ("shrinkage", "rerouting", "grew outside circuit", "outside circuit",
+                                       "unchanged")
 
 
 # ------------------------------------------------------------------------------------------------------- pruning
@@ -251,9 +255,10 @@ def cad_split(diff: GraphDiff) -> CADSplit:
     edge_reroute = sign_part + magnitude - edge_shrink
     outside = ~circ & (np.abs(t) > np.abs(s))
     classes = np.full(n, "unchanged", dtype=object)
-    classes[circ & (edge_shrink + edge_reroute > 0)] = "rerouting"
-    classes[circ & (edge_shrink > 0) & (edge_shrink >= edge_reroute)] = "shrinkage"
-    classes[outside] = "outside circuit"
+    classes[circ & (flip | (np.abs(t) > np.abs(s)))] = "rerouting"
+    classes[circ & ~flip & (np.abs(t) < np.abs(s))] = "shrinkage"
+    classes[~circ & (s != t)] = "outside circuit"
+    classes[outside] = "grew outside circuit"
     cad = float(np.abs(s[circ] - t[circ]).sum()) / den
     rerouting = cad - shrink_total if cad - shrink_total > 1e-12 else 0.0      # rounding, not rerouting
     return CADSplit(cad, shrink_total, rerouting, float((np.abs(t) - np.abs(s))[outside].sum()) / den,
