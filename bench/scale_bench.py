@@ -2,10 +2,10 @@
 updated coordinate and the run folder's bytes per parameter, against the dense design's figures.
 
 Each size is the Llama-3.2-1B layout (hidden 2048, MLP 8192, 32 heads, 8 KV heads, tied embeddings) with fewer
-layers and the tiny world's word-level vocabulary (mansu.testing.write_tiny_world: 4 forget and 4 retain MCQ
-records), random init, saved in bf16.  Per size, three commands run as child processes (so each peak RSS is its
-own, from os.wait4): `mansu attribute`, `mansu run --method mansu` and `mansu run --method graddiff`, all
-`--dtype bf16 --device cpu`, few steps.
+layers and the tiny world's word-level vocabulary and records (mansu.testing.write_tiny_world: 4 forget MCQ
+records; 16 retain records from its names), random init, saved in bf16.  Per size, three commands run as child
+processes (so each peak RSS is its own, from os.wait4): `mansu attribute`, `mansu run --method mansu` and
+`mansu run --method graddiff`, all `--dtype bf16 --device cpu`, few steps.
 
     engine B/coord    measured: the run's metrics.json "unlearn".state_bytes_per_coordinate, i.e. the bytes of
                       every tensor the method holds after prepare() and after the last step (index, update,
@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 LAYOUT = {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
           "tie_word_embeddings": True, "max_position_embeddings": 256, "rope_theta": 500000.0}  # Llama-3.2-1B
+RETAIN_RECORDS = 16
 
 
 def dense_reference(method: str, k: int) -> dict[str, float]:
@@ -50,13 +51,18 @@ def dense_reference(method: str, k: int) -> dict[str, float]:
 
 
 def build_world(root: Path, layers: int) -> tuple[dict[str, str], int]:
-    """The tiny world's records and tokenizer with a random-init Llama of `layers` layers (bf16) in its place."""
+    """The tiny world's records and tokenizer with a random-init Llama of `layers` layers (bf16) in its place, and
+    RETAIN_RECORDS retain records (its names and colours recombined), so MANSU keeps up to 16 retain gradients."""
     import torch
     import transformers as tf
 
-    from mansu.testing import write_tiny_world
+    from mansu.testing import TINY_WORDS, write_tiny_world
 
     world = write_tiny_world(root)
+    names, colors = TINY_WORDS.split()[2:10], ["red", "blue", "green", "amber"]
+    rows = [{"question": f"Where is {names[i % 8]} from ?", "choices": colors, "answer": (i + i // 8) % 4,
+             "subject": names[i % 8]} for i in range(RETAIN_RECORDS)]
+    Path(world["retain"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = tf.AutoTokenizer.from_pretrained(world["model"])
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=len(tok), num_hidden_layers=layers, pad_token_id=tok.pad_token_id, **LAYOUT)
@@ -110,7 +116,7 @@ def bench_size(layers: int, args, tmp: Path) -> list[dict]:
         stages = json.loads((run / "stages.json").read_text()).get("seconds", {}) if run and (
             run / "stages.json").exists() else {}
         unlearn = metrics.get("unlearn", {})
-        ref = dense_reference(method, args.k)
+        ref = dense_reference(method, min(args.k, RETAIN_RECORDS))  # MANSU keeps min(k, retain records) rows
         per_coord = unlearn.get("state_bytes_per_coordinate")
         out.append({"stage": f"run {method}", "exit": code, "peak_rss_gb": round(rss / 2**30, 2),
                     "wall_s": round(wall, 1), "coordinates": unlearn.get("n_coordinates"),
@@ -145,14 +151,15 @@ def main() -> None:
     largest = [r for r in rows if r["layers"] == sizes[-1]]
     by = {r["stage"]: r for r in largest}
     mansu, gd = by.get("run mansu", {}), by.get("run graddiff", {})
+    k = min(args.k, RETAIN_RECORDS)
     peak = max(r["peak_rss_gb"] for r in largest)
     value = mansu.get("engine_B_per_coord")
     ok = (all(r["exit"] == 0 for r in rows) and value is not None and value <= 24
           and (gd.get("engine_B_per_coord") or 1e9) <= 16 and peak < 12)
     print(json.dumps({"bench": "scale", "metric": "mansu_engine_bytes_per_coordinate", "value": value,
-                      "unit": "B/coord", "reference": f"dense design at k={args.k} (at rest)",
-                      "reference_value": dense_reference("mansu", args.k)["rest"],
-                      "ratio": round(value / dense_reference("mansu", args.k)["rest"], 3) if value else None,
+                      "unit": "B/coord", "reference": f"dense design at k={k} (at rest)",
+                      "reference_value": dense_reference("mansu", k)["rest"],
+                      "ratio": round(value / dense_reference("mansu", k)["rest"], 3) if value else None,
                       "graddiff_B_per_coord": gd.get("engine_B_per_coord"),
                       "largest_parameters": largest[0]["parameters"],
                       "largest_peak_rss_gb": peak, "target": "MANSU <= 24, GradDiff <= 16 B/coord, peak < 12 GB",
