@@ -92,7 +92,9 @@ def test_node_search_pins_a_node_and_draws_its_edges(server, tab, circuit_runs):
     tab.wait_for_function(f"() => ({_TRACE_NAMES})().some(n => n.startsWith('edges of a5.h3'))", timeout=60_000)
     names = tab.evaluate(_TRACE_NAMES)
     assert any(n.startswith("search matches") for n in names), names
-    assert tab.get_by_text("search 'a5.h3': 3 node(s): a5.h3, a5.h30, a5.h31").count() == 1
+    matches = tab.get_by_text("search 'a5.h3': 3 node(s): a5.h3, a5.h30, a5.h31")
+    matches.first.wait_for(timeout=60_000)
+    assert matches.count() == 1
     tab.wait_for_function("() => document.querySelectorAll('[data-testid=\"stDataFrame\"]').length >= 2",
                           timeout=60_000)                                     # its incoming and outgoing edges
     _no_exception(tab)
@@ -102,6 +104,7 @@ def test_diff_view_shows_the_cad_split_on_one_layout(server, tab, circuit_runs):
     DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
     tab.set_viewport_size({"width": 1400, "height": 1900})      # the page scrolls inside streamlit: show it all
     _open(tab, f"{server}/circuit?run={circuit_runs[2]['small']}")
+    _wait_chart(tab)  # the first script run has selected the linked run: a click before it may rerun on another
     tab.get_by_text("diff of two graphs").click()
     tab.locator("[data-testid='stMetric']", has_text="CAD (A → B)").first.wait_for(timeout=60_000)
     _wait_chart(tab)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,14 @@ def all_runs() -> list[RunSummary]:
 def run_name(run: RunSummary) -> str:
     """The run's label (mansu.spec.run_label) for legends and headings."""
     return run_label(run.run_id, run.config)
+
+
+def picker_labels(runs: list[RunSummary]) -> dict[str, str]:
+    """Each run's label, with its id added where two runs share one: Streamlit maps a picked option back by its
+    label, so two equal labels would select the wrong run."""
+    names = {r.run_id: run_name(r) for r in runs}
+    counts = Counter(names.values())
+    return {i: name if counts[name] == 1 else f"{name} ({i})" for i, name in names.items()}
 
 
 def page_preamble(title: str) -> Selection:
@@ -95,14 +104,15 @@ def sidebar() -> Selection:
         _apply_url_run(ids)
         if st.session_state.get(RUN_KEY) not in ids:
             st.session_state[RUN_KEY] = ids[0]
+        labels = picker_labels(runs)
         st.selectbox("run", ids, key=RUN_KEY,
-                     format_func=lambda i: f"{run_name(by_id[i])}  [{by_id[i].status.get('state', '?')}]")
+                     format_func=lambda i: f"{labels[i]}  [{by_id[i].status.get('state', '?')}]")
         _write_url_run(st.session_state[RUN_KEY])
         compare_options = [NONE, *[i for i in ids if i != st.session_state[RUN_KEY]]]
         if st.session_state.get(COMPARE_KEY) not in compare_options:
             st.session_state[COMPARE_KEY] = NONE
         st.selectbox("compare with", compare_options, key=COMPARE_KEY,
-                     format_func=lambda i: i if i == NONE else run_name(by_id[i]))
+                     format_func=lambda i: i if i == NONE else labels[i])
     compare_id = st.session_state[COMPARE_KEY]
     return Selection(by_id[st.session_state[RUN_KEY]], by_id.get(compare_id), runs)
 

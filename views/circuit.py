@@ -28,7 +28,7 @@ from mansu.viz.graph_ops import (
     subgraph_tracer_json,
 )
 from mansu.viz.report import export_images
-from ui.state import load_graph, load_json, not_computed, page_preamble, require_run, run_name
+from ui.state import load_graph, load_json, not_computed, page_preamble, picker_labels, require_run, run_name
 
 sel = page_preamble("Circuit")
 run = require_run(sel)
@@ -52,9 +52,10 @@ def diff_view() -> None:
     st.caption("Both graphs on one fixed layout (positions depend only on node names). Pick a comparison run in "
                "the sidebar to diff two runs.")
     cols = st.columns(4)
-    run_a = cols[0].selectbox("graph A: run", list(runs), format_func=lambda i: run_name(runs[i]), key="diff-run-a")
+    labels = picker_labels(list(runs.values()))
+    run_a = cols[0].selectbox("graph A: run", list(runs), format_func=labels.get, key="diff-run-a")
     stage_a = cols[1].selectbox("graph A: stage", list(STAGE_LABELS), format_func=STAGE_LABELS.get, key="diff-a")
-    run_b = cols[2].selectbox("graph B: run", list(runs), format_func=lambda i: run_name(runs[i]), key="diff-run-b")
+    run_b = cols[2].selectbox("graph B: run", list(runs), format_func=labels.get, key="diff-run-b")
     stage_b = cols[3].selectbox("graph B: stage", list(STAGE_LABELS), index=1, format_func=STAGE_LABELS.get,
                                 key="diff-b")
     a, b = load_graph(runs[run_a], stage_a), load_graph(runs[run_b], stage_b)
