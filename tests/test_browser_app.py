@@ -302,7 +302,7 @@ def test_click_a_node_pins_it_and_lists_its_edges(server, page, with_runs):
         const r = gd.getBoundingClientRect();
         return [r.left + fl._size.l + fl.xaxis.l2p(tr.x[i]), r.top + fl._size.t + fl.yaxis.l2p(tr.y[i])]; }""")
     page.mouse.click(x, y)
-    page.get_by_text("edges of m0").wait_for(timeout=30_000)
+    page.get_by_text("edges of m0 (layer 0 MLP)").wait_for(timeout=30_000)  # the heading, not the legend
     page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stDataFrame\"]').length == 2",
                            timeout=30_000)  # incoming and outgoing edges of the pinned node
     page.screenshot(path=str(SHOTS / "circuit-pinned.png"), full_page=True)
