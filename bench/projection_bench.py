@@ -91,7 +91,7 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--child", variant, "--k", str(args.k),
                             "--repeats", str(args.repeats), "--out", str(out)], check=True)
             res[variant] = json.loads(out.read_text())
-        dense, gram = (torch.load(Path(tmp) / f"{v}.pt") for v in ("dense", "gram"))
+        dense, gram = (torch.load(Path(tmp) / f"{v}.pt", weights_only=True) for v in ("dense", "gram"))
     removed = (dense["g"] - dense["p"]).double().norm()
     rel = float((gram["p"].double() - dense["p"].double()).norm() / removed)
     n, base = res["rows"]["n"], res["rows"]["peak_rss_bytes"]
