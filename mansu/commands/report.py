@@ -13,7 +13,6 @@ from pathlib import Path
 
 from mansu.io import atomic_write_bytes
 from mansu.runs.store import load_run, validate_run_id
-from mansu.viz.reviewer import reviewer_report
 
 
 def register(subparsers) -> None:
@@ -43,6 +42,8 @@ def handle(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
 
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    from mansu.viz.reviewer import reviewer_report  # plotly only when a report is written (the CLI runs without it)
+
     atomic_write_bytes(out, reviewer_report(runs, generated=generated).encode("utf-8"))
     print(f"wrote {out} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     return 0
