@@ -28,6 +28,9 @@ probability collapses), so edge scores change although no internal computation d
 change happened to be small (CAD 0.023 for a -30 bias on the answers), but nothing bounds it in general.
 Zeroing the circuit's components instead removes their activation differences and the gradients through them,
 which both metrics register (CAD 1.0 on the demo model when every circuit component is zeroed).
+
+`parts` splits CAD into its shrinkage bound |1 - r|/(1 + r) and its rerouting rest, with the scale-free measures of
+attribution that moved (mansu.attribution.cad_parts), each with a CI from the same paired draws.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 import torch
 
+from mansu.attribution.cad_parts import cad_parts
 from mansu.attribution.circuit import Circuit, named_edge_indices
 from mansu.attribution.eap import AttributionGraph
 
@@ -57,6 +61,7 @@ class CADResult:
     level: float
     formula: str = FORMULA
     metadata: dict[str, Any] = field(default_factory=dict)
+    parts: dict[str, dict[str, float]] = field(default_factory=dict)   # cad_parts: {part: {value, ci_low, ci_high}}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +112,8 @@ def cad(before: AttributionGraph, after: AttributionGraph, circuit: Circuit, *, 
                                                                                                       t.tolist())),
                      s_ex.shape[0], n_boot, level, metadata={"metric": before.metadata.get("metric"),
                                                             "corruption": before.metadata.get("corruption"),
-                                                            "n_edges": len(names)})
+                                                            "n_edges": len(names)},
+                     parts=cad_parts(before, after, circuit, n_boot=n_boot, seed=seed, level=level))
 
 
 def _resampled_cad(counts: torch.Tensor, s_ex: torch.Tensor, t_ex: torch.Tensor,

@@ -1,0 +1,121 @@
+"""CAD split into shrinkage and rerouting, with paired bootstrap CIs (issue 13, item 3).
+
+Over the original circuit's edges C, with s / t the mean edge scores before / after unlearning,
+S = sum_C |s_e|, T = sum_C |t_e| and r = T / S:
+
+    CAD         = sum_C |s_e - t_e| / (S + T)                       (mansu.attribution.cad)
+    shrinkage   = |S - T| / (S + T) = |1 - r| / (1 + r)             CAD's lower bound; the CAD of t = r s exactly
+    rerouting   = CAD - shrinkage                                   >= 0 (triangle inequality), so CAD = the two
+      sign_flip = sum_{C, s_e t_e < 0} 2 min(|s_e|, |t_e|) / (S + T)   its part from edges that flipped sign
+      (the rest of rerouting: edges whose |score| moved against the net change, e.g. grew while the circuit shrank)
+
+CAD reaches its bound whenever every edge keeps its sign and none moves against the net change, however unequal
+the shrinkage; so two scale-free measures say whether attribution *moved*, not merely shrank:
+
+    redistribution = 1/2 sum_C |t_e / T - s_e / S|     in [0, 1]: the share of the circuit's (signed, normalised)
+                     attribution that changed edges, sign flips included; 0 for any uniform rescaling t = r s
+    outside_shift  = T_out / (T_out + T) - S_out / (S_out + S), X_out = sum_{e not in C} |x_e| over the graph's
+                     other edges: the share of all attribution that moved out of the circuit (< 0: moved in)
+
+Rule (chosen before any result was seen; mansu.scorecard uses it): structural erasure needs more than shrinkage,
+i.e. the 95% CI low end of redistribution or of outside_shift is at least `reroute_threshold` (default 0.10: a
+tenth of the circuit's attribution demonstrably moved). Behavioural suppression at the output (an answer-logit bias,
+or fine-tuning only the unembedding) rescales the circuit's attribution and moves little of it.
+
+CIs: percentile bootstrap over examples, the same paired draws (same seed, same chunks) as cad.py's CAD CI.
+Memory beyond the [n, U, D] per-example scores: per chunk of 256 resamples, 256 x E_C float64 for s and t and
+256 x 1024 float64 per block of the other edges (2 MiB); time 2 n_boot x n x (E_C + E_all) multiply-adds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mansu.attribution.circuit import Circuit, named_edge_indices
+from mansu.attribution.eap import AttributionGraph
+
+PARTS = ("cad", "shrinkage", "rerouting", "sign_flip", "redistribution", "outside_shift")
+REROUTE_EVIDENCE = ("redistribution", "outside_shift")   # the rule's two statistics (module docstring)
+_EDGE_BLOCK = 1024
+_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Part:
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
+
+
+def parts_of(s: torch.Tensor, t: torch.Tensor, s_out: torch.Tensor, t_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every part (module docstring) of circuit scores s, t [..., E] and outside |score| sums s_out, t_out [...]."""
+    big_s, big_t = s.abs().sum(-1), t.abs().sum(-1)
+    den = big_s + big_t
+    cad = _safe_div((s - t).abs().sum(-1), den)
+    shrinkage = _safe_div((big_s - big_t).abs(), den)
+    flips = torch.where(s * t < 0, 2 * torch.minimum(s.abs(), t.abs()), torch.zeros_like(s)).sum(-1)
+    profile = (_safe_div(t, big_t.unsqueeze(-1)) - _safe_div(s, big_s.unsqueeze(-1))).abs().sum(-1) / 2
+    both = (big_s > 0) & (big_t > 0)                     # a vanished side has no profile to compare
+    return {"cad": cad, "shrinkage": shrinkage, "rerouting": (cad - shrinkage).clamp(min=0.0),
+            "sign_flip": _safe_div(flips, den), "redistribution": torch.where(both, profile, torch.zeros_like(profile)),
+            "outside_shift": _safe_div(t_out, t_out + big_t) - _safe_div(s_out, s_out + big_s)}
+
+
+def _split_scores(graph: AttributionGraph, circuit: Circuit) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example scores [n, E_C] of the circuit's edges and [n, E_out] of the graph's other valid edges."""
+    if graph.per_example is None:
+        raise ValueError("the CAD split needs per-example edge scores: attribute(..., per_example=True)")
+    us, vs = named_edge_indices(circuit.edges, graph)
+    outside = graph.valid.clone()
+    outside[us, vs] = False
+    return graph.per_example[:, us, vs].double(), graph.per_example[:, outside].double()
+
+
+def _abs_sum(counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """sum_e |counts @ scores[:, e]| per resample [B], over blocks of edges (the 1/n of a mean cancels later)."""
+    out = torch.zeros(counts.shape[0], dtype=torch.float64)
+    for start in range(0, scores.shape[1], _EDGE_BLOCK):
+        out += (counts @ scores[:, start:start + _EDGE_BLOCK]).abs_().sum(-1)
+    return out
+
+
+def _resampled(s_ex, t_ex, s_out_ex, t_out_ex, n_boot: int, seed: int) -> dict[str, torch.Tensor]:
+    """Every part on each of n_boot paired resamples of the examples (cad.py's draws), {part: [n_boot]}."""
+    n = s_ex.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    chunks: dict[str, list[torch.Tensor]] = {p: [] for p in PARTS}
+    for start in range(0, n_boot, _CHUNK):
+        idx = torch.randint(0, n, (min(_CHUNK, n_boot - start), n), generator=gen)
+        counts = torch.zeros(idx.shape[0], n, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones(idx.shape, dtype=torch.float64))
+        got = parts_of(counts @ s_ex, counts @ t_ex, _abs_sum(counts, s_out_ex), _abs_sum(counts, t_out_ex))
+        for p in PARTS:
+            chunks[p].append(got[p])
+    return {p: torch.cat(v) for p, v in chunks.items()}
+
+
+def cad_parts(before: AttributionGraph, after: AttributionGraph, circuit: Circuit, *, n_boot: int = 1000,
+              seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
+    """{part: {value, ci_low, ci_high}} for every part of PARTS (module docstring); graphs as for `cad`."""
+    s_ex, s_out_ex = _split_scores(before, circuit)
+    t_ex, t_out_ex = _split_scores(after, circuit)
+    point = parts_of(s_ex.mean(0), t_ex.mean(0), s_out_ex.mean(0).abs().sum(), t_out_ex.mean(0).abs().sum())
+    if n_boot < 1 or s_ex.shape[0] < 2:
+        return {p: asdict(Part(float(point[p]), float(point[p]), float(point[p]))) for p in PARTS}
+    boots = _resampled(s_ex, t_ex, s_out_ex, t_out_ex, n_boot, seed)
+    alpha = (1 - level) / 2
+    return {p: asdict(Part(float(point[p]), float(torch.quantile(boots[p], alpha)),
+                           float(torch.quantile(boots[p], 1 - alpha)))) for p in PARTS}
+
+
+def reroutes(parts: dict[str, dict[str, float]] | None, threshold: float) -> bool | None:
+    """The rule: some REROUTE_EVIDENCE part has its CI low end >= threshold; None when the parts are missing."""
+    if not parts or any(p not in parts for p in REROUTE_EVIDENCE):
+        return None
+    return any(parts[p]["ci_low"] >= threshold for p in REROUTE_EVIDENCE)

@@ -1,0 +1,96 @@
+"""CAD's split into shrinkage and rerouting (mansu.attribution.cad_parts) on hand-built graphs whose answers are
+known, and the CI width of the CAD estimator on a fixed case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mansu.attribution.cad import cad
+from mansu.attribution.cad_parts import cad_parts, reroutes
+from mansu.attribution.circuit import Circuit
+from mansu.attribution.eap import AttributionGraph
+
+NAMES = (["input", "a0.h0", "m0"], ["a0.h0", "m0", "logits"])
+CIRCUIT = Circuit([("input", "a0.h0"), ("a0.h0", "m0"), ("m0", "logits")])   # 3 of the 9 edges
+
+
+def _graph(per_example: torch.Tensor) -> AttributionGraph:
+    n = per_example.shape[0]
+    valid = torch.ones(per_example.shape[1:], dtype=torch.bool)
+    return AttributionGraph(NAMES[0], NAMES[1], per_example.mean(0), valid, torch.zeros(n), torch.zeros(n),
+                            per_example, {"record_indices": list(range(n)), "metric": "logit_diff",
+                                          "corruption": "counterfactual"})
+
+
+def _scores(circuit_values: list[float], outside: float = 0.1, n: int = 16, noise: float = 0.0,
+            seed: int = 0) -> torch.Tensor:
+    """[n, 3, 3] per-example scores: the circuit's three edges at `circuit_values`, the other six at `outside`."""
+    mean = torch.full((3, 3), outside)
+    for (u, v), x in zip(CIRCUIT.edges, circuit_values):
+        mean[NAMES[0].index(u), NAMES[1].index(v)] = x
+    gen = torch.Generator().manual_seed(seed)
+    return mean + noise * torch.randn(n, 3, 3, generator=gen)
+
+
+def _values(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    return {k: v["value"] for k, v in cad_parts(_graph(before), _graph(after), CIRCUIT, n_boot=0).items()}
+
+
+def test_uniform_shrinkage_is_all_shrinkage():
+    s = _scores([1.0, 2.0, -3.0])
+    p = _values(s, s / 10)
+    assert p["cad"] == pytest.approx(0.9 / 1.1) and p["shrinkage"] == pytest.approx(p["cad"])
+    assert p["rerouting"] == pytest.approx(0.0, abs=1e-6) and p["redistribution"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unequal_shrinkage_reaches_the_bound_but_is_redistribution():
+    # one edge vanishes, the others stay: CAD equals its shrinkage bound, yet half the attribution moved
+    p = _values(_scores([1.0, 1.0, 0.0]), _scores([0.0, 1.0, 0.0]))
+    assert p["cad"] == pytest.approx(1 / 3) and p["rerouting"] == pytest.approx(0.0, abs=1e-6)
+    assert p["redistribution"] == pytest.approx(0.5)
+
+
+def test_sign_flips_are_rerouting():
+    s = _scores([1.0, 2.0, -3.0])
+    p = _values(s, -s)
+    assert p["cad"] == pytest.approx(1.0) and p["shrinkage"] == pytest.approx(0.0)
+    assert p["rerouting"] == pytest.approx(1.0) and p["sign_flip"] == pytest.approx(1.0)
+    assert p["redistribution"] == pytest.approx(1.0)
+
+
+def test_attribution_moving_out_of_the_circuit():
+    before, after = _scores([1.0, 1.0, 1.0], outside=0.0), _scores([1.0, 1.0, 1.0], outside=0.5)
+    p = _values(before, after)
+    assert p["cad"] == pytest.approx(0.0) and p["outside_shift"] == pytest.approx(3.0 / 6.0)
+    assert _values(after, before)["outside_shift"] == pytest.approx(-0.5)
+
+
+def test_split_adds_up_and_shares_cads_draws():
+    before, after = _scores([1.0, 2.0, -3.0], noise=0.5), _scores([0.2, 1.5, 1.0], noise=0.5, seed=1)
+    r = cad(_graph(before), _graph(after), CIRCUIT, n_boot=400)
+    parts = r.parts
+    assert parts["cad"]["value"] == pytest.approx(r.value)
+    assert (parts["cad"]["ci_low"], parts["cad"]["ci_high"]) == pytest.approx((r.ci_low, r.ci_high))
+    assert parts["shrinkage"]["value"] + parts["rerouting"]["value"] == pytest.approx(r.value)
+    assert parts["sign_flip"]["value"] <= parts["rerouting"]["value"] + 1e-12
+    for p in parts.values():
+        assert p["ci_low"] <= p["value"] <= p["ci_high"]
+
+
+def test_reroute_rule_reads_ci_low_ends():
+    moved = {"redistribution": {"value": 0.3, "ci_low": 0.2, "ci_high": 0.4},
+             "outside_shift": {"value": 0.0, "ci_low": -0.1, "ci_high": 0.1}}
+    assert reroutes(moved, 0.1) is True
+    assert reroutes(moved, 0.25) is False                       # the point estimate alone is not enough
+    assert reroutes({}, 0.1) is None
+
+
+def test_cad_ci_width_on_a_fixed_case():
+    # 64 examples, per-example noise 0.5 on edges of size 1-3: the 95% CI half-width is a few hundredths (0.037
+    # measured); a change in the bootstrap (fewer draws, unpaired resampling) would widen or break it
+    before, after = _scores([1.0, 2.0, -3.0], n=64, noise=0.5), _scores([0.5, 1.0, -1.5], n=64, noise=0.5, seed=1)
+    r = cad(_graph(before), _graph(after), CIRCUIT, n_boot=1000)
+    half = (r.ci_high - r.ci_low) / 2
+    assert 0.005 < half <= 0.05, half
+    assert r.ci_low <= r.value <= r.ci_high
