@@ -1,0 +1,263 @@
+"""Weights under the circuit: what unlearning did to the weights each graph node owns.
+
+Per node (a head a{L}.h{H} or an MLP m{L}; `input` and `logits` own nothing):
+
+    owned           elements of the parameters the node owns (mansu.models.components: a head's q rows, its kv
+                    head's k/v rows -- shared by the heads of a GQA group, so counted for each -- and its o_proj
+                    columns; an MLP its whole module), as the circuit masks define them
+    touched         of those, the coordinates the run wrote (model_update.safetensors)
+    updated         touched coordinates whose value differs from the aligned base (delta != 0)
+    codes changed   per quantizer, owned elements of quantized weights whose code differs between the aligned base
+                    and the unlearned model, updated or not (a moved block absmax re-codes its neighbours), each
+                    quantizer as registered (nf4 at blocksize 64); None where the quantizer takes none of the node's
+                    weights (int4-g128 needs rows of a multiple of 128)
+    |delta| / bin   the updated weights' |delta| over the NF4 bin width of the base at the run's blocksize
+                    (mansu.quant.geometry, as the survival analysis measures it),
+                    histogram on survival's log bins (mansu.quant.survival.histogram_edges) and median
+
+The base is rebuilt as the run built it (load, then align as its base_alignment says); the unlearned weights are that
+base with the stored values written.  One parameter at a time: its base and updated copies (2 x its bytes), an fp64
+delta (8 B per element), two code tensors per quantizer (1 B per element each) and an fp32 bin width (4 B per
+element); only parameters the run touched are quantized.  The result holds a few hundred bytes per node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mansu.runs import layout as run_layout
+
+STAGES = ("before", "after_fp", "after_nf4")
+
+
+@dataclass
+class NodeWeights:
+    """What unlearning did to one node's weights (see the module docstring)."""
+
+    node: str
+    owned: int = 0
+    touched: int = 0
+    updated: int = 0
+    codes_changed: dict[str, int] = field(default_factory=dict)
+    coverage: dict[str, int] = field(default_factory=dict)    # owned elements of weights each quantizer takes
+    ratio_counts: list[int] = field(default_factory=list)     # [under, the log bins..., over] (survival's layout)
+    median_ratio: float | None = None
+
+    def codes_changed_pct(self, quantizer: str) -> float | None:
+        """Percent of the owned weights `quantizer` takes whose code changed (None: it takes none of them)."""
+        return _pct(self.codes_changed.get(quantizer, 0), self.coverage.get(quantizer, 0))
+
+    def row(self) -> dict[str, Any]:
+        """One table row: counts, and percentages of the owned weights."""
+        out: dict[str, Any] = {"node": self.node, "owned weights": self.owned, "touched": self.touched,
+                               "touched %": _pct(self.touched, self.owned),
+                               "median |delta| / NF4 bin": self.median_ratio}
+        for name in self.codes_changed:
+            covered = self.coverage.get(name, 0)
+            out[f"{name} codes changed"] = self.codes_changed[name] if covered else None
+            out[f"{name} codes changed %"] = self.codes_changed_pct(name)
+        return out
+
+
+@dataclass(frozen=True)
+class NodeWeightReport:
+    """Per-node weights of one run, with the histogram edges and the base it was measured against."""
+
+    nodes: dict[str, NodeWeights]
+    hist_edges: list[float]
+    quantizers: tuple[str, ...]
+    base_alignment: str
+    n_touched: int
+
+    def rows(self, *, touched_only: bool = False) -> list[dict[str, Any]]:
+        return [w.row() for w in self.nodes.values() if w.touched or not touched_only]
+
+    def histogram_entry(self, node: str) -> dict[str, Any]:
+        """{"histogram": {"edges", "counts"}} for mansu.viz.survival.histogram_of."""
+        return {"histogram": {"edges": self.hist_edges, "counts": self.nodes[node].ratio_counts}}
+
+
+def _pct(part: int, whole: int) -> float | None:
+    return 100.0 * part / whole if whole else None
+
+
+def node_weight_report(run: Path, *, nodes: Sequence[str] | None = None) -> NodeWeightReport:
+    """The per-node report of `run` (every head and MLP of the model unless `nodes` names some).
+    FileNotFoundError when the run stored no model update; ValueError for an unknown node name."""
+    from mansu.unlearn.model_update import read_model_update
+
+    run = Path(run)
+    values, meta = read_model_update(run / run_layout.MODEL_UPDATE)  # before the base loads
+    model = _aligned_base(run, meta)
+    return report_for_model(model, values, alignment=meta.get("base_alignment", "?"),
+                            blocksize=int(meta.get("blocksize", 64)), nodes=nodes)
+
+
+def _aligned_base(run: Path, meta: dict[str, str]) -> Any:
+    """The run's base model on the CPU, aligned as the run aligned it (as mansu export rebuilds it)."""
+    from mansu.models.loading import load_model
+    from mansu.pipeline import resolve_inputs
+    from mansu.runs.store import read_config
+    from mansu.spec import RunSpec
+    from mansu.unlearn.nf4_model import align_base
+
+    spec = RunSpec.from_dict(read_config(run)["spec"])
+    lm = load_model(resolve_inputs(spec, build_demo=False).model, dtype=meta.get("dtype", spec.dtype), device="cpu",
+                    tokenizer=spec.tokenizer)
+    align_base(lm.model, meta.get("base_alignment", spec.base_alignment), int(meta.get("blocksize", 64)))
+    return lm.model
+
+
+def report_for_model(model: Any, values: dict[str, tuple[Any, Any]], *, alignment: str = "?", blocksize: int = 64,
+                     nodes: Sequence[str] | None = None) -> NodeWeightReport:
+    """The per-node report of `values` ({param: (flat indices or None, new values)}, read_model_update's) written
+    over `model` (the aligned base; not modified)."""
+    import torch
+
+    from mansu.models.components import model_layout
+    from mansu.quant.registry import QUANTIZERS
+    from mansu.quant.survival import histogram_edges
+    from mansu.quant.targets import quant_layout, quantizable_parameter_names
+
+    names = list(nodes) if nodes is not None else [n for n in model_layout(model).upstream_nodes() if n != "input"]
+    owners = ownership(model, names)
+    quantized, qlayout = set(quantizable_parameter_names(model)), quant_layout(model)
+    params = dict(model.named_parameters())
+    out = {n: NodeWeights(n, codes_changed=dict.fromkeys(QUANTIZERS, 0), coverage=dict.fromkeys(QUANTIZERS, 0))
+           for n in names}
+    ratios: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for pname, slices in owners.items():
+        effect = parameter_effect(pname, params[pname].detach().float(), values.get(pname),
+                                  qlayout if pname in quantized else None, QUANTIZERS, blocksize)
+        for node, dim, start, stop in slices:
+            _accumulate(out[node], ratios[node], effect, dim, start, stop)
+    for node, parts in ratios.items():
+        _finish(out[node], torch.cat(parts) if parts else torch.zeros(0))
+    n_touched = sum(int(v.numel()) for _, v in values.values())
+    return NodeWeightReport(out, histogram_edges(), tuple(QUANTIZERS), alignment, n_touched)
+
+
+def ownership(model: Any, nodes: Iterable[str]) -> dict[str, list[tuple[str, int, int, int]]]:
+    """{parameter: [(node, dim, start, stop), ...]}: the slices each node owns, per parameter (the circuit masks'
+    rule, mansu.models.components; an MLP owns its parameters whole)."""
+    from mansu.models.components import head_parameter_slices, model_layout, node_parameters, parse_node
+
+    layout = model_layout(model)
+    params = dict(model.named_parameters())
+    out: dict[str, list[tuple[str, int, int, int]]] = {}
+    for node in nodes:
+        kind, layer, head = parse_node(node)  # ValueError naming the accepted forms
+        if kind == "head":
+            for key, (dim, sl) in head_parameter_slices(layout, layer, head).items():
+                if key.split("#")[0] in params:
+                    out.setdefault(key.split("#")[0], []).append((node, dim, sl.start, sl.stop))
+        elif kind == "mlp":
+            for pname in node_parameters(model, layout, node):
+                out.setdefault(pname, []).append((node, 0, 0, int(params[pname].shape[0])))
+    return out
+
+
+@dataclass(frozen=True)
+class ParameterEffect:
+    """One parameter's per-element change, in its own shape (touched and delta None: the run never wrote it)."""
+
+    shape: tuple[int, ...]
+    touched: Any | None                # bool
+    delta: Any | None                  # fp64 new - base (exact)
+    bin_width: Any | None              # fp32 NF4 bin width of the base (quantized weights only)
+    changed: dict[str, Any]            # per quantizer that takes this weight: bool code changed (None: not written)
+
+
+def parameter_effect(name: str, base: Any, stored: tuple[Any, Any] | None, qlayout: Any | None,
+                     quantizers: dict[str, Any], blocksize: int = 64) -> ParameterEffect:
+    """The change `stored` (flat indices or None, new values) makes to `base`; codes on every quantizer that takes
+    the weight (`qlayout` None: not a quantized weight). Only written parameters are quantized."""
+    import torch
+
+    from mansu.quant.alignment import fits
+
+    shape = tuple(base.shape)
+    view_shape = shape[::-1] if qlayout is not None and qlayout.is_transposed(name) else shape
+    takes = [q for q, qz in quantizers.items() if qlayout is not None and fits(qz, torch.empty(view_shape,
+                                                                                                device="meta"))]
+    if stored is None:
+        return ParameterEffect(shape, None, None, None, dict.fromkeys(takes))
+    idx, vals = stored
+    new, touched = base.clone().reshape(-1), torch.zeros(base.numel(), dtype=torch.bool)
+    if idx is None:
+        new, touched[:] = vals.float().reshape(-1).clone(), True
+    else:
+        new[idx], touched[idx] = vals.float(), True
+    new = new.reshape(shape)
+    changed, width = {}, None
+    if qlayout is not None:
+        v0, v1 = qlayout.view(name, base), qlayout.view(name, new)
+        for q in takes:
+            qz = quantizers[q]
+            changed[q] = qlayout.unview(name, qz.quantize(v0, name=name).codes != qz.quantize(v1, name=name).codes)
+        width = qlayout.unview(name, nf4_bin_width(v0, blocksize).reshape(v0.shape))
+    # float64: the difference of two fp32 weights is exact (as in the survival analysis)
+    return ParameterEffect(shape, touched.reshape(shape), new.double() - base.double(), width, changed)
+
+
+def nf4_bin_width(view: Any, blocksize: int) -> Any:
+    """fp32 [n] NF4 bin width of each element of a quantizer's view, on the survival analysis' arithmetic
+    (cell width in scaled units x block absmax), so a ratio here equals survival's bit for bit."""
+    import torch
+
+    from mansu.quant.nf4 import block_absmax, cell_widths_scaled, codes_from_scaled, mul_by_block, scale_by_block
+
+    x = view.reshape(-1)
+    absmax = block_absmax(x, blocksize)
+    width = torch.index_select(cell_widths_scaled(), 0, codes_from_scaled(scale_by_block(x, absmax, blocksize)))
+    mul_by_block(width, absmax, blocksize)
+    return width
+
+
+def _accumulate(acc: NodeWeights, ratios: list[Any], effect: ParameterEffect, dim: int, start: int,
+                stop: int) -> None:
+    """Add one owned slice (rows or columns start:stop along `dim`) of one parameter to a node's counts."""
+    n = int(np.prod(effect.shape)) // effect.shape[dim] * (stop - start)
+    acc.owned += n
+    for q, mask in effect.changed.items():
+        acc.coverage[q] += n
+        if mask is not None:
+            acc.codes_changed[q] += int(mask.narrow(dim, start, stop - start).sum())
+    if effect.touched is None:
+        return
+    acc.touched += int(effect.touched.narrow(dim, start, stop - start).sum())
+    delta = effect.delta.narrow(dim, start, stop - start)
+    moved = delta != 0
+    acc.updated += int(moved.sum())
+    if effect.bin_width is not None:
+        width = effect.bin_width.narrow(dim, start, stop - start)
+        ratios.append((delta[moved].abs() / width[moved]).float().reshape(-1))
+
+
+def _finish(acc: NodeWeights, ratios: Any) -> None:
+    from mansu.quant.survival import _hist
+
+    acc.ratio_counts = _hist(ratios.float()).tolist() if ratios.numel() else []  # fp32, as survival bins them
+    acc.median_ratio = float(ratios.median()) if ratios.numel() else None
+
+
+def node_edge_scores(graphs: dict[str, Any], node: str, *, limit: int = 30) -> list[dict[str, Any]]:
+    """The edges into and out of `node` with their score at each stage present in `graphs` ({stage: GraphData}),
+    strongest before first (a stage's missing edge reads None); [] when `node` is in no graph."""
+    scores: dict[tuple[str, str], dict[str, float]] = {}
+    for stage, graph in graphs.items():
+        if graph is None or node not in graph.index():
+            continue
+        at = graph.index()[node]
+        for i in np.flatnonzero((graph.src == at) | (graph.dst == at)):
+            edge = (graph.names[graph.src[i]], graph.names[graph.dst[i]])
+            scores.setdefault(edge, {})[stage] = float(graph.weight[i])
+    first = next((s for s in STAGES if s in graphs and graphs[s] is not None), None)
+    order = sorted(scores, key=lambda e: -abs(scores[e].get(first, 0.0)))[:limit]
+    return [{"edge": f"{u} → {v}", **{s: scores[(u, v)].get(s) for s in graphs if graphs[s] is not None}}
+            for u, v in order]
