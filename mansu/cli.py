@@ -12,7 +12,8 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("demo", "eval", "attribute", "runs", "run", "compare", "report", "diagnose", "gptq_env", "export", "attack")
+COMMANDS = ("demo", "eval", "attribute", "runs", "run", "compare", "report", "diagnose", "gptq_env", "export", "attack",
+            "sweep")
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,0 +1,1 @@
+"""Controlled experiments behind mansu's claims (mansu.science.phase: the reversal's phase diagram)."""
