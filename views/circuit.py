@@ -28,6 +28,8 @@ from mansu.viz.graph_ops import (
     subgraph_tracer_json,
 )
 from mansu.viz.report import export_images
+from ui import url_state
+from ui.node_weights import node_panel
 from ui.state import load_graph, load_json, not_computed, page_preamble, picker_labels, require_run, run_name
 
 sel = page_preamble("Circuit")
@@ -37,6 +39,14 @@ if run is None:
 
 STAGE_LABELS = {"before": "before", "after_fp": "after (fp)", "after_nf4": "after (NF4)"}
 VIEWS = {"graph": "one graph", "diff": "diff of two graphs"}
+# the view in the URL (?view=&stage=&pin=&threshold=&topk=): a deep link reopens it
+URL_FIELDS = [url_state.UrlField("view", "circuit-view", url_state.choice(list(VIEWS))),
+              url_state.UrlField("stage", "circuit-stage", url_state.choice(list(STAGE_LABELS))),
+              url_state.UrlField("pin", "circuit-pin", show=lambda n: None if n == "(none)" else n),
+              url_state.UrlField("threshold", "circuit-threshold", url_state.number(0.0, float("inf")),
+                                 show=lambda t: None if not t else f"{t:g}"),
+              url_state.UrlField("topk", "circuit-topn", url_state.number(10, 2000, int))]
+url_state.restore(URL_FIELDS)
 view = st.radio("view", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="circuit-view")
 
 
@@ -95,6 +105,7 @@ def diff_view() -> None:
 
 if view == "diff":
     diff_view()
+    url_state.publish(URL_FIELDS[:1])
     st.stop()
 
 stage = st.radio("stage", list(STAGE_LABELS), format_func=STAGE_LABELS.get, horizontal=True, key="circuit-stage")
@@ -161,6 +172,8 @@ if pinned:
     left.dataframe(pd.DataFrame(node_edges(graph, pinned, "in")), hide_index=True, width="stretch")
     right.caption("outgoing")
     right.dataframe(pd.DataFrame(node_edges(graph, pinned, "out")), hide_index=True, width="stretch")
+    node_panel(run, pinned, key="circuit-node-weights")
+url_state.publish(URL_FIELDS)
 
 circuit = load_json(run, layout.CIRCUIT)
 if circuit is None:

@@ -1,6 +1,6 @@
 """Update vs NF4: |delta| / bin-width histograms (log x, the 1.0 line), per layer and overall,
-overlaid per run; the per-layer heatmap of NF4 codes changed; the headline; the live
-magnitude-floor preview and "apply and evaluate"."""
+overlaid per run; the per-layer heatmap of NF4 codes changed; the headline; the per-node breakdown of what
+unlearning did to each head's and MLP's weights; the live magnitude-floor preview and "apply and evaluate"."""
 
 import streamlit as st
 
@@ -9,7 +9,9 @@ from mansu.runs import layout
 from mansu.viz import quant as vq
 from mansu.viz import survival as sv
 from ui import launch as ui_launch
+from ui import url_state
 from ui.floor import preview, show_preview
+from ui.node_weights import load_report, node_panel, node_table
 from ui.state import load_json, not_computed, page_preamble, require_run, run_name
 
 sel = page_preamble("Update vs NF4")
@@ -20,6 +22,10 @@ others = [r for r in sel.runs if r.run_id != run.run_id and (r.path / layout.SUR
 overlay_ids = st.multiselect("overlay runs (one line per run)", [r.run_id for r in others],
                              default=[sel.compare.run_id] if sel.compare in others else [], key="survival-overlay")
 runs = [run, *[r for r in others if r.run_id in overlay_ids]]
+# the view in the URL (?scope=&node=&kappa=): a deep link reopens it
+URL_FIELDS = [url_state.UrlField("scope", "survival-scope"), url_state.UrlField("node", "nodeweights-node"),
+              url_state.UrlField("kappa", "floor-kappa", url_state.number(0.1, 4.0), show=lambda k: f"{k:g}")]
+url_state.restore(URL_FIELDS)
 surv = {f"{run_name(r)}": load_json(r, layout.SURVIVAL) for r in runs}
 
 main = surv[next(iter(surv))]
@@ -32,6 +38,8 @@ else:
     if isinstance(main.get("headline"), str) and main["headline"] != line:
         st.caption(f"survival analysis: {main['headline']}")
     layers = sorted(sv.per_layer(main), key=sv._natural_key)
+    if st.session_state.get("survival-scope") not in ["overall", *layers]:  # e.g. a deep link's unknown layer
+        st.session_state.pop("survival-scope", None)
     scope = st.selectbox("scope", ["overall", *layers], key="survival-scope",
                          format_func=lambda s: s if s == "overall" else f"layer {s}")
     series = {}
@@ -51,6 +59,32 @@ else:
     rows = sv.by_kind_and_layer(tensors) if tensors else {label: sv.per_layer(d) for label, d in surv.items() if d}
     if any(rows.values()):
         st.plotly_chart(sv.code_change_heatmap(rows), key="survival-heatmap", width="stretch")
+
+
+
+def node_breakdown() -> None:
+    """Per node: weights owned and touched, codes changed per quantizer, median |delta|/bin; then one node's panel."""
+    st.subheader("weights under the circuit, per node")
+    report = load_report(run)
+    if isinstance(report, str):
+        st.info(f"per-node breakdown: not computed for this run ({run.run_id}): {report}")
+        return
+    touched_only = st.toggle("only nodes whose weights unlearning touched", value=True, key="nodeweights-touched")
+    table = node_table(report, touched_only=touched_only)
+    pct = {c: st.column_config.NumberColumn(format="%.3g%%") for c in table.columns if c.endswith("%")}
+    st.dataframe(table, hide_index=True, width="stretch", key="nodeweights-table",
+                 column_config={**pct, "median |delta| / NF4 bin": st.column_config.NumberColumn(format="%.3g")})
+    st.caption(f"{report.n_touched:,} coordinates touched in all; percentages are of each node's own weights (of "
+               "those a quantizer takes, for codes changed); a GQA key/value row counts for every head that shares it")
+    ranked = sorted(report.nodes, key=lambda n: -report.nodes[n].touched)
+    if st.session_state.get("nodeweights-node") not in ranked:
+        st.session_state["nodeweights-node"] = ranked[0]
+    node = st.selectbox("node", ranked, key="nodeweights-node",
+                        format_func=lambda n: f"{n} ({report.nodes[n].touched:,} touched)")
+    node_panel(run, node, key="update-node-weights")
+
+
+node_breakdown()
 
 align = {f"{run_name(r)}": sv.alignment_summary(r.metrics) for r in runs}
 align = {k: v for k, v in align.items() if v is not None}
@@ -93,4 +127,5 @@ else:
             ui_launch.launch([child_spec(run.run_id, kappa=round(kappa, 4))], label=f"{run.run_id[:15]}-kappa{kappa:g}")
         except (ValueError, FileNotFoundError) as exc:
             st.error(f"not started: {exc}")
+url_state.publish(URL_FIELDS)
 ui_launch.progress_panel()
