@@ -1,7 +1,9 @@
 """EAP-IG, the minimal forget circuit and CAD on the demo model (a trained LlamaForCausalLM, cloze MCQ forget set).
 
-CAD's two canonical tests fix its meaning: an output-level suppression of the answer tokens hides the answers but
-leaves the circuit's attribution unchanged (low CAD); ablating the circuit's top components erases it (high CAD).
+CAD's canonical tests fix its meaning: a logit bias on the answer tokens hides the answers and leaves the circuit's
+attribution exactly unchanged (an invariance of the logit-difference metric); fine-tuning only the unembedding to
+avoid the answers (a realistic suppression) reverses the readout, so CAD is high but nearly all of it is reversal
+and shrinkage, not rerouting; ablating the circuit's top components erases it (high CAD, attribution that moved).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from mansu.attribution.cad import cad
+from mansu.attribution.cad_parts import reroutes
 from mansu.attribution.circuit import (
     FaithfulnessEvaluator,
     circuit_parameter_masks,
@@ -80,7 +83,7 @@ def _answer_bias(model, tokenizer, records, value: float = -30.0) -> torch.Tenso
     return bias
 
 
-def test_cad_low_for_behavioural_suppression(demo_lm, forget, graph, circuit):
+def test_cad_invariant_to_an_answer_logit_bias(demo_lm, forget, graph, circuit):
     from mansu.metrics.accuracy import mcq_accuracy
 
     model, tok = demo_lm.model, demo_lm.tokenizer
@@ -94,6 +97,41 @@ def test_cad_low_for_behavioural_suppression(demo_lm, forget, graph, circuit):
     assert mcq_accuracy(model, tok, forget).accuracy - suppressed_acc >= 0.5
     result = cad(graph, after, circuit, n_boot=500)
     assert result.value < 0.05 and result.ci_high < 0.05
+
+
+def _avoid_answers(model, tokenizer, records, params, *, steps: int = 5, lr: float = 1e-2) -> None:
+    """Adam on `params` only, lowering each record's answer share of the softmax over its choices' first tokens."""
+    from mansu.metrics.accuracy import encode_pair, format_texts
+
+    items = []
+    for r in records:
+        context, continuations = format_texts(r, "cloze")
+        pairs = [encode_pair(tokenizer, context, c) for c in continuations]
+        items.append((torch.tensor([pairs[0][0]]), [cont[0] for _, cont in pairs], r.answer))
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss = sum(torch.log_softmax(model(ids).logits[0, -1, choices], -1)[answer] for ids, choices, answer in items)
+        opt.zero_grad()
+        (loss / len(items)).backward()
+        opt.step()
+
+
+def test_cad_rerouting_low_for_unembedding_finetune(demo_lm, forget, graph, circuit):
+    # realistic behavioural suppression: only the unembedding learns to avoid the answers; every internal
+    # component computes what it did, so the circuit's attribution may rescale or reverse but must not move
+    from mansu.metrics.accuracy import mcq_accuracy
+
+    model = copy.deepcopy(demo_lm.model).requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    _avoid_answers(model, demo_lm.tokenizer, forget, [model.lm_head.weight])
+    model.requires_grad_(False)
+    assert mcq_accuracy(model, demo_lm.tokenizer, forget).accuracy <= 0.3
+    after = attribute(model, demo_lm.tokenizer, forget, ig_steps=8, batch_size=32, per_example=True)
+    parts = cad(graph, after, circuit, n_boot=500).parts
+    print({k: round(v["value"], 3) for k, v in parts.items()})
+    assert parts["cad"]["value"] > 0.5                   # CAD alone would call this erasure
+    assert parts["rerouting"]["ci_high"] < 0.3 and parts["redistribution"]["ci_high"] < 0.3
+    assert reroutes(parts, 0.3) is False
 
 
 def test_cad_high_for_structural_erasure(demo_lm, forget, graph, circuit):
@@ -115,6 +153,7 @@ def test_cad_high_for_structural_erasure(demo_lm, forget, graph, circuit):
     result = cad(graph, after, circuit, n_boot=500)
     print(f"structural erasure of {top}: CAD {result.value:.3f} ({result.ci_low:.3f}-{result.ci_high:.3f})")
     assert result.value > 0.5 and result.ci_low > 0.4
+    assert reroutes(result.parts, 0.3) is True           # the circuit's attribution moved, not just shrank
     accuracy = mcq_accuracy(model, demo_lm.tokenizer, forget).accuracy
     print(f"forget accuracy after erasure: {accuracy:.3f}")
     assert accuracy < 1.0

@@ -51,12 +51,15 @@ def test_unequal_shrinkage_reaches_the_bound_but_is_redistribution():
     assert p["redistribution"] == pytest.approx(0.5)
 
 
-def test_sign_flips_are_rerouting():
+def test_a_global_flip_is_reversal_and_one_edges_flip_is_rerouting():
     s = _scores([1.0, 2.0, -3.0])
-    p = _values(s, -s)
-    assert p["cad"] == pytest.approx(1.0) and p["shrinkage"] == pytest.approx(0.0)
-    assert p["rerouting"] == pytest.approx(1.0) and p["sign_flip"] == pytest.approx(1.0)
-    assert p["redistribution"] == pytest.approx(1.0)
+    p = _values(s, -s)                                  # the readout reversed: every edge flips together
+    assert p["cad"] == pytest.approx(1.0) and p["reversal"] == pytest.approx(1.0)
+    assert p["rerouting"] == pytest.approx(0.0, abs=1e-6) and p["redistribution"] == pytest.approx(0.0, abs=1e-6)
+    p = _values(s, _scores([-1.0, 2.0, -3.0]))        # one edge of |score| 1 flips against the other five
+    assert p["reversal"] == 0.0 and p["shrinkage"] == pytest.approx(0.0, abs=1e-6)
+    assert p["rerouting"] == pytest.approx(2 / 12) and p["sign_flip"] == pytest.approx(2 / 12)
+    assert p["redistribution"] == pytest.approx(1 / 6)
 
 
 def test_attribution_moving_out_of_the_circuit():
@@ -72,7 +75,8 @@ def test_split_adds_up_and_shares_cads_draws():
     parts = r.parts
     assert parts["cad"]["value"] == pytest.approx(r.value)
     assert (parts["cad"]["ci_low"], parts["cad"]["ci_high"]) == pytest.approx((r.ci_low, r.ci_high))
-    assert parts["shrinkage"]["value"] + parts["rerouting"]["value"] == pytest.approx(r.value)
+    split = parts["shrinkage"]["value"] + parts["reversal"]["value"] + parts["rerouting"]["value"]
+    assert split == pytest.approx(r.value)
     assert parts["sign_flip"]["value"] <= parts["rerouting"]["value"] + 1e-12
     for p in parts.values():
         assert p["ci_low"] <= p["value"] <= p["ci_high"]

@@ -1,26 +1,43 @@
-"""CAD split into shrinkage and rerouting, with paired bootstrap CIs (issue 13, item 3).
+"""CAD split into shrinkage, reversal and rerouting, with paired bootstrap CIs (issue 13, item 3).
 
 Over the original circuit's edges C, with s / t the mean edge scores before / after unlearning,
 S = sum_C |s_e|, T = sum_C |t_e| and r = T / S:
 
     CAD         = sum_C |s_e - t_e| / (S + T)                       (mansu.attribution.cad)
     shrinkage   = |S - T| / (S + T) = |1 - r| / (1 + r)             CAD's lower bound; the CAD of t = r s exactly
-    rerouting   = CAD - shrinkage                                   >= 0 (triangle inequality), so CAD = the two
-      sign_flip = sum_{C, s_e t_e < 0} 2 min(|s_e|, |t_e|) / (S + T)   its part from edges that flipped sign
-      (the rest of rerouting: edges whose |score| moved against the net change, e.g. grew while the circuit shrank)
+    reversal    = CAD - CAD(sigma s, t),  sigma = -1 when sum_C |s_e + t_e| < sum_C |s_e - t_e|, else +1 (then 0)
+    rerouting   = CAD(sigma s, t) - shrinkage                       >= 0, so CAD = shrinkage + reversal + rerouting
+      sign_flip = sum_{C, sigma s_e t_e < 0} 2 min(|s_e|, |t_e|) / (S + T)   rerouting's part from edges that flipped
+                  against the circuit's orientation (the rest: edges whose |score| moved against the net change)
 
-CAD reaches its bound whenever every edge keeps its sign and none moves against the net change, however unequal
-the shrinkage; so two scale-free measures say whether attribution *moved*, not merely shrank:
+Why `reversal` is apart: the metric is the answer's logit difference, so an output-level change that makes the
+model prefer another answer (fine-tuning only the unembedding to avoid the answers) flips the sign of the metric
+and with it of every edge score, through an unchanged circuit: on the demo model CAD was 1.000 with 0.83 of it sign
+flips, but the edges flipped together (CAD(-s, t) small). A global flip is the readout reversed, not the circuit.
 
-    redistribution = 1/2 sum_C |t_e / T - s_e / S|     in [0, 1]: the share of the circuit's (signed, normalised)
-                     attribution that changed edges, sign flips included; 0 for any uniform rescaling t = r s
+CAD reaches its bound whenever every edge keeps its orientation and none moves against the net change, however
+unequal the shrinkage (zeroing the demo circuit's top 3 components: CAD 0.86, all of it "shrinkage"); so two
+scale- and orientation-free measures say whether attribution *moved*, not merely shrank or reversed:
+
+    redistribution = 1/2 sum_C |t_e / T - sigma s_e / S|  in [0, 1]: the share of the circuit's (signed, normalised)
+                     attribution that changed edges; 0 for any rescaling t = +-r s
     outside_shift  = T_out / (T_out + T) - S_out / (S_out + S), X_out = sum_{e not in C} |x_e| over the graph's
                      other edges: the share of all attribution that moved out of the circuit (< 0: moved in)
 
-Rule (chosen before any result was seen; mansu.scorecard uses it): structural erasure needs more than shrinkage,
-i.e. the 95% CI low end of redistribution or of outside_shift is at least `reroute_threshold` (default 0.10: a
-tenth of the circuit's attribution demonstrably moved). Behavioural suppression at the output (an answer-logit bias,
-or fine-tuning only the unembedding) rescales the circuit's attribution and moves little of it.
+Rule (mansu.scorecard): structural erasure needs more than shrinkage, i.e. the 95% CI low end of redistribution or
+of outside_shift is at least `reroute_threshold` (default 0.30). History, stated plainly: the rule chosen before
+any result was seen used redistribution *without* sigma and a threshold of 0.10; on the demo model fine-tuning
+only the unembedding (a suppression) then scored redistribution 1.00, i.e. "erasure". sigma and 0.30 were set
+after seeing these demo numbers (point values; 32 forget records, 8 IG steps):
+
+    change to the demo model (forget accuracy after)     CAD    shrinkage  redistribution(sigma)  outside_shift
+    answer-logit bias -30 (1.00 -> 0.03)                 0.00   0.00       0.00                   0.00
+    unembedding fine-tuned, 5 Adam steps (-> 0.06)       1.00   0.04       0.15                   0.10
+    last MLP fine-tuned (-> 0.03)                        1.00   0.31       0.23                   0.02
+    last layer + final norm fine-tuned (-> 0.00)         1.00   0.25       0.25                   0.29
+    top 3 circuit components zeroed (-> 0.84)            0.86   0.86       0.71                   0.47
+
+so 0.30 separates these five cases on one model; it is not validated on other models.
 
 CIs: percentile bootstrap over examples, the same paired draws (same seed, same chunks) as cad.py's CAD CI.
 Memory beyond the [n, U, D] per-example scores: per chunk of 256 resamples, 256 x E_C float64 for s and t and
@@ -36,7 +53,7 @@ import torch
 from mansu.attribution.circuit import Circuit, named_edge_indices
 from mansu.attribution.eap import AttributionGraph
 
-PARTS = ("cad", "shrinkage", "rerouting", "sign_flip", "redistribution", "outside_shift")
+PARTS = ("cad", "shrinkage", "reversal", "rerouting", "sign_flip", "redistribution", "outside_shift")
 REROUTE_EVIDENCE = ("redistribution", "outside_shift")   # the rule's two statistics (module docstring)
 _EDGE_BLOCK = 1024
 _CHUNK = 256
@@ -57,13 +74,17 @@ def parts_of(s: torch.Tensor, t: torch.Tensor, s_out: torch.Tensor, t_out: torch
     """Every part (module docstring) of circuit scores s, t [..., E] and outside |score| sums s_out, t_out [...]."""
     big_s, big_t = s.abs().sum(-1), t.abs().sum(-1)
     den = big_s + big_t
-    cad = _safe_div((s - t).abs().sum(-1), den)
+    plus, minus = (s - t).abs().sum(-1), (s + t).abs().sum(-1)
+    sigma = torch.where(minus < plus, -1.0, 1.0).to(s.dtype).unsqueeze(-1)    # the orientation closer to t
+    aligned = sigma * s
+    cad, cad_aligned = _safe_div(plus, den), _safe_div(torch.minimum(plus, minus), den)
     shrinkage = _safe_div((big_s - big_t).abs(), den)
-    flips = torch.where(s * t < 0, 2 * torch.minimum(s.abs(), t.abs()), torch.zeros_like(s)).sum(-1)
-    profile = (_safe_div(t, big_t.unsqueeze(-1)) - _safe_div(s, big_s.unsqueeze(-1))).abs().sum(-1) / 2
+    flips = torch.where(aligned * t < 0, 2 * torch.minimum(s.abs(), t.abs()), torch.zeros_like(s)).sum(-1)
+    profile = (_safe_div(t, big_t.unsqueeze(-1)) - _safe_div(aligned, big_s.unsqueeze(-1))).abs().sum(-1) / 2
     both = (big_s > 0) & (big_t > 0)                     # a vanished side has no profile to compare
-    return {"cad": cad, "shrinkage": shrinkage, "rerouting": (cad - shrinkage).clamp(min=0.0),
-            "sign_flip": _safe_div(flips, den), "redistribution": torch.where(both, profile, torch.zeros_like(profile)),
+    return {"cad": cad, "shrinkage": shrinkage, "reversal": cad - cad_aligned,
+            "rerouting": (cad_aligned - shrinkage).clamp(min=0.0), "sign_flip": _safe_div(flips, den),
+            "redistribution": torch.where(both, profile, torch.zeros_like(profile)),
             "outside_shift": _safe_div(t_out, t_out + big_t) - _safe_div(s_out, s_out + big_s)}
 
 
