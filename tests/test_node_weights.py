@@ -1,5 +1,6 @@
-"""Weights under the circuit (mansu.viz.node_weights) on a real tiny run: the per-node counts partition the run's
-own update and agree with the survival analysis, computed apart by mansu.quant.survival."""
+"""Weights under the circuit (mansu.viz.node_weights) and the spread over records (mansu.viz.record_spread) on a
+real tiny run: the per-node counts partition the run's own update and agree with the survival analysis, computed
+apart by mansu.quant.survival; the per-record edge scores average to the stored graph."""
 
 from __future__ import annotations
 
@@ -70,3 +71,41 @@ def test_edges_before_and_after_and_bad_node(tiny_run, report):
     assert before == sorted(before, reverse=True) and all(r["after_nf4"] is not None for r in rows)
     with pytest.raises(ValueError, match="unknown node name"):
         node_weight_report(tiny_run, nodes=["q7"])
+
+
+def test_spread_over_records_averages_to_the_graph(tiny_run):
+    from mansu.viz.artifacts import load_graph
+    from mansu.viz.record_spread import edge_spread, per_record_scores, spread_figure
+
+    up, down, per_record, valid = per_record_scores(tiny_run, "before")
+    assert per_record.shape[0] == 4                                   # the run's 4 attribution records
+    spread = edge_spread(up, down, per_record, valid, top_k=6, circuit={("a0.h0", "a1.h3")})
+    graph = load_graph(tiny_run, "before")
+    stored = {(graph.names[s], graph.names[d]): w for s, d, w in zip(graph.src, graph.dst, graph.weight)}
+    assert spread.mean == pytest.approx([stored[e] for e in spread.edges], rel=1e-5)
+    assert abs(spread.mean[0]) == pytest.approx(max(abs(w) for w in stored.values()), rel=1e-5)
+    for row in spread.rows():
+        assert 0 <= row["same sign %"] <= 100 and 25 <= row["top record %"] <= 100
+    assert len(spread_figure(spread).data) == 6
+
+
+def test_one_record_artefact_is_flagged():
+    from mansu.viz.record_spread import edge_spread
+
+    per_record = np.zeros((5, 2, 2))
+    per_record[:, 0, 0] = [1.0, 1.1, 0.9, 1.0, 1.0]                  # steady over records
+    per_record[:, 0, 1] = [0.0, 0.0, 9.0, 0.1, 0.0]                  # one prompt's artefact, larger mean
+    valid = np.array([[True, True], [False, False]])
+    rows = edge_spread(["u0", "u1"], ["v0", "v1"], per_record, valid, top_k=2).rows()
+    assert [r["edge"] for r in rows] == ["u0 → v1", "u0 → v0"]
+    assert [r["one record"] for r in rows] == [True, False] and rows[1]["same sign %"] == 100
+    with pytest.raises(ValueError, match="top_k"):
+        edge_spread(["u0"], ["v0"], per_record[:, :1, :1], valid[:1, :1], top_k=0)
+
+
+def test_a_graph_without_per_record_scores_says_so(tmp_path):
+    from mansu.testing import write_sample_run
+    from mansu.viz.record_spread import per_record_scores
+
+    run = write_sample_run(tmp_path / "runs", "mansu", 0, 0.3)
+    assert per_record_scores(run, "before") is None and per_record_scores(run, "after_nf4") is None

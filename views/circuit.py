@@ -27,6 +27,7 @@ from mansu.viz.graph_ops import (
     subgraph_csv,
     subgraph_tracer_json,
 )
+from mansu.viz.record_spread import edge_spread, per_record_scores, spread_figure
 from mansu.viz.report import export_images
 from ui import url_state
 from ui.node_weights import node_panel
@@ -38,7 +39,7 @@ if run is None:
     st.stop()
 
 STAGE_LABELS = {"before": "before", "after_fp": "after (fp)", "after_nf4": "after (NF4)"}
-VIEWS = {"graph": "one graph", "diff": "diff of two graphs"}
+VIEWS = {"graph": "one graph", "diff": "diff of two graphs", "spread": "spread over records"}
 # the view in the URL (?view=&stage=&pin=&threshold=&topk=): a deep link reopens it
 URL_FIELDS = [url_state.UrlField("view", "circuit-view", url_state.choice(list(VIEWS))),
               url_state.UrlField("stage", "circuit-stage", url_state.choice(list(STAGE_LABELS))),
@@ -103,9 +104,44 @@ def diff_view() -> None:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 
+@st.cache_data(show_spinner=False, max_entries=8)
+def _per_record(run_path: str, stage: str, mtime: float):
+    return per_record_scores(Path(run_path), stage)
+
+
+def spread_view() -> None:
+    """Each strong edge's score on every attribution record: an edge carried by one prompt is not the circuit."""
+    c1, c2 = st.columns([3, 2])
+    stage = c1.radio("stage", list(STAGE_LABELS), format_func=STAGE_LABELS.get, horizontal=True, key="circuit-stage")
+    top_k = c2.slider("edges (top-k by |mean score|)", 5, 60, 20, key="spread-topk")
+    path = artifact(run.path, layout.attribution_tensors(Path(run.path), stage))
+    data = _per_record(str(run.path), stage, path.stat().st_mtime_ns if path.is_file() else -1)
+    graph = load_graph(run, stage)
+    if data is None:
+        reason = ("this stage has no graph" if graph is None else "its graph was saved without per-record scores "
+                  f"(per_example in attribution/{stage}.safetensors, which the pipeline keeps for CAD)")
+        st.info(f"per-record edge scores of the '{STAGE_LABELS[stage]}' graph: not computed for this run "
+                f"({run.run_id}): {reason}.")
+        return
+    spread = edge_spread(*data, top_k=top_k, circuit=set(circuit_edges(run, graph)))
+    n = spread.scores.shape[0]
+    st.plotly_chart(spread_figure(spread, title=f"{STAGE_LABELS[stage]}: the top {len(spread.edges)} edges on each "
+                                                f"of {n} records"), key="circuit-spread-chart", width="stretch")
+    st.caption("One box per edge, every dot one forget record; the graph's score is their mean. Orange: a single "
+               "record carries more than half of the edge's total |score| (one prompt's artefact, not the "
+               "circuit); ★ marks circuit edges.")
+    st.dataframe(pd.DataFrame(spread.rows()), hide_index=True, width="stretch", key="circuit-spread-table",
+                 column_config={c: st.column_config.NumberColumn(format="%.3g") for c in ("mean", "median", "sd")}
+                 | {c: st.column_config.NumberColumn(format="%.3g%%") for c in ("same sign %", "top record %")})
+
+
 if view == "diff":
     diff_view()
     url_state.publish(URL_FIELDS[:1])
+    st.stop()
+if view == "spread":
+    spread_view()
+    url_state.publish(URL_FIELDS[:2])
     st.stop()
 
 stage = st.radio("stage", list(STAGE_LABELS), format_func=STAGE_LABELS.get, horizontal=True, key="circuit-stage")
