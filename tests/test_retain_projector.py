@@ -101,3 +101,32 @@ def test_demo_retain_projection_equals_the_dense_qr_one(demo_lm, demo_records):
     assert fp32.rank == 4
     assert _rel(fp32.project(g), exact, g.double() - exact) < 1e-4
     assert _rel(bf16.project(g), exact, g.double() - exact) < 2e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma", "mistral"])
+def test_factored_projection_equals_dense_qr_under_a_partial_circuit(family):
+    """Every family (GPT-2's Conv1D weights are [in, out]), a circuit that keeps whole weights and random parts
+    of others: the factored projector (fp32 factors) equals the dense QR projection of the per-example
+    gradients restricted to the circuit; the retain gradients are orthogonal to the result."""
+    from mansu.testing import tiny_model, toy_records, toy_tokenizer
+    from mansu.unlearn.params import quantizable_names
+
+    torch.manual_seed(0)
+    model = tiny_model(family).eval()
+    tok = toy_tokenizer()
+    records = toy_records(10)
+    retain, forget = encode_records(tok, records[:8]), encode_records(tok, records[8:])
+    gen = torch.Generator().manual_seed(1)
+    params = dict(model.named_parameters())
+    masks = {n: (torch.ones_like(params[n], dtype=torch.bool) if i % 2 else torch.rand(params[n].shape, generator=gen)
+                 < 0.3) for i, n in enumerate(quantizable_names(model))}
+    index = index_from_masks(masks, model)
+    assert any(i is None for i in index.flat_idx) and any(i is not None for i in index.flat_idx)
+    rows = torch.stack([g for _, g in per_example_grads(model, retain, index, 5, seed=0)])
+    _, g = next(per_example_grads(model, forget, index, 1, seed=0))
+    exact = _qr_projection64(rows, g)
+    proj = retain_statistics(model, retain, index, k=5, n_fisher=5, seed=0, dtype=torch.float32).projector
+    assert proj.rank == 5
+    p = proj.project(g)
+    assert _rel(p, exact, g.double() - exact) < 1e-5
+    assert float((rows.double() @ p.double()).abs().max()) < 1e-5 * float(g.norm() * rows.norm(dim=1).max())

@@ -30,23 +30,26 @@ def update_tensors(base_params: dict[str, torch.Tensor], result, epsilon: float,
                    quantizers: str = "nf4") -> tuple[dict[str, torch.Tensor], dict]:
     """The update.safetensors dict for an UnlearnResult (see the module docstring); the geometry is the floor's
     over the grids `quantizers` (UnlearnConfig.floor_quantizers)."""
-    cand = torch.nonzero((result.proposal != 0) | (result.delta != 0)).reshape(-1)
-    truncated = cand.numel() > max_coords
-    if truncated:
-        cand = cand[torch.topk(result.priority[cand], max_coords).indices]
-    sub, pos = sub_index(result.index, cand)
+    top = result.proposals(max_coords)
+    truncated = top.n_total > max_coords
+    order = torch.argsort(top.positions)
+    sub, pos = sub_index(result.index, top.positions[order].cpu())  # only the stored coordinates come to the CPU
+
+    def at(flat: torch.Tensor) -> torch.Tensor:
+        return flat[pos.to(flat.device)].float().cpu()
+
     geo = floor_geometry(base_params, sub, blocksize, layout=layout, quantizers=quantizers)
-    cols = {"delta": result.delta[pos], "proposal": result.proposal[pos], "priority": result.priority[pos],
+    cols = {"delta": at(result.delta), "proposal": top.proposal[order].cpu(), "priority": top.priority[order].cpu(),
             "bin_width": geo.bin_width, "move_up": geo.move_up, "move_down": geo.move_down, "cap_up": geo.cap_up,
-            "cap_down": geo.cap_down, "fisher": fisher[pos] if fisher is not None else torch.zeros(pos.numel())}
+            "cap_down": geo.cap_down, "fisher": at(fisher) if fisher is not None else torch.zeros(pos.numel())}
     out: dict[str, torch.Tensor] = {}
     for name, idx, off in zip(sub.names, sub.flat_idx, sub.offsets()):
-        out[f"{name}.index"] = idx.long()
+        out[f"{name}.index"] = idx.long().cpu()
         for key, col in cols.items():
             out[f"{name}.{key}"] = col[off: off + idx.numel()].float().contiguous()
     out["__epsilon__"] = torch.tensor([epsilon], dtype=torch.float32)
     out["__kappa__"] = torch.tensor([kappa], dtype=torch.float32)
-    meta = {"n_candidates_total": str(int(((result.proposal != 0) | (result.delta != 0)).sum())),
+    meta = {"n_candidates_total": str(top.n_total),
             "n_stored": str(int(pos.numel())), "truncated": "1" if truncated else "0"}
     return out, meta
 

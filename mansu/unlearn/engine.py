@@ -19,7 +19,7 @@ import torch
 from mansu.unlearn.config import UnlearnConfig
 from mansu.unlearn.data import TokenBatch
 from mansu.unlearn.methods import METHODS
-from mansu.unlearn.methods.base import EmptyCircuitError, FloorNotMetError, NonFiniteLossError
+from mansu.unlearn.methods.base import EmptyCircuitError, FloorNotMetError, NonFiniteLossError, Proposals
 from mansu.unlearn.params import ParamIndex, apply_update
 
 __all__ = ["EmptyCircuitError", "FloorNotMetError", "NonFiniteLossError", "UnlearnResult", "run_unlearning"]
@@ -28,10 +28,10 @@ __all__ = ["EmptyCircuitError", "FloorNotMetError", "NonFiniteLossError", "Unlea
 @dataclass
 class UnlearnResult:
     index: ParamIndex
-    delta: torch.Tensor                 # cumulative applied update, flat [n]
+    delta: torch.Tensor                 # cumulative applied update, flat fp32 [n] on the index's device
     steps: list[dict]
-    proposal: torch.Tensor              # the un-floored signed proposal of each candidate coordinate (0 = never)
-    priority: torch.Tensor              # |projected forget gradient| (or |update|) when it was proposed
+    proposals: Callable[[int], Proposals]  # limit -> the top proposed coordinates (their first un-floored move, and
+                                           # |projected forget gradient| or |update| when proposed)
     fisher: torch.Tensor | None         # retain diagonal Fisher over the coordinates, when the method computed it
     summary: dict = field(default_factory=dict)
 
@@ -51,13 +51,14 @@ def run_unlearning(model, forget: TokenBatch, retain: TokenBatch, config: Unlear
     t0 = time.perf_counter()
     method.prepare()
     prep = time.perf_counter() - t0
-    total, steps = torch.zeros(index.numel), []
-    state = state_bytes(method, total)
+    total, steps = method.total, []
+    state = state_bytes(method)
     for i in range(config.steps):
         t = time.perf_counter()
         delta, stats = method.step(i)
         apply_update(model, index, delta)
         total += delta
+        del delta  # a step's delta is transient: only the cumulative update is state
         record = {"step": i, "method": config.method, **stats, "update_norm": float(total.norm()),
                   "n_nonzero": int((total != 0).sum()), "step_seconds": round(time.perf_counter() - t, 4)}
         steps.append(record)
@@ -65,17 +66,18 @@ def run_unlearning(model, forget: TokenBatch, retain: TokenBatch, config: Unlear
             on_step(record)
     summary = {"prepare_seconds": round(prep, 3), "loop_seconds": round(time.perf_counter() - t0 - prep, 3),
                "n_coordinates": index.numel, "n_params_touched": int((total != 0).sum())}
-    state = max(state, state_bytes(method, total))
+    state = max(state, state_bytes(method))
     summary.update(state_bytes=state, state_bytes_per_coordinate=round(state / max(index.numel, 1), 2))
-    return UnlearnResult(index, total, steps, method.proposal, method.priority, method.fisher, summary)
+    return UnlearnResult(index, total, steps, method.proposals, method.fisher, summary)
 
 
 _NOT_STATE = ("model", "forget", "retain", "config", "cache")  # inputs and shared caches, not the method's state
 
 
-def state_bytes(method, *extra: torch.Tensor) -> int:
-    """Bytes of the engine's per-run state: the index's flat indices, `extra` (the cumulative update) and every
-    tensor the method holds, one level into its optimizer, floor geometry and projector; each storage once."""
+def state_bytes(method) -> int:
+    """Bytes of the engine's per-run state: the index's flat indices and every tensor the method holds (the
+    cumulative update among them), one level into its optimizer, floor geometry and projector (lists and dicts of
+    tensors included); each storage once."""
     seen: dict[int, int] = {}
 
     def add(value) -> None:
@@ -85,9 +87,11 @@ def state_bytes(method, *extra: torch.Tensor) -> int:
         elif isinstance(value, (list, tuple)):
             for v in value:
                 add(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                add(v)
 
     add(method.index.flat_idx)
-    add(extra)
     for name, value in vars(method).items():
         if name in _NOT_STATE or isinstance(value, torch.nn.Module):
             continue

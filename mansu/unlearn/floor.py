@@ -106,13 +106,13 @@ def floor_geometry(params: dict[str, torch.Tensor], index: ParamIndex, blocksize
     Conv1D weights are quantized transposed); the result is indexed in the parameter's own layout, like `index`."""
     grids = parse_quantizers(quantizers if isinstance(quantizers, str) else ",".join(quantizers))
     fields: dict[str, list[torch.Tensor]] = {k: [] for k in ("x0", "bin", "up", "down", "cap_up", "cap_down")}
-    for name, idx in zip(index.names, index.flat_idx):
-        w = params[name].detach().cpu()
+    for i, name in enumerate(index.names):
+        w = params[name].detach().to(index.device)
         v = layout.view(name, w)  # [out, in]: the quantizers' groups
-        x = w.reshape(-1).float()[idx]
+        x = index.take(i, w.float())
 
-        def at(t: torch.Tensor) -> torch.Tensor:  # per-element field of the view -> the coordinates of idx
-            return layout.unview(name, t.reshape(v.shape)).reshape(-1)[idx]
+        def at(t: torch.Tensor) -> torch.Tensor:  # per-element field of the view -> the coordinates of the index
+            return index.take(i, layout.unview(name, t.reshape(v.shape)))
 
         per_grid = []
         for q in grids:  # one grid's full-tensor fields at a time, reduced to the coordinates at once
@@ -128,7 +128,7 @@ def floor_geometry(params: dict[str, torch.Tensor], index: ParamIndex, blocksize
         for key, i, combine in (("bin", 0, torch.maximum), ("up", 1, torch.maximum), ("down", 2, torch.maximum),
                                 ("cap_up", 3, torch.minimum), ("cap_down", 4, torch.minimum)):
             fields[key].append(reduce(combine, (g[i] for g in per_grid)))
-    cat = {k: torch.cat(v) if v else torch.zeros(0) for k, v in fields.items()}
+    cat = {k: torch.cat(v) if v else torch.zeros(0, device=index.device) for k, v in fields.items()}
     return FloorGeometry(cat["x0"], cat["bin"], cat["up"], cat["down"], cat["cap_up"], cat["cap_down"])
 
 

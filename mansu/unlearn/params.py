@@ -16,61 +16,93 @@ a copy instead (2 B / 4 B per element of that tensor, no index).
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from mansu.devices import input_device
 from mansu.quant.targets import quantizable_parameter_names
 
 
 @dataclass(frozen=True)
 class ParamIndex:
+    """The updatable coordinates: per parameter name, the flat positions (param.reshape(-1)) it may change.
+
+    An all-True mask stores no index at all (None: every element, in order); a partial mask stores its sorted
+    positions as int32 (4 B per coordinate; int64 only transiently, one tensor at a time).  Flat vectors over the
+    index (the engine's state) live on `device`, the model's input device (the GPU for a model on one GPU)."""
     names: tuple[str, ...]
-    flat_idx: tuple[torch.Tensor, ...]  # long indices into param.reshape(-1), one per name
+    flat_idx: tuple[torch.Tensor | None, ...]  # sorted int positions into param.reshape(-1), None = all of them
     shapes: tuple[tuple[int, ...], ...]
+    device: torch.device = torch.device("cpu")
+
+    def size(self, i: int) -> int:
+        idx = self.flat_idx[i]
+        return math.prod(self.shapes[i]) if idx is None else idx.numel()
 
     @property
     def numel(self) -> int:
-        return int(sum(i.numel() for i in self.flat_idx))
+        return sum(self.size(i) for i in range(len(self.names)))
 
     def offsets(self) -> list[int]:
         out, total = [], 0
-        for i in self.flat_idx:
+        for i in range(len(self.names)):
             out.append(total)
-            total += i.numel()
+            total += self.size(i)
         return out
 
+    def positions(self, i: int, device=None) -> torch.Tensor:
+        """The int64 flat positions of parameter i (an arange for a full mask), on `device` (default the index's)."""
+        device = self.device if device is None else device
+        idx = self.flat_idx[i]
+        if idx is None:
+            return torch.arange(self.size(i), device=device)
+        return idx.to(device=device, dtype=torch.long)
+
+    def take(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        """The entries of t (shaped like parameter i) at its coordinates, flat, on t's device (a view when full)."""
+        flat = t.reshape(-1)
+        return flat if self.flat_idx[i] is None else flat[self.positions(i, t.device)]
+
     def gather(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Concatenate the masked entries of `tensors` (a missing name reads as zeros) -> fp32 [n]."""
-        parts = []
-        for name, idx in zip(self.names, self.flat_idx):
+        """Concatenate the masked entries of `tensors` (a missing name reads as zeros) -> fp32 [n] on `device`."""
+        out = torch.zeros(self.numel, device=self.device)  # filled slice by slice: no second [n] buffer
+        for i, (name, off) in enumerate(zip(self.names, self.offsets())):
             t = tensors.get(name)
-            if t is None:
-                parts.append(torch.zeros(idx.numel()))
-            elif idx.numel() == t.numel():  # a full mask: no gather
-                parts.append(t.detach().reshape(-1).float().cpu())
-            else:
-                parts.append(t.detach().reshape(-1)[idx.to(t.device)].float().cpu())
-        return torch.cat(parts) if parts else torch.zeros(0)
+            if t is not None:
+                out[off: off + self.size(i)].copy_(self.take(i, t.detach()))
+        return out
 
     def scatter(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The inverse of gather: {name: dense tensor shaped like the parameter, zero outside the mask}."""
+        """The inverse of gather: {name: dense fp32 tensor shaped like the parameter (on vec's device), zero
+        outside the mask}."""
         out = {}
-        for name, idx, shape, off in zip(self.names, self.flat_idx, self.shapes, self.offsets()):
-            numel = int(torch.tensor(shape).prod().item()) if shape else 1
-            if idx.numel() == numel:
-                out[name] = vec[off: off + numel].float().reshape(shape)
+        for i, (name, shape, off) in enumerate(zip(self.names, self.shapes, self.offsets())):
+            part = vec[off: off + self.size(i)].float()
+            if self.flat_idx[i] is None:
+                out[name] = part.reshape(shape)
                 continue
-            dense = torch.zeros(numel)
-            dense[idx] = vec[off: off + idx.numel()].float()
+            dense = torch.zeros(math.prod(shape), device=vec.device)
+            dense[self.positions(i, vec.device)] = part
             out[name] = dense.reshape(shape)
         return out
 
 
+def compact_index(mask: torch.Tensor) -> torch.Tensor | None:
+    """None for an all-True mask, else its sorted flat positions as int32 (int64 past 2^31 elements)."""
+    flat = mask.reshape(-1).bool()
+    if bool(flat.all()):
+        return None
+    idx = torch.nonzero(flat, as_tuple=False).reshape(-1)
+    return idx.to(torch.int32) if flat.numel() < 2**31 else idx
+
+
 def index_from_masks(masks: dict[str, torch.Tensor], model=None) -> ParamIndex:
-    """A ParamIndex over the True entries of `masks`; names with no True entry are left out."""
+    """A ParamIndex over the True entries of `masks` (names with no True entry are left out); its flat vectors
+    live on the model's input device (the CPU without a model)."""
     params = dict(model.named_parameters()) if model is not None else {}
     names, idxs, shapes = [], [], []
     for name in sorted(masks):
@@ -79,12 +111,12 @@ def index_from_masks(masks: dict[str, torch.Tensor], model=None) -> ParamIndex:
             raise ValueError(f"mask names unknown parameter {name!r}; masks must be keyed by named_parameters names")
         if params and tuple(mask.shape) != tuple(params[name].shape):
             raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(params[name].shape)}")
-        idx = torch.nonzero(mask.reshape(-1).bool(), as_tuple=False).reshape(-1)
-        if idx.numel():
+        if bool(mask.any()):
             names.append(name)
-            idxs.append(idx)
+            idxs.append(compact_index(mask))
             shapes.append(tuple(mask.shape))
-    return ParamIndex(tuple(names), tuple(idxs), tuple(shapes))
+    device = input_device(model) if model is not None else torch.device("cpu")
+    return ParamIndex(tuple(names), tuple(idxs), tuple(shapes), torch.device(device))
 
 
 def quantizable_names(model) -> list[str]:
@@ -109,20 +141,21 @@ def apply_update(model, index: ParamIndex, delta: torch.Tensor) -> None:
     """
     params = dict(model.named_parameters())
     restore = _RECORDERS.get(model)
-    for name, idx, off in zip(index.names, index.flat_idx, index.offsets()):
+    for i, (name, off) in enumerate(zip(index.names, index.offsets())):
         p = params[name]
-        d = delta[off: off + idx.numel()]
+        d = delta[off: off + index.size(i)]
         nonzero = d != 0
         if not bool(nonzero.any()):
             continue
         _require_in_memory(name, p)
-        full = idx.numel() == p.numel()
+        full = index.flat_idx[i] is None
         if restore is not None:
-            restore.save(name, p, None if full and bool(nonzero.all()) else idx[nonzero.to(idx.device)])
+            dense = full and bool(nonzero.all())
+            restore.save(name, p, None if dense else index.positions(i, p.device)[nonzero.to(p.device)])
         if full:
             p.view(-1).add_(d.to(device=p.device, dtype=p.dtype))
         else:
-            p.view(-1).index_add_(0, idx.to(p.device), d.to(device=p.device, dtype=p.dtype))
+            p.view(-1).index_add_(0, index.positions(i, p.device), d.to(device=p.device, dtype=p.dtype))
 
 
 @torch.no_grad()
@@ -268,13 +301,13 @@ def _set(model, restore: BaseRestore | None) -> None:
 
 
 def sub_index(index: ParamIndex, positions: torch.Tensor) -> tuple[ParamIndex, torch.Tensor]:
-    """The ParamIndex of some flat positions of `index` (sorted), and the sorted positions themselves."""
+    """The ParamIndex of some flat positions of `index` (sorted, explicit int64 indices), and the sorted positions."""
     positions = torch.sort(positions.long()).values
     names, idxs, shapes = [], [], []
-    for name, idx, shape, off in zip(index.names, index.flat_idx, index.shapes, index.offsets()):
-        sel = positions[(positions >= off) & (positions < off + idx.numel())] - off
+    for i, (name, shape, off) in enumerate(zip(index.names, index.shapes, index.offsets())):
+        sel = positions[(positions >= off) & (positions < off + index.size(i))] - off
         if sel.numel():
             names.append(name)
-            idxs.append(idx[sel])
+            idxs.append(sel if index.flat_idx[i] is None else index.positions(i, sel.device)[sel])
             shapes.append(shape)
-    return ParamIndex(tuple(names), tuple(idxs), tuple(shapes)), positions
+    return ParamIndex(tuple(names), tuple(idxs), tuple(shapes), positions.device), positions

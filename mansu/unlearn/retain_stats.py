@@ -2,12 +2,15 @@
 
 One backward pass per example (N = max(k, n_fisher) examples): g_j = d NLL(x_j) / d theta restricted to the
 circuit (flat, [n]).  F = mean_j g_j^2 over all N; the projector (mansu.unlearn.projection.RetainProjector) keeps
-the first k g_j, each stored as it arrives (no stack, no QR).
-Memory: k x n x 2 B (bf16 rows) + n x 4 B for F, n = the circuit's coordinates (never k x all parameters).
+the first k g_j factored (each Linear's inputs and output gradients, captured by hooks in the same pass).
+Memory: n x 4 B for F (on the index's device) + the projector's factors (k x T x (fan_in + fan_out) x 2 B per
+weight), n = the circuit's coordinates; each dense g_j exists only while its example is processed.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,21 +19,26 @@ from mansu.devices import input_device
 from mansu.unlearn.data import TokenBatch
 from mansu.unlearn.objectives import nll_loss
 from mansu.unlearn.params import ParamIndex
-from mansu.unlearn.projection import RetainProjector
+from mansu.unlearn.projection import FactoredRetainProjector
 
 
 @dataclass(frozen=True)
 class RetainStats:
     fisher: torch.Tensor          # [n]
-    projector: RetainProjector    # P(g) = g - G^T (G G^T)^+ G g over the k retain gradients
+    projector: FactoredRetainProjector  # P(g) = g - G^T (G G^T)^+ G g over the k retain gradients
     n_examples: int
 
 
 def masked_grad(model, loss: torch.Tensor, index: ParamIndex) -> torch.Tensor:
     """d loss / d theta at the coordinates of `index`, flat fp32 [n]."""
     params = dict(model.named_parameters())
-    grads = torch.autograd.grad(loss, [params[n] for n in index.names], allow_unused=True)
-    return index.gather({n: g for n, g in zip(index.names, grads) if g is not None})
+    grads = dict(zip(index.names, torch.autograd.grad(loss, [params[n] for n in index.names], allow_unused=True)))
+    out = torch.zeros(index.numel, device=index.device)
+    for i, (name, off) in enumerate(zip(index.names, index.offsets())):
+        g = grads.pop(name)  # each parameter's gradient is freed as soon as it is copied in
+        if g is not None:
+            out[off: off + index.size(i)].copy_(index.take(i, g))
+    return out
 
 
 def per_example_grads(model, batch: TokenBatch, index: ParamIndex, n: int, *, seed: int = 0):
@@ -44,23 +52,63 @@ def per_example_grads(model, batch: TokenBatch, index: ParamIndex, n: int, *, se
 
 def retain_statistics(model, retain: TokenBatch, index: ParamIndex, *, k: int, n_fisher: int,
                       seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> RetainStats:
-    """Diagonal Fisher over n_fisher retain examples and the projector off k per-example gradients (stored in
-    `dtype`: bf16 by default, float32 for the projection that equals the dense QR one to fp32 tolerance)."""
-    fisher = torch.zeros(index.numel)
-    projector = RetainProjector(index.numel, min(k, len(retain)), dtype=dtype)
+    """Diagonal Fisher over n_fisher retain examples and the projector off k per-example gradients (kept
+    factored, mansu.unlearn.projection.FactoredRetainProjector, in `dtype`: bf16 by default, float32 for the
+    projection that equals the dense QR one to fp32 tolerance), in one backward pass per example."""
+    fisher = torch.zeros(index.numel, device=index.device)
+    modules = weight_modules(model, index.names)
+    transposed = {n: type(m).__name__ == "Conv1D" for n, m in modules.items()}
+    projector = FactoredRetainProjector(index, transposed, min(k, len(retain)), dtype=dtype)
     count = 0
-    for j, g in per_example_grads(model, retain, index, max(k, n_fisher), seed=seed):
-        if j < n_fisher:
-            fisher += g * g
-            count += 1
-        if j < k:
-            projector.add(g)
+    with capture_factors(modules) as factors:
+        for j, g in per_example_grads(model, retain, index, max(k, n_fisher), seed=seed):
+            if j < n_fisher:
+                fisher += g * g
+                count += 1
+            if j < k:
+                projector.add(factors)
     return RetainStats(fisher / max(count, 1), projector.finish(), count)
+
+
+def weight_modules(model, names) -> dict[str, torch.nn.Module]:
+    """{weight name: the Linear / Conv1D module that owns it}."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        if leaf != "weight" or owner not in modules:
+            raise ValueError(f"{name} is not a module's weight; the retain projector factors Linear/Conv1D weights")
+        out[name] = modules[owner]
+    return out
+
+
+@contextlib.contextmanager
+def capture_factors(modules: dict[str, torch.nn.Module]) -> Iterator[dict[str, list]]:
+    """While active, {weight name: [A, D]} holds the last forward's inputs A [T, fan_in] of each module and,
+    after a backward through it, the gradients D [T, fan_out] at its outputs (both detached, on its device)."""
+    store: dict[str, list] = {}
+    handles = []
+
+    def hook(name: str):
+        def forward(module, inputs, output):
+            a = inputs[0].detach()
+            store[name] = [a.reshape(-1, a.shape[-1]), None]
+            if output.requires_grad:
+                output.register_hook(lambda grad: store[name].__setitem__(1, grad.detach().reshape(-1, grad.shape[-1])))
+        return forward
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_hook(hook(name)))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def fisher_only(model, batch: TokenBatch, index: ParamIndex, n: int, *, seed: int = 0) -> torch.Tensor:
     """Diagonal empirical Fisher of `batch` over n examples (no basis)."""
-    fisher = torch.zeros(index.numel)
+    fisher = torch.zeros(index.numel, device=index.device)
     count = 0
     for _, g in per_example_grads(model, batch, index, n, seed=seed):
         fisher += g * g

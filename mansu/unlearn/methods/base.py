@@ -10,6 +10,7 @@ reads, its demo-world settings), so every list of methods derives from the regis
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -41,10 +42,11 @@ class FloorNotMetError(ValueError):
 
 
 class Adam:
-    """Plain Adam on a flat vector, returning the step instead of writing it (bias-corrected). 8 B/coordinate."""
+    """Plain Adam on a flat vector, returning the step instead of writing it (bias-corrected).  State m and v in
+    fp32 on `device`: 8 B/coordinate (bf16 moments would stall: v's 1e-3 increments are below bf16's resolution)."""
 
-    def __init__(self, n: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.m, self.v, self.t = torch.zeros(n), torch.zeros(n), 0
+    def __init__(self, n: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, device=None):
+        self.m, self.v, self.t = torch.zeros(n, device=device), torch.zeros(n, device=device), 0
         self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
 
     def step(self, g: torch.Tensor) -> torch.Tensor:
@@ -66,9 +68,9 @@ class Sgd:
         return -self.lr * g
 
 
-def make_optimizer(config: UnlearnConfig, n: int, lr: float | None = None) -> Adam | Sgd:
+def make_optimizer(config: UnlearnConfig, n: int, lr: float | None = None, device=None) -> Adam | Sgd:
     lr = config.lr if lr is None else lr
-    return Adam(n, lr) if config.optimizer == "adam" else Sgd(lr)
+    return Adam(n, lr, device=device) if config.optimizer == "adam" else Sgd(lr)
 
 
 def check_finite(loss: torch.Tensor, g: torch.Tensor | None, step: int) -> None:
@@ -77,10 +79,21 @@ def check_finite(loss: torch.Tensor, g: torch.Tensor | None, step: int) -> None:
         raise NonFiniteLossError(step, value if not math.isfinite(value) else float("nan"))
 
 
+@dataclass(frozen=True)
+class Proposals:
+    """The proposed (or updated) coordinates a run keeps for the floor tuner, highest priority first when cut."""
+    positions: torch.Tensor  # int64 flat positions in the index
+    proposal: torch.Tensor   # fp32: the first un-floored signed move proposed there
+    priority: torch.Tensor   # fp32: its largest selection score
+    n_total: int             # how many coordinates were proposed or updated in all (before the cut)
+
+
 class Method:
     """Shared plumbing: batches, the forget objectives, stats bookkeeping.
 
-    Per-coordinate state (fp32, on the CPU): proposal and priority, 4 B each.
+    Per-coordinate state, on the index's device (the model's): the cumulative update `total` (fp32, 4 B), the
+    first proposal and the priority (fp32, 4 B each, for MANSU, whose floor tuner replays them through the floor
+    and the Fisher bound exactly; bf16, 2 B each, for the other methods, where they only rank and preview).
     """
 
     name: ClassVar[str]
@@ -88,13 +101,15 @@ class Method:
     circuit_restricted: ClassVar[bool] = False     # updates only the circuit's coordinates when a circuit exists
     fields: ClassVar[tuple[str, ...]] = ()         # UnlearnConfig fields it reads beyond COMMON_FIELDS
     demo: ClassVar[dict[str, Any]] = {}            # its settings on the demo world (unlearn/demo_settings.py)
+    proposal_dtype: ClassVar[torch.dtype] = torch.bfloat16
 
     def __init__(self, model, forget: TokenBatch, retain: TokenBatch, config: UnlearnConfig, index: ParamIndex):
         self.model, self.forget, self.retain, self.config, self.index = model, forget, retain, config, index
         self.device = input_device(model)
         self.n = index.numel
-        self.proposal = torch.zeros(self.n)
-        self.priority = torch.zeros(self.n)
+        self.state_device = index.device
+        self.total = self.zeros()  # the cumulative applied update (the engine adds each step's delta)
+        self.init_proposals()
         self.fisher: torch.Tensor | None = None
         self.ref: torch.Tensor | None = None
         self.cache: dict | None = None  # shared across runs on the same base weights (compare), keyed by settings
@@ -111,6 +126,15 @@ class Method:
                                     f"{sum(int(m.sum()) for m in masks.values())} entries, none in the "
                                     f"{len(quant)} Linear weights NF4 quantizes); widen the circuit selection")
         return index
+
+    def init_proposals(self) -> None:
+        """Dense first-proposal and priority vectors (a method that proposes few coordinates keeps a sparse log)."""
+        self.proposal = self.zeros(self.proposal_dtype)
+        self.priority = self.zeros(self.proposal_dtype)
+
+    def zeros(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A flat [n] state vector on the index's device."""
+        return torch.zeros(self.n, dtype=dtype, device=self.state_device)
 
     def cached(self, key, compute):
         if self.cache is None:
@@ -145,11 +169,21 @@ class Method:
         if self.ref is None:
             self.ref = obj.reference_logprobs(self.model, self.forget.to(self.device)).cpu()
 
+    def proposals(self, limit: int) -> Proposals:
+        """At most `limit` proposed-or-updated coordinates, by priority (see `Proposals`)."""
+        proposed = (self.proposal != 0) | (self.total != 0)
+        n_total = int(proposed.sum())
+        if n_total > limit:
+            pos = torch.topk(self.priority.float().masked_fill_(~proposed, -math.inf), limit).indices
+        else:
+            pos = torch.nonzero(proposed).reshape(-1)
+        return Proposals(pos, self.proposal[pos].float(), self.priority[pos].float(), n_total)
+
     def record_proposal(self, delta: torch.Tensor, score: torch.Tensor) -> None:
         """Keep each coordinate's first proposed move and its largest priority (the floor tuner's input)."""
         fresh = self.proposal == 0
-        self.proposal[fresh] = delta[fresh]
-        self.priority = torch.maximum(self.priority, score)
+        self.proposal[fresh] = delta[fresh].to(self.proposal.dtype)
+        torch.maximum(self.priority, score.to(self.priority.dtype), out=self.priority)
 
     def step(self, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

@@ -4,7 +4,8 @@
     delta = optimizer(direction(g))   masked by `update_mask` when a subclass defines one (SURE)
 
 Each baseline (ga.py, graddiff.py, npo.py, ...) is a subclass that sets its objective and overrides at most
-one hook.  State: Adam's m and v, 8 B/coordinate (SGD: none).
+one hook.  State on the model's device: Adam's m and v 8 B/coordinate (SGD: none) + the base class's total,
+proposal and priority 8 B = 16 B per coordinate.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class GradientMethod(Method):
         self.kind = self.objective or self.config.objective
         if self.kind == "npo":
             self.ensure_ref()
-        self.opt = make_optimizer(self.config, self.n, self.learning_rate())
+        self.opt = make_optimizer(self.config, self.n, self.learning_rate(), self.state_device)
 
     def direction(self, g_f: torch.Tensor) -> torch.Tensor:
         """The forget direction before the retain term (GU projects it)."""

@@ -12,9 +12,12 @@ floor applies to each parameter's cumulative update.  Ablations are subclasses t
 (Adam on p, the cumulative update scaled into the Fisher budget), no circuit (all quantizable weights), no Fisher
 bound (epsilon = inf).
 
-Per-coordinate state (fp32/bool on the CPU): Fisher 4 B, cumulative update 4 B, touched 1 B, floor geometry
-24 B (base weight, bin width, moves and caps up and down, combined over the listed grids), proposal and
-priority 8 B; plus the k retain gradients in bf16 (2k B; mansu.unlearn.projection.RetainProjector).
+Per-coordinate state, on the model's device: Fisher 4 B (fp32), cumulative update 4 B (fp32), proposal and
+priority 4 B each (fp32), the index 0 B (a whole tensor) or 4 B (int32, a partial circuit mask), plus the
+retain projector's factored per-example gradients (T x (fan_in + fan_out) per example and Linear, bf16; about
+k x T x (1/fan_in + 1/fan_out) x 2 B per coordinate: ~0.6 B at k=16, T=64 on an 8B layout).  The floor geometry
+is computed for each step's candidates only, from the current weights (nothing kept), and "touched" is
+total != 0.  Total: 16-20 B per circuit coordinate (bench/scale_bench.py measures it).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import torch
 
 from mansu.quant.targets import quant_layout
 from mansu.unlearn.fisher import bound_clip, bound_scale, fisher_cost
-from mansu.unlearn.floor import floor_geometry, floor_update
-from mansu.unlearn.methods.base import FloorNotMetError, Method, check_finite, make_optimizer
+from mansu.unlearn.floor import FloorGeometry, floor_geometry, floor_update
+from mansu.unlearn.methods.base import FloorNotMetError, Method, Proposals, check_finite, make_optimizer
+from mansu.unlearn.params import sub_index
 from mansu.unlearn.retain_stats import masked_grad, retain_statistics
 
 MANSU_FIELDS = ("lr", "objective", "beta", "k", "n_fisher", "epsilon", "kappa", "update_fraction", "blocksize",
@@ -45,6 +49,28 @@ class Mansu(Method):
     fisher_bound: ClassVar[bool] = True
     fields = MANSU_FIELDS
     demo = MANSU_DEMO
+    proposal_dtype = torch.float32  # the floor tuner replays proposal and priority through the floor exactly
+
+    def init_proposals(self) -> None:
+        """Floored: a log of each step's candidates (int64 position, fp32 proposal and score: 16 B per candidate,
+        update_fraction x n per step), merged at the end; without the floor: dense vectors as other methods."""
+        if self.floor:
+            self.proposed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        else:
+            super().init_proposals()
+
+    def proposals(self, limit: int) -> Proposals:
+        if not self.floor:
+            return super().proposals(limit)
+        if not self.proposed:
+            empty = torch.zeros(0, device=self.state_device)
+            return Proposals(empty.long(), empty, empty, 0)
+        first = merge_first(*(torch.cat(column) for column in zip(*self.proposed)))
+        n_total = first.positions.numel()
+        if n_total > limit:
+            keep = torch.topk(first.priority, limit).indices
+            first = Proposals(first.positions[keep], first.proposal[keep], first.priority[keep], n_total)
+        return first
 
     def prepare(self) -> None:
         c = self.config
@@ -55,14 +81,9 @@ class Mansu(Method):
         stats = self.cached(("retain", key, c.k, c.n_fisher, c.seed), lambda: retain_statistics(
             self.model, self.retain.to(self.device), self.index, k=c.k, n_fisher=c.n_fisher, seed=c.seed))
         self.fisher, self.projector = stats.fisher, stats.projector
-        params = {n: p.detach().cpu() for n, p in self.model.named_parameters() if n in self.index.names}
-        self.geo = self.cached(("geometry", key, c.blocksize, c.floor_quantizers), lambda: floor_geometry(
-            params, self.index, c.blocksize, layout=quant_layout(self.model),
-            quantizers=c.floor_quantizers)) if self.floor else None
-        self.touched = torch.zeros(self.n, dtype=torch.bool)
-        self.cum = torch.zeros(self.n)
+        self.layout = quant_layout(self.model)
         self.spent = 0.0
-        self.opt = None if self.floor else make_optimizer(c, self.n)
+        self.opt = None if self.floor else make_optimizer(c, self.n, device=self.state_device)
         self.n_candidates = max(1, math.ceil(c.update_fraction * self.n))
 
     def step(self, step: int) -> tuple[torch.Tensor, dict]:
@@ -70,34 +91,47 @@ class Mansu(Method):
         g = masked_grad(self.model, loss, self.index)
         if self.config.mansu_retain_weight > 0:  # retain damage accrued so far steers selection and direction
             loss_r = self.retain_loss(step)
-            g = g + self.config.mansu_retain_weight * masked_grad(self.model, loss_r, self.index)
+            g.add_(masked_grad(self.model, loss_r, self.index), alpha=self.config.mansu_retain_weight)
             loss = loss + self.config.mansu_retain_weight * loss_r
         check_finite(loss, g, step)
-        p = self.projector.project(g)
-        stats = {"loss": float(loss.detach()), "grad_norm": float(g.norm()), "proj_removed_norm": float((g - p).norm())}
+        grad_norm = float(g.norm())
+        removed = self.projector.project_(g)  # g becomes p, in place: the step holds one [n] gradient at a time
+        p = g
+        stats = {"loss": float(loss.detach()), "grad_norm": grad_norm, "proj_removed_norm": removed}
         delta, more = self.floored_step(p, step) if self.floor else self.dense_step(p)
-        self.cum += delta
         return delta, {**stats, **more}
+
+    def geometry(self, cand: torch.Tensor) -> FloorGeometry:
+        """The floor geometry of the candidates (in cand's order), computed from the current weights one tensor
+        at a time: no per-coordinate geometry is kept between steps.  Candidates are untouched coordinates, so
+        their current value is the base's, and a floored move never changes any grid's scales (it stays inside
+        the block's caps and never moves a scale-setting element), so each block's grid is the base's."""
+        order = torch.argsort(cand)
+        sub, _ = sub_index(self.index, cand)
+        c = self.config
+        geo = floor_geometry(dict(self.model.named_parameters()), sub, c.blocksize, layout=self.layout,
+                             quantizers=c.floor_quantizers)
+        return geo.select(torch.argsort(order))
 
     def floored_step(self, p: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         c = self.config
-        score = self.score(p).masked_fill(self.touched, 0)
+        touched = self.total != 0  # a floored coordinate moved by at least one code change: never 0
+        score = self.score(p).masked_fill_(touched, 0)
         k = min(self.n_candidates, int((score > 0).sum()))
-        cand = torch.topk(score, k).indices if k else torch.zeros(0, dtype=torch.long)
+        cand = torch.topk(score, k).indices if k else torch.zeros(0, dtype=torch.long, device=score.device)
         prop = -c.lr * p[cand]
-        floored, feasible = floor_update(prop, self.geo.select(cand), c.kappa)
+        floored, feasible = floor_update(prop, self.geometry(cand), c.kappa)
         bound = bound_clip(floored, self.fisher[cand], self.epsilon, priority=score[cand], spent=self.spent)
         kept = bound.delta != 0
-        delta = torch.zeros(self.n)
+        delta = self.zeros()
         delta[cand[kept]] = bound.delta[kept]
-        self.touched[cand[kept]] = True
         self.spent += bound.cost
-        self.proposal[cand] = torch.where(self.proposal[cand] == 0, prop, self.proposal[cand])
-        self.priority[cand] = torch.maximum(self.priority[cand], score[cand])
+        self.proposed.append((cand, prop, score[cand]))
         if step == 0 and not bool(kept.any()):
             self.floor_not_met(cand, floored, feasible)
+        n_touched = int(touched.sum()) + int(kept.sum())
         return delta, {"n_candidates": int(k), "n_floored": int(kept.sum()), "n_unfloorable": int((~feasible).sum()),
-                       "n_dropped": bound.n_dropped, "n_touched": int(self.touched.sum()),
+                       "n_dropped": bound.n_dropped, "n_touched": n_touched,
                        "fisher_cost": self.spent, "budget_used": self._used(self.spent)}
 
     def score(self, p: torch.Tensor) -> torch.Tensor:
@@ -120,7 +154,7 @@ class Mansu(Method):
 
     def dense_step(self, p: torch.Tensor) -> tuple[torch.Tensor, dict]:
         step = self.opt.step(p)
-        new = self.cum + step
+        new = self.total + step
         dropped = 0
         if math.isfinite(self.epsilon):
             bounded = (bound_scale if self.config.fisher_mode == "scale" else bound_clip)(new, self.fisher,
@@ -128,7 +162,7 @@ class Mansu(Method):
             new, dropped = bounded.delta, bounded.n_dropped
         self.record_proposal(step, p.abs())
         cost = fisher_cost(new, self.fisher)
-        return new - self.cum, {"n_updated": int((new != 0).sum()), "n_floored": 0, "n_dropped": dropped,
+        return new - self.total, {"n_updated": int((new != 0).sum()), "n_floored": 0, "n_dropped": dropped,
                                 "fisher_cost": cost, "budget_used": self._used(cost)}
 
     def _used(self, cost: float) -> float:
@@ -156,3 +190,17 @@ class MansuNoFisher(Mansu):
     fields = tuple(f for f in MANSU_FIELDS if f != "epsilon")
 
 
+
+
+def merge_first(pos: torch.Tensor, prop: torch.Tensor, score: torch.Tensor) -> Proposals:
+    """Per distinct position (sorted): the first nonzero proposal in log order and the largest score."""
+    uniq, inverse = torch.unique(pos, return_inverse=True)
+    priority = torch.zeros(uniq.numel(), dtype=score.dtype, device=score.device).scatter_reduce_(
+        0, inverse, score, "amax", include_self=False)
+    order = torch.arange(pos.numel(), device=pos.device)
+    big = pos.numel()
+    nz = prop != 0
+    first = torch.full((uniq.numel(),), big, dtype=torch.long, device=pos.device).scatter_reduce_(
+        0, inverse[nz], order[nz], "amin", include_self=True)
+    proposal = torch.where(first < big, prop[first.clamp(max=big - 1)], torch.zeros_like(priority))
+    return Proposals(uniq, proposal.float(), priority.float(), uniq.numel())

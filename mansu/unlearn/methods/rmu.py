@@ -39,7 +39,7 @@ class RMU(Method):
         gen = torch.Generator().manual_seed(self.config.seed)
         u = torch.rand(self.model.config.hidden_size, generator=gen)
         self.control = (self.config.rmu_steering * u / u.norm()).to(self.device)
-        self.opt = make_optimizer(self.config, self.n)
+        self.opt = make_optimizer(self.config, self.n, device=self.state_device)
         self.layer = rmu_layers(self.model)[-1]
         with torch.no_grad():
             self.frozen = obj.hidden_at(self.model, self.retain.to(self.device), self.layer).detach()
