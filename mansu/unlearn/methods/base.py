@@ -73,6 +73,25 @@ def make_optimizer(config: UnlearnConfig, n: int, lr: float | None = None, devic
     return Adam(n, lr, device=device) if config.optimizer == "adam" else Sgd(lr)
 
 
+TOPK_CHUNK = 1 << 30  # torch.topk is not trusted past 2^31 elements (an 8B model's circuit has ~6e9 coordinates)
+
+
+def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of a flat score (torch.topk; for vectors past TOPK_CHUNK entries, the top
+    k of each chunk first, then the top k of those: the same set)."""
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=score.device)
+    if score.numel() <= TOPK_CHUNK:
+        return torch.topk(score, k).indices
+    vals, idx = [], []
+    for lo in range(0, score.numel(), TOPK_CHUNK):
+        top = torch.topk(score[lo: lo + TOPK_CHUNK], min(k, score[lo: lo + TOPK_CHUNK].numel()))
+        vals.append(top.values)
+        idx.append(top.indices + lo)
+    vals, idx = torch.cat(vals), torch.cat(idx)
+    return idx[torch.topk(vals, k).indices]
+
+
 def check_finite(loss: torch.Tensor, g: torch.Tensor | None, step: int) -> None:
     value = float(loss.detach())
     if not math.isfinite(value) or (g is not None and not bool(torch.isfinite(g).all())):
@@ -174,7 +193,7 @@ class Method:
         proposed = (self.proposal != 0) | (self.total != 0)
         n_total = int(proposed.sum())
         if n_total > limit:
-            pos = torch.topk(self.priority.float().masked_fill_(~proposed, -math.inf), limit).indices
+            pos = top_indices(self.priority.float().masked_fill_(~proposed, -math.inf), limit)
         else:
             pos = torch.nonzero(proposed).reshape(-1)
         return Proposals(pos, self.proposal[pos].float(), self.priority[pos].float(), n_total)

@@ -30,7 +30,7 @@ import torch
 from mansu.quant.targets import quant_layout
 from mansu.unlearn.fisher import bound_clip, bound_scale, fisher_cost
 from mansu.unlearn.floor import FloorGeometry, floor_geometry, floor_update
-from mansu.unlearn.methods.base import FloorNotMetError, Method, Proposals, check_finite, make_optimizer
+from mansu.unlearn.methods.base import FloorNotMetError, Method, Proposals, check_finite, make_optimizer, top_indices
 from mansu.unlearn.params import sub_index
 from mansu.unlearn.retain_stats import masked_grad, retain_statistics
 
@@ -68,7 +68,7 @@ class Mansu(Method):
         first = merge_first(*(torch.cat(column) for column in zip(*self.proposed)))
         n_total = first.positions.numel()
         if n_total > limit:
-            keep = torch.topk(first.priority, limit).indices
+            keep = top_indices(first.priority, limit)
             first = Proposals(first.positions[keep], first.proposal[keep], first.priority[keep], n_total)
         return first
 
@@ -118,7 +118,7 @@ class Mansu(Method):
         touched = self.total != 0  # a floored coordinate moved by at least one code change: never 0
         score = self.score(p).masked_fill_(touched, 0)
         k = min(self.n_candidates, int((score > 0).sum()))
-        cand = torch.topk(score, k).indices if k else torch.zeros(0, dtype=torch.long, device=score.device)
+        cand = top_indices(score, k)
         prop = -c.lr * p[cand]
         floored, feasible = floor_update(prop, self.geometry(cand), c.kappa)
         bound = bound_clip(floored, self.fisher[cand], self.epsilon, priority=score[cand], spent=self.spent)
@@ -139,7 +139,8 @@ class Mansu(Method):
         if self.config.selection == "gradient":
             return p.abs()
         damp = self.config.fisher_damping * float(self.fisher.mean()) + 1e-30
-        return p.abs() / (self.fisher + damp).sqrt()
+        score = self.fisher.add(damp).sqrt_()  # one [n] buffer: the denominator, then the score in place
+        return torch.div(p, score, out=score).abs_()
 
     def floor_not_met(self, cand: torch.Tensor, floored: torch.Tensor, feasible: torch.Tensor) -> None:
         if not bool(feasible.any()):
