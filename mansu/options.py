@@ -135,7 +135,8 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *, skip: tuple[s
         shown = f.default not in (dataclasses.MISSING, None, "") and "default" not in help_text
         default_text = f" (default {f.default})" if shown else ""
         flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": help_text + default_text}
+        help_text = (help_text + default_text).replace("%", "%%")  # argparse %-formats help ("95% CI")
+        kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": help_text}
         if choices(tp) is not None:
             kwargs["choices"] = list(choices(tp))
         elif tp is bool:
