@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long runs: less fragmentation
 import sys
 import tempfile
 import time
@@ -63,6 +65,11 @@ def build_world(root: Path, layers: int) -> dict[str, str]:
     return world
 
 
+def _read(run: Path | None, name: str) -> dict:
+    path = run / name if run else None
+    return json.loads(path.read_text()) if path and path.is_file() else {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-3.1-8B)")
@@ -96,15 +103,20 @@ def main() -> int:
         os.environ["MANSU_RUNS"] = str(runs)
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        code = mansu_main(["run", "--method", args.method, "--model", world["model"], "--forget", world["forget"],
-                           "--retain", world["retain"], "--device", "cuda", "--dtype", "bf16",
-                           "--steps", str(args.steps), "--batch-size", "4", "--k", str(args.k), "--n-fisher", "4",
-                           "--attribution-records", "4", "--ig-steps", "4", "--quantizers", "nf4", "--json"])
+        error = None
+        try:
+            code = mansu_main(["run", "--method", args.method, "--model", world["model"], "--forget", world["forget"],
+                               "--retain", world["retain"], "--device", "cuda", "--dtype", "bf16",
+                               "--steps", str(args.steps), "--batch-size", "4", "--k", str(args.k),
+                               "--n-fisher", "4", "--attribution-records", "4", "--ig-steps", "4",
+                               "--quantizers", "nf4", "--json"])
+        except Exception as exc:  # an out-of-memory stage still reports the peak and the stages before it
+            code, error = 1, f"{type(exc).__name__}: {str(exc)[:300]}"
         wall = time.perf_counter() - t0
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
         run = max((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, default=None)
-        stages = json.loads((run / "stages.json").read_text()).get("seconds", {}) if run else {}
-        unlearn = json.loads((run / "metrics.json").read_text()).get("unlearn", {}) if run else {}
+        stages = _read(run, "stages.json").get("seconds", {})
+        unlearn = _read(run, "metrics.json").get("unlearn", {})
     print(json.dumps({"bench": "gpu_check", "metric": "peak_gpu_memory_gb", "value": round(peak_gb, 2), "unit": "GB",
                       "reference": "80 GB GPU", "reference_value": GPU_LIMIT_GB,
                       "ratio": round(peak_gb / GPU_LIMIT_GB, 3), "target": f"< {GPU_LIMIT_GB}",
@@ -112,7 +124,7 @@ def main() -> int:
                       "device": torch.cuda.get_device_name(0), "build_s": round(build_s, 1),
                       "pipeline_s": round(wall, 1), "stage_seconds": stages,
                       "engine_B_per_coord": unlearn.get("state_bytes_per_coordinate"),
-                      "coordinates": unlearn.get("n_coordinates")}))
+                      "coordinates": unlearn.get("n_coordinates"), "error": error}))
     return 0 if code == 0 else 1
 
 

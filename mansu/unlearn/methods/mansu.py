@@ -96,9 +96,13 @@ class Mansu(Method):
         check_finite(loss, g, step)
         grad_norm = float(g.norm())
         removed = self.projector.project_(g)  # g becomes p, in place: the step holds one [n] gradient at a time
-        p = g
         stats = {"loss": float(loss.detach()), "grad_norm": grad_norm, "proj_removed_norm": removed}
-        delta, more = self.floored_step(p, step) if self.floor else self.dense_step(p)
+        if not self.floor:
+            delta, more = self.dense_step(g)
+        else:
+            chosen = self.choose(g)
+            del g  # freed before the step's delta is allocated (peak memory at 8B)
+            delta, more = self.floored_step(*chosen, step)
         return delta, {**stats, **more}
 
     def geometry(self, cand: torch.Tensor) -> FloorGeometry:
@@ -113,23 +117,29 @@ class Mansu(Method):
                              quantizers=c.floor_quantizers)
         return geo.select(torch.argsort(order))
 
-    def floored_step(self, p: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        c = self.config
+    def choose(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The step's candidates: the update_fraction x n untouched coordinates of highest score; returns
+        (candidates, their proposal -lr p, their score, coordinates touched before this step)."""
         touched = self.total != 0  # a floored coordinate moved by at least one code change: never 0
         score = self.score(p).masked_fill_(touched, 0)
         k = min(self.n_candidates, int((score > 0).sum()))
         cand = top_indices(score, k)
-        prop = -c.lr * p[cand]
+        return cand, -self.config.lr * p[cand], score[cand], int(touched.sum())
+
+    def floored_step(self, cand: torch.Tensor, prop: torch.Tensor, score: torch.Tensor, n_before: int,
+                     step: int) -> tuple[torch.Tensor, dict]:
+        c = self.config
+        k = cand.numel()
         floored, feasible = floor_update(prop, self.geometry(cand), c.kappa)
-        bound = bound_clip(floored, self.fisher[cand], self.epsilon, priority=score[cand], spent=self.spent)
+        bound = bound_clip(floored, self.fisher[cand], self.epsilon, priority=score, spent=self.spent)
         kept = bound.delta != 0
         delta = self.zeros()
         delta[cand[kept]] = bound.delta[kept]
         self.spent += bound.cost
-        self.proposed.append((cand, prop, score[cand]))
+        self.proposed.append((cand, prop, score))
         if step == 0 and not bool(kept.any()):
             self.floor_not_met(cand, floored, feasible)
-        n_touched = int(touched.sum()) + int(kept.sum())
+        n_touched = n_before + int(kept.sum())
         return delta, {"n_candidates": int(k), "n_floored": int(kept.sum()), "n_unfloorable": int((~feasible).sum()),
                        "n_dropped": bound.n_dropped, "n_touched": n_touched,
                        "fisher_cost": self.spent, "budget_used": self._used(self.spent)}
