@@ -69,10 +69,11 @@ def node_panel(run: RunSummary, node: str, *, key: str) -> None:
     w = report.nodes[node]
     m = st.columns(4)
     m[0].metric("weights owned", f"{w.owned:,}")
+    share = {"delta_color": "off", "delta_arrow": "off", "delta_description": "of its weights"}
     m[1].metric("touched by unlearning", f"{w.touched:,}", delta=_pct(100 * w.touched / w.owned) if w.owned else None,
-                delta_color="off", help="coordinates the run wrote (model_update.safetensors), % of the owned weights")
+                help="coordinates the run wrote (model_update.safetensors)", **share)
     m[2].metric("NF4 codes changed", f"{w.codes_changed['nf4']:,}", delta=_pct(w.codes_changed_pct("nf4")),
-                delta_color="off", help="owned weights whose 4-bit code differs after unlearning, updated or not")
+                help="owned weights whose 4-bit code differs after unlearning, updated or not", **share)
     m[3].metric("median |delta| / NF4 bin", "–" if w.median_ratio is None else f"{w.median_ratio:.3g}",
                 help="below 1: most updates are too small to change a code under NF4")
     left, right = st.columns(2)
