@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     ph.add_argument("--quant", default=DEFAULT_QUANTIZER, choices=tuple(QUANTIZERS), help="the quantizer")
     ph.add_argument("--n-out", type=int, help="output units (facts) per point (default 512)")
     ph.add_argument("--seed", type=int, default=0, help="seed of the layers, probes and alignment masks")
+    ph.add_argument("--demo", action="store_true",
+                    help="also measure a few points on the demo model (mansu/science/phase_demo.py; ~5-10 min on "
+                         "2 cores; builds the demo first when missing)")
     ph.set_defaults(func=run_phase)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -61,6 +64,16 @@ def phase_config(args: argparse.Namespace):
     return PhaseConfig(**kwargs, quantizer=args.quant, seed=args.seed)
 
 
+def demo_points():
+    """The demo model's phase points (built first when missing)."""
+    from mansu.models.demo import ensure_demo
+    from mansu.science.phase_demo import demo_phase
+
+    assets = ensure_demo()
+    return demo_phase(assets.model_dir, assets.forget_path, progress=lambda done, total: print(
+        f"\rdemo points {done}/{total}", end="", file=sys.stderr, flush=True))
+
+
 def run_phase(args: argparse.Namespace) -> int:
     from mansu.science.phase import phase_sweep
     from mansu.science.phase_report import write_phase_page
@@ -73,8 +86,9 @@ def run_phase(args: argparse.Namespace) -> int:
     points = phase_sweep(cfg, progress=lambda done, total: print(f"\rbases {done}/{total}", end="",
                                                                     file=sys.stderr, flush=True))
     print(file=sys.stderr)
+    demo = demo_points() if args.demo else None
     rest = sys.argv[sys.argv.index("phase") + 1:] if "phase" in sys.argv else ["--out", str(out)]
     command = " ".join(["mansu sweep phase", *map(shlex.quote, rest)])
-    for path in write_phase_page(points, cfg, out, seconds=time.perf_counter() - start, command=command):
+    for path in write_phase_page(points, cfg, out, seconds=time.perf_counter() - start, command=command, demo=demo):
         print(path)
     return 0

@@ -93,7 +93,7 @@ def gap_table(points: Sequence[PhasePoint], cfg: PhaseConfig, shape: str, fracti
         for d in cfg.fan_ins:
             p = _select(points, shape=shape, fraction=fraction, fan_in=d, ratio=rho)[0]
             cells.append(f"{p.gap:.3f} +- {p.gap_ci:.3f} ({p.gap_pred:.3f})")
-        lines.append(f"| {rho:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {rho:.3g} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -104,9 +104,9 @@ def findings(points: Sequence[PhasePoint], cfg: PhaseConfig) -> list[str]:
         grid = _select(points, shape=shape, fraction=1.0)
         if grid:
             top = undone_up_to(grid, cfg.ratios)
-            where = f"up to rho = {top:g}" if top else "at no ratio of the grid"
+            where = f"up to rho = {top:.3g}" if top else "at no ratio of the grid"
             half = [p for p in grid if p.gap < 0.5]
-            first_half = f"; the gap falls below 0.5 from rho = {min(p.ratio for p in half):g}" if half else ""
+            first_half = f"; the gap falls below 0.5 from rho = {min(p.ratio for p in half):.3g}" if half else ""
             out.append(f"- **{shape} update, nf4-grid base:** every fan-in has gap >= 0.99 (the full reversal) "
                        f"{where}{first_half}.")
         nat = _select(points, shape=shape, fraction=0.0)
@@ -114,8 +114,8 @@ def findings(points: Sequence[PhasePoint], cfg: PhaseConfig) -> list[str]:
             kept = [p for p in _select(nat, fan_in=d) if p.gap <= KEPT_GAP]
             if kept:
                 p = min(kept, key=lambda q: q.ratio)
-                out.append(f"- {shape} update, natural base, d = {d}: gap <= {KEPT_GAP} from rho = {p.ratio:g} "
-                           f"(gap {p.gap:.3f}, sqrt(d k rho) = {p.snr_pred:.1f}); at rho = {cfg.ratios[0]:g} the "
+                out.append(f"- {shape} update, natural base, d = {d}: gap <= {KEPT_GAP} from rho = {p.ratio:.3g} "
+                           f"(gap {p.gap:.3f}, sqrt(d k rho) = {p.snr_pred:.1f}); at rho = {cfg.ratios[0]:.3g} the "
                            f"gap is {_select(nat, fan_in=d)[0].gap:.3f}.")
     out.extend(_partial_and_fit(points, cfg))
     return out
@@ -168,8 +168,24 @@ READING = """## Reading your own model's regime
 """
 
 
+def demo_section(demo: Sequence) -> list[str]:
+    """The demo model's points (mansu.science.phase_demo.DemoPoint) as a table."""
+    lines = ["## On the demo model", "",
+             "One Adam-like step (eta sign(forget NLL gradient), median |delta| / bin = rho, absmax frozen) on the "
+             "demo model, the same step on each base alignment; forget cloze accuracy in fp and after NF4; gap = the "
+             "fraction of the facts forgotten in fp that NF4 brings back (blank when fp forgot < 0.1).  Prediction: "
+             "k from `mansu diagnose` on that base, d = the hidden size (a fact's logit sums many units, so the real "
+             "noise is smaller).  Method: `mansu/science/phase_demo.py`.", "",
+             "| base | rho | forget base | forget fp | forget NF4 | gap | k | predicted gap |", "|---" * 8 + "|"]
+    for p in demo:
+        gap = "" if p.gap is None else f"{p.gap:.3f}"
+        lines.append(f"| {alignment_name(p.fraction)} | {p.ratio:.3g} | {p.acc_base:.3f} | {p.acc_fp:.3f} | "
+                     f"{p.acc_nf4:.3f} | {gap} | {p.kept_pred:.3f} | {p.gap_pred:.3f} |")
+    return [*lines, ""]
+
+
 def write_phase_page(points: Sequence[PhasePoint], cfg: PhaseConfig, out: Path, *, seconds: float,
-                     command: str) -> list[Path]:
+                     command: str, demo: Sequence | None = None) -> list[Path]:
     """out (markdown), out.with_suffix('.json') (the points) and the figure next to it; returns the paths."""
     out = Path(out)
     figure = write_figure(points, cfg, out.with_suffix(""))
@@ -194,7 +210,7 @@ def write_phase_page(points: Sequence[PhasePoint], cfg: PhaseConfig, out: Path, 
         "(SPEC's form) is the grey curve of the right-hand panels (grid points with k = 0 sit at its left edge).  "
         f"  Regimes by predicted gap: {regimes}, else undone.", "",
         f"![phase diagram]({figure[0].name})  ([SVG]({figure[1].name}))", "",
-        "## Findings", "", *findings(points, cfg), "", READING,
+        "## Findings", "", *findings(points, cfg), "", READING, *(demo_section(demo) if demo else []),
         "## Tables: gap +- 95% CI (prediction)", ""]
     for shape in cfg.shapes:
         for f in cfg.fractions:
