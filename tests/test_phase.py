@@ -103,3 +103,36 @@ def test_cli_writes_the_page_table_and_figure(tmp_path, capsys):
     assert main(["sweep", "phase", "--out", str(tmp_path / "x.txt")]) == 2
     assert "must be a markdown file" in capsys.readouterr().err
     assert not (tmp_path / "x.txt").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_demo_step_rounds_back_on_the_grid_base_and_has_the_asked_median_on_the_natural_one(family):
+    from mansu.quant.targets import quant_layout
+    from mansu.science.phase_demo import _geometry, apply_step, base_kept_fraction, forget_gradient_sign
+    from mansu.testing import tiny_model, toy_records, toy_tokenizer
+
+    tok, model = toy_tokenizer(), tiny_model(family, hidden=64)
+    signs = forget_gradient_sign(model, tok, toy_records(6))
+    natural = {n: p.detach().clone() for n, p in model.named_parameters() if n in signs}
+    qz, layout, params = get_quantizer("nf4"), quant_layout(model), dict(model.named_parameters())
+
+    def views() -> dict[str, torch.Tensor]:
+        return {n: layout.view(n, params[n].detach()).clone() for n in signs}
+
+    apply_step(model, natural, signs, 1.0, 0.0)
+    grid_base = views()
+    assert base_kept_fraction(model, 0.05) == 0.0
+    apply_step(model, natural, signs, 1.0, 0.05)
+    for n, w in views().items():
+        assert not torch.equal(w, grid_base[n])
+        assert torch.equal(qz.round_trip(w), qz.round_trip(grid_base[n]))  # the reversal: NF4 sees the base
+
+    apply_step(model, natural, signs, 0.0, 0.0)
+    assert base_kept_fraction(model, 0.05) > 0.8
+    nat = views()
+    geo = {n: _geometry(qz, v) for n, v in nat.items()}
+    apply_step(model, natural, signs, 0.0, 0.05)
+    ratios = torch.cat([((w - nat[n]).abs() / geo[n][0])[geo[n][3]] for n, w in views().items()])
+    assert abs(float(ratios.median()) - 0.05) < 2e-3
+    for n, w in views().items():
+        assert torch.equal(qz.quantize(w).scales, qz.quantize(nat[n]).scales)
