@@ -151,6 +151,13 @@ def _quant_metrics(forget_after: float, recall: dict[str, float], n: int = 120) 
             "ptq_gap_by_quantizer": gap}
 
 
+def _sample_cad_parts(cad: float, moved: float) -> dict[str, dict[str, float]]:
+    """A cad.json `parts` entry (mansu.attribution.cad_parts): CAD split half shrinkage, half rerouting."""
+    part = lambda v: {"value": v, "ci_low": v - 0.05, "ci_high": v + 0.05}  # noqa: E731
+    return {"cad": part(cad), "shrinkage": part(cad / 2), "reversal": part(0.0), "rerouting": part(cad / 2),
+            "sign_flip": part(0.0), "redistribution": part(moved), "outside_shift": part(0.0)}
+
+
 def write_sample_run(root: Path, method: str = "mansu", seed: int = 0, forget_after: float = 0.3, *,
                      quant_recall: dict[str, float] | None = None, base_alignment: str = "nf4-grid") -> Path:
     """Create a finished run with every artifact the app draws; returns its folder.  `quant_recall` ({quantizer:
@@ -180,7 +187,8 @@ def write_sample_run(root: Path, method: str = "mansu", seed: int = 0, forget_af
         **(_quant_metrics(forget_after, quant_recall) if quant_recall else {})}
     write_json_atomic(run / layout.METRICS, metrics)
     cad = {f"after_{w}": {"value": v, "ci_low": v - 0.1, "ci_high": v + 0.1, "n_examples": 64,
-                          "per_edge": {f"a0.h{i % 8}->m{i % 2}": 0.1 / (i + 1) for i in range(10)}}
+                          "per_edge": {f"a0.h{i % 8}->m{i % 2}": 0.1 / (i + 1) for i in range(10)},
+                          "parts": _sample_cad_parts(v, moved=v * 0.8)}
            for w, v in (("fp", 0.6 if method == "mansu" else 0.1), ("nf4", 0.55 if method == "mansu" else 0.08))}
     write_cad(run, cad)
     write_scorecard(run, build_scorecard(metrics, cad))

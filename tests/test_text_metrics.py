@@ -136,10 +136,12 @@ def test_scorecard_reads_rouge_and_retain_loss_on_text():
 
     card = build_scorecard(_metrics(0.30, 0.6), None)
     forget, retain, gap = (card["properties"][k] for k in ("forgetting", "retain", "ptq_gap"))
-    assert forget["value"] == pytest.approx(0.65) and forget["pass"]  # ROUGE drop, not the 0.02 token-accuracy drop
-    assert forget["metric"] == "verbatim ROUGE-L recall"
+    # the ROUGE drop 0.65 as a fraction of the base's 0.95 above chance 0 (not the 0.02 token-accuracy drop)
+    assert forget["drop"] == pytest.approx(0.65) and forget["value"] == pytest.approx(0.65 / 0.95) and forget["pass"]
+    assert forget["metric"] == "verbatim ROUGE-L recall" and forget["chance"] == 0.0
     assert retain["pass"] and retain["loss_rise"] == pytest.approx(0.1)
-    assert gap["value"] == pytest.approx(-0.01) and gap["pass"]  # the ROUGE gap, not the token-accuracy gap
+    assert gap["gap"] == pytest.approx(-0.01) and gap["pass"]  # the ROUGE gap, not the token-accuracy gap
+    assert gap["tested"] == pytest.approx(0.0)                  # its CI high end, / 0.95
     assert card["survives"]["int8"]["survives"]
     damaged = build_scorecard(_metrics(0.30, 1.33), None)["properties"]["retain"]  # recall kept, loss +0.83 nats
     assert not damaged["pass"] and damaged["status"] == "fail" and damaged["loss_margin"] == pytest.approx(-0.63)
@@ -150,10 +152,13 @@ def test_scorecard_reads_rouge_and_retain_loss_on_text():
         ScorecardConfig(retain_loss_margin=-0.1)
 
 
-def test_scorecard_mcq_unchanged():
+def test_scorecard_mcq_reads_accuracy():
     from mansu.scorecard import build_scorecard
 
     metrics = _metrics(0.30, 1.33, shape="mcq")
     props = build_scorecard(metrics, None)["properties"]
-    assert props["forgetting"]["value"] == pytest.approx(0.02) and props["ptq_gap"]["value"] == 0.5
-    assert "loss_rise" not in props["retain"] and props["retain"]["rule"].startswith("acc_retain(base)")
+    # accuracy 0.9 -> 0.88 over a chance of 0.25 assumed (no "chance" recorded): 0.02 / 0.65 of the headroom
+    assert props["forgetting"]["drop"] == pytest.approx(0.02) and props["forgetting"]["value"] == pytest.approx(
+        0.02 / 0.65)
+    assert props["ptq_gap"]["gap"] == 0.5 and props["ptq_gap"]["tested"] == pytest.approx(0.6 / 0.65)
+    assert "loss_rise" not in props["retain"] and props["retain"]["rule"].startswith("(acc_retain(base)")

@@ -22,7 +22,9 @@ METRICS = {"base_fp": {"forget": {"accuracy": 1.0}, "retain": {"accuracy": 1.0}}
            "unlearned_fp": {"forget": {"accuracy": 0.25, "ci_low": 0.2, "ci_high": 0.3}, "retain": {"accuracy": 0.9}},
            "unlearned_nf4": {"forget": {"accuracy": 0.75}, "retain": {"accuracy": 0.88}}}
 CAD = {"after_fp": {"value": 0.6, "ci_low": 0.5, "ci_high": 0.7, "per_edge": {"a->b": 0.1}},
-       "after_nf4": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5, "per_edge": {"a->b": 0.1, "c->d": 0.3}}}
+       "after_nf4": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5, "per_edge": {"a->b": 0.1, "c->d": 0.3},
+                     "parts": {"redistribution": {"value": 0.4, "ci_low": 0.35, "ci_high": 0.45},
+                               "outside_shift": {"value": 0.0, "ci_low": -0.1, "ci_high": 0.1}}}}
 
 
 def test_accuracy_gap_and_drop():
@@ -67,12 +69,16 @@ def test_scorecard_rows_from_the_real_scorecard():
     rows = report.scorecard_rows(build_scorecard(metrics, CAD))
     assert [r.name for r in rows] == ["forgetting", "retain", "ptq_gap", "structural_erasure"]
     assert [r.passed for r in rows] == [True, False, False, True]
-    assert rows[0].value == pytest.approx(0.75) and rows[3].value == 0.4
+    assert rows[0].value == pytest.approx(1.0) and rows[3].value == 0.4    # all of 1.0 - chance 0.25 forgotten
     assert report.badge(rows[0]) == "✓ meaningful forgetting" and report.badge(rows[2]) == "✗ non-positive PTQ gap"
-    assert report.badge_markdown(rows[2]) == ":red-badge[✗ non-positive PTQ gap (margin -0.500)]"
+    assert report.badge_markdown(rows[2]) == ":red-badge[✗ non-positive PTQ gap (margin -0.750)]"
     missing = report.scorecard_rows(build_scorecard(metrics, None))
     assert missing[3].passed is None and report.badge(missing[3]).startswith("?")
     assert report.scorecard_rows(None) == []
+    at_chance = {**metrics, "base_fp": {"forget": {"accuracy": 0.25}, "retain": {"accuracy": 1.0}}}
+    rows = report.scorecard_rows(build_scorecard(at_chance, CAD))
+    assert [r.passed for r in rows] == [None, False, None, None] and report.badge(rows[0]).startswith("∅")
+    assert "nothing to forget" in report.scorecard_html(rows)
 
 
 def test_report_html_is_self_contained():

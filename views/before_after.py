@@ -55,7 +55,7 @@ if sel.compare is not None and sel.compare not in runs:
 which = st.radio("quadrant plot in", ["nf4", "fp"], horizontal=True, key="ba-quadrant-which",
                  format_func=lambda w: "NF4 (deployed model)" if w == "nf4" else "full precision")
 card_cfg = (run.scorecard or {}).get("config", {}) if isinstance(run.scorecard, dict) else {}
-figs = comparison_figures(runs, which=which, drop_margin=float(card_cfg.get("forget_margin", 0.2)),
+figs = comparison_figures(runs, which=which, drop_margin=float(card_cfg.get("forget_margin", 0.5)),
                           cad_threshold=float(card_cfg.get("cad_threshold", 0.3)))
 quadrant = [k for k in figs if k.startswith("suppression")]
 if quadrant:

@@ -91,8 +91,10 @@ if sel.run is not None:
         st.warning(eval_sets["warning"], icon="⚠️")
     if text_summary(run.metrics or {}):  # QA/text memorisation metrics (mansu.metrics.text, docs/metrics.md)
         st.caption(text_summary(run.metrics or {}))
-    if erasure.get("reason"):
-        st.info(f"structural erasure not available: {erasure['reason']}")
+    if (run.scorecard or {}).get("nothing_to_forget"):  # mansu/scorecard.py: the base did not know the forget set
+        st.warning(f"nothing to forget: {run.scorecard.get('reason')}", icon="⚠️")
+    elif erasure.get("reason"):
+        st.info(f"structural erasure {erasure.get('status', 'not available')}: {erasure['reason']}")
     attacks = read_attacks(run.path)
     if attacks:  # written by `mansu attack RUN --kind ...`
         st.markdown("**Relearning attacks** (`mansu attack`): does the forgetting come back under fine-tuning?")

@@ -52,9 +52,11 @@ import torch
 
 from mansu.attribution.circuit import Circuit, named_edge_indices
 from mansu.attribution.eap import AttributionGraph
+from mansu.scorecard import REROUTE_EVIDENCE, reroutes
+
+__all__ = ["PARTS", "REROUTE_EVIDENCE", "cad_parts", "parts_of", "reroutes"]
 
 PARTS = ("cad", "shrinkage", "reversal", "rerouting", "sign_flip", "redistribution", "outside_shift")
-REROUTE_EVIDENCE = ("redistribution", "outside_shift")   # the rule's two statistics (module docstring)
 _EDGE_BLOCK = 1024
 _CHUNK = 256
 
@@ -134,9 +136,3 @@ def cad_parts(before: AttributionGraph, after: AttributionGraph, circuit: Circui
     return {p: asdict(Part(float(point[p]), float(torch.quantile(boots[p], alpha)),
                            float(torch.quantile(boots[p], 1 - alpha)))) for p in PARTS}
 
-
-def reroutes(parts: dict[str, dict[str, float]] | None, threshold: float) -> bool | None:
-    """The rule: some REROUTE_EVIDENCE part has its CI low end >= threshold; None when the parts are missing."""
-    if not parts or any(p not in parts for p in REROUTE_EVIDENCE):
-        return None
-    return any(parts[p]["ci_low"] >= threshold for p in REROUTE_EVIDENCE)

@@ -215,8 +215,12 @@ def render(rows: list[dict], caches: dict, settings: dict, total: float, args, p
              f"{args.retain_eval_limit} retain questions; CAD of the forget circuit before vs after unlearning + NF4 "
              f"({args.attribution_records} forget records, {args.ig_steps} EAP-IG steps); median |delta| / NF4 bin "
              "width over updated Linear weights; Linear weights changed; unlearning wall time (s).", "",
-             f"Scorecard thresholds (defaults): forgetting drop >= {card.forget_margin}, retain loss <= "
-             f"{card.retain_margin}, PTQ gap <= {card.max_ptq_gap}, CAD (NF4) >= {card.cad_threshold}.", ""]
+             f"Scorecard thresholds (defaults; mansu/scorecard.py), each relative to chance and the base: at least "
+             f"{card.forget_margin} of the base's above-chance forget accuracy removed, at most {card.retain_margin} "
+             f"of its above-chance retain accuracy lost, PTQ gap's 95% CI high end <= {card.max_ptq_gap} of the "
+             f"forget headroom, CAD (NF4) CI low >= {card.cad_threshold} with attribution that moved (CAD split, "
+             f"CI low >= {card.reroute_threshold}); a base below chance + {card.min_base_above_chance} of the room "
+             "above it has nothing to forget.", ""]
     for base, title in (("nf4-grid", "NF4-grid-aligned base"), ("natural", "Natural fp32 base")):
         if not any(r["base"] == base for r in rows):
             continue

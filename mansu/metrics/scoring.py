@@ -1,6 +1,7 @@
 """One split's scores for any record shape: what `eval` prints and every eval stage of a run stores.
 
-    mcq:  accuracy     = MCQ accuracy under the template (mansu.metrics.accuracy; cloze by default)
+    mcq:  accuracy     = MCQ accuracy under the template (mansu.metrics.accuracy; cloze by default); chance =
+                         mean over records of 1 / number of choices (the scorecard measures forgetting above it)
     qa:   loss         = mean over records of -1/|y| sum_t log p(y_t | template(question), y_<t), y the answer's tokens
           accuracy     = token accuracy: mean over records of the fraction of y's tokens that are the model's top-1
                          next token given the true prefix (teacher forced)
@@ -105,7 +106,8 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, temp
     if shape == "mcq":
         result = mcq_accuracy(model, tokenizer, records, template=tmpl, batch_size=batch_size,  # type: ignore[arg-type]
                               n_boot=n_boot, seed=seed, source=source)
-        return {**result.to_dict(), "shape": shape, "metric": METRIC_NAMES[shape]}
+        chance = sum(1 / len(r.choices) for r in records) / len(records)  # type: ignore[union-attr]
+        return {**result.to_dict(), "shape": shape, "metric": METRIC_NAMES[shape], "chance": chance}
     stats = token_stats(model, [encode_target(tokenizer, r, tmpl) for r in records], batch_size=batch_size,
                         source=source)
     token_acc = [top / n for _, n, top in stats]

@@ -45,6 +45,16 @@ def forget_drop(metrics: Metrics | None, which: str = "fp") -> float | None:
     return None if base is None or after is None else base.value - after.value
 
 
+def forgotten_fraction(metrics: Metrics | None, which: str = "fp") -> float | None:
+    """The scorecard's forgetting: forget_drop / (acc_forget(base fp) - chance), the fraction of the base's
+    above-chance accuracy removed (None without a base above chance)."""
+    from mansu.scorecard import chance
+
+    drop, base = forget_drop(metrics, which), accuracy(metrics, "base_fp", "forget")
+    c = chance(dict(metrics or {}), "forget")[0]
+    return None if drop is None or base is None or base.value - c <= 0 else drop / (base.value - c)
+
+
 def ptq_gap(metrics: Metrics | None) -> float | None:
     """acc_forget(NF4(unlearned)) - acc_forget(unlearned) (the backend's paired value when recorded)."""
     recorded = ((metrics or {}).get("ptq_gap") or {}).get("forget")
@@ -104,8 +114,9 @@ def label_positions(xs: list[float], ys: list[float], span_x: float, span_y: flo
 
 def quadrant_figure(points: dict[str, tuple[float, float]], *, drop_margin: float = 0.1,
                     cad_threshold: float = 0.3, which: str = "nf4") -> go.Figure:
-    """Runs as points (forget drop, CAD), both in `which` (nf4: the deployed model; fp: full precision); dashed
-    lines at the scorecard's margin and threshold."""
+    """Runs as points (forgotten fraction, CAD), both in `which` (nf4: the deployed model; fp: full precision);
+    dashed lines at the scorecard's forget margin (a fraction of the base's above-chance accuracy) and CAD
+    threshold."""
     if which not in ("fp", "nf4"):
         raise ValueError(f"which must be 'fp' or 'nf4', got {which!r}")
     name = "NF4" if which == "nf4" else "fp"
@@ -117,7 +128,7 @@ def quadrant_figure(points: dict[str, tuple[float, float]], *, drop_margin: floa
     positions = label_positions(xs, ys, x_hi - x_lo, y_hi - y_lo)
     fig = go.Figure(go.Scatter(x=xs, y=ys, mode="markers+text", text=labels, textposition=positions,
                                marker={"size": 12, "color": "#ff7f0e"}, name="runs", cliponaxis=False,
-                               hovertemplate="%{text}<br>drop %{x:.3g}<br>CAD %{y:.3g}<extra></extra>"))
+                               hovertemplate="%{text}<br>forgotten %{x:.3g}<br>CAD %{y:.3g}<extra></extra>"))
     fig.add_vline(x=drop_margin, line={"dash": "dash", "color": "grey"})
     fig.add_hline(y=cad_threshold, line={"dash": "dash", "color": "grey"})
     # quadrant names in the plot's corners (paper coordinates), away from the points' labels
@@ -127,7 +138,7 @@ def quadrant_figure(points: dict[str, tuple[float, float]], *, drop_margin: floa
         fig.add_annotation(x=x, y=y, xref="paper", yref="paper", xanchor=xanchor, yanchor=yanchor, text=text,
                            showarrow=False, font={"color": "grey"})
     fig.update_layout(title=f"behavioural suppression vs structural erasure ({name})", height=420,
-                      xaxis={"title": f"forget-accuracy drop: base fp − unlearned {name}",
+                      xaxis={"title": f"fraction of (base fp − chance) forgotten by unlearned {name}",
                              "range": [x_lo, x_hi]},
                       yaxis={"title": f"CAD after {name}", "range": [y_lo, y_hi]},
                       margin={"l": 50, "r": 30, "t": 50, "b": 40})

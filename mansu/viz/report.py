@@ -26,7 +26,7 @@ from mansu.spec import run_label
 from mansu.viz import survival as sv
 from mansu.viz.artifacts import load_graph, read_json_or_none
 from mansu.viz.circuit import circuit_figure, diff_figure
-from mansu.viz.compare import cad_figure, cad_value, forget_drop, fp_nf4_bars, quadrant_figure
+from mansu.viz.compare import cad_figure, cad_value, forgotten_fraction, fp_nf4_bars, quadrant_figure
 
 log = logging.getLogger(__name__)
 PROPERTY_ORDER = PROPERTIES
@@ -41,24 +41,28 @@ class ScoreRow:
     value: float | None
     threshold: float | None
     margin: float | None
+    status: str = ""          # scorecard status: pass, fail, not available, nothing to forget
 
 
 def scorecard_rows(scorecard: Scorecard | None) -> list[ScoreRow]:
     """The scorecard's properties in PROPERTIES order (a scorecard from `mansu.scorecard.read_scorecard`; None or
-    {} when not computed gives no rows); passed is None for a property that is not available."""
+    {} when not computed gives no rows); passed is None for a property that is neither passed nor failed (not
+    available, or nothing to forget)."""
     props = (scorecard or {}).get("properties", {})
     rows = []
     for name in PROPERTIES:
         if name in props:
             p = props[name]
-            passed = None if p["status"] == "not available" else p["pass"]
-            rows.append(ScoreRow(name, passed, p.get("value"), p.get("threshold"), p.get("margin")))
+            passed = p["pass"] if p["status"] in ("pass", "fail") else None
+            rows.append(ScoreRow(name, passed, p.get("value"), p.get("threshold"), p.get("margin"), p["status"]))
     return rows
 
 
 def mark(row: ScoreRow) -> str:
-    """✓ pass, ✗ fail, ? not available (plain symbols: they render without an emoji font)."""
-    return "?" if row.passed is None else ("✓" if row.passed else "✗")
+    """✓ pass, ✗ fail, ∅ nothing to forget, ? not available (plain symbols: they render without an emoji font)."""
+    if row.passed is None:
+        return "∅" if row.status == "nothing to forget" else "?"
+    return "✓" if row.passed else "✗"
 
 
 def badge(row: ScoreRow) -> str:
@@ -82,7 +86,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _result_word(row: ScoreRow) -> str:
-    return "not available" if row.passed is None else ("pass" if row.passed else "fail")
+    return (row.status or "not available") if row.passed is None else ("pass" if row.passed else "fail")
 
 
 def scorecard_html(rows: list[ScoreRow]) -> str:
@@ -184,9 +188,10 @@ def _labelled(runs: list[RunSummary]) -> dict[str, RunSummary]:
     return dict(zip(unique_labels(runs), runs))
 
 
-def comparison_figures(runs: list[RunSummary], *, which: str = "nf4", drop_margin: float = 0.2,
+def comparison_figures(runs: list[RunSummary], *, which: str = "nf4", drop_margin: float = 0.5,
                        cad_threshold: float = 0.3) -> dict[str, go.Figure]:
-    """Across runs: fp vs NF4 accuracy bars, and forget drop vs CAD (suppression vs erasure) in `which`."""
+    """Across runs: fp vs NF4 accuracy bars, and the forgotten fraction (the scorecard's forgetting; drop_margin is
+    its forget_margin) vs CAD (suppression vs erasure) in `which`."""
     labelled = _labelled(runs)
     figs: dict[str, go.Figure] = {}
     if not labelled:
@@ -194,7 +199,7 @@ def comparison_figures(runs: list[RunSummary], *, which: str = "nf4", drop_margi
     figs["fp vs NF4 accuracy"] = fp_nf4_bars({k: r.metrics for k, r in labelled.items()})
     points = {}
     for label, r in labelled.items():
-        drop, c = forget_drop(r.metrics, which), cad_value(r.cad, which)
+        drop, c = forgotten_fraction(r.metrics, which), cad_value(r.cad, which)
         if drop is not None and c is not None:
             points[label] = (drop, c[0])
     if points:

@@ -45,8 +45,9 @@ CAPTIONS = {
     "PTQ gap per quantizer": "The forget-set PTQ gap of the run under review for every quantizer it was scored "
                              "with (simulated, bit-exact), with paired 95% intervals; red bars are above the "
                              "scorecard's limit: there the quantized model recalls forgotten answers.",
-    "suppression vs erasure (NF4)": "Each run as (forget-accuracy drop of its NF4 model from the full-precision base, "
-                                    "CAD after NF4). Dashed lines: the scorecard's forget margin and CAD threshold. "
+    "suppression vs erasure (NF4)": "Each run as (fraction of the full-precision base's above-chance forget "
+                                    "accuracy its NF4 model lost, CAD after NF4). Dashed lines: the scorecard's "
+                                    "forget margin and CAD threshold. "
                                     "Top right is structural erasure; bottom right is behavioural suppression "
                                     "(accuracy dropped, circuit intact).",
     "update vs NF4 bin width": "Histogram of |update| / NF4 bin width over the updated weights (log x). Mass right "
