@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mansu.advice import advice_entry
 from mansu.attribution.cad import cad
 from mansu.attribution.circuit import circuit_parameter_masks, smallest_faithful_circuit
 from mansu.attribution.data import Prompts, prepare_prompts, resolve_kind
@@ -537,6 +538,7 @@ def stage_survival(ctx: Context) -> None:
 def stage_scorecard(ctx: Context) -> None:
     card = build_scorecard(read_metrics(ctx.run), read_cad(ctx.run), ctx.spec.scorecard)
     write_scorecard(ctx.run, card)
+    update_metrics(ctx.run, "advice", advice_entry(card, ctx.config.to_dict()))  # mansu.advice: the next step to try
 
 
 STAGE_FUNCS: dict[str, Callable[[Context], None]] = {

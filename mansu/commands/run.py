@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mansu.options import add_flags, given
 from mansu.pipeline import RunFailed, preflight, run_pipeline, start_queue, start_run
-from mansu.runs.store import read_config, run_dir, validate_run_id
+from mansu.runs.store import read_config, read_metrics, run_dir, validate_run_id
 from mansu.scorecard import ScorecardConfig, format_scorecard
 from mansu.spec import DEMO, RunSpec, demo_spec, specs_from_file
 from mansu.unlearn.config import UnlearnConfig
@@ -98,6 +98,9 @@ def _finish(run: Path, as_json: bool) -> int:
         print(f"run {run.name} failed: {exc}")
         return 1
     print(json.dumps(card, default=str) if as_json else f"run {run.name}\n{format_scorecard(card)}")
+    line = (read_metrics(run).get("advice") or {}).get("line")
+    if line and not as_json:  # mansu.advice: the flag to change when the run missed (the app shows it too)
+        print(f"next step: {line}")
     return 0
 
 
