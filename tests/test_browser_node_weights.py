@@ -2,7 +2,7 @@
 server for the module, as in test_browser_app.py), on a real tiny run: a deep link that pins a node opens its
 panel (touched weights, codes changed per quantizer, |delta|/bin histogram, edges before/after) with the numbers
 mansu.viz.node_weights measures; a changed stage goes into the URL and a reload keeps it; the per-record spread
-opens from a link; a run link opens on every page.
+and a diff of two stages open from links; a run link opens on every page.
 
 With CI=true these tests never skip; elsewhere they skip only when chromium or playwright is missing.
 """
@@ -91,6 +91,11 @@ def test_view_state_goes_into_the_url_and_survives_a_reload(server, tab, tiny):
     tab.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some(p => p._fullData"
                           ".some(t => t.type === 'box'))", timeout=60_000)
     tab.get_by_text("every dot one forget record").first.wait_for(timeout=30_000)
+    _open(tab, f"{server}/circuit?run={run.name}&view=diff&a=after_fp&b=after_nf4&pin={node.node}")
+    tab.wait_for_function(f"() => ({_CHART_TITLES})().some(t => t.includes('after (NF4) vs') && "
+                          "t.includes('after (fp)'))", timeout=60_000)
+    tab.wait_for_function("() => !location.search.includes('pin=')", timeout=30_000)  # the graph view's: dropped
+    assert "view=diff" in tab.url and "a=after_fp" in tab.url
     _no_exception(tab)
 
 

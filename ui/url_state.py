@@ -42,8 +42,12 @@ def restore(fields: Sequence[UrlField]) -> None:
             continue
 
 
-def publish(fields: Sequence[UrlField]) -> None:
-    """Write the widgets' current values into the URL (a value equal to None is removed from it)."""
+def publish(fields: Sequence[UrlField], *, drop: Sequence[UrlField] = ()) -> None:
+    """Write the widgets' current values into the URL (a value shown as None is removed from it), and remove the
+    parameters of `drop` (another view's fields) that `fields` does not name."""
+    for field in drop:
+        if field.param not in {f.param for f in fields}:
+            st.query_params.pop(field.param, None)
     for field in fields:
         value = st.session_state.get(field.key)
         text = None if value is None else field.show(value)

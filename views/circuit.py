@@ -40,14 +40,25 @@ if run is None:
 
 STAGE_LABELS = {"before": "before", "after_fp": "after (fp)", "after_nf4": "after (NF4)"}
 VIEWS = {"graph": "one graph", "diff": "diff of two graphs", "spread": "spread over records"}
-# the view in the URL (?view=&stage=&pin=&threshold=&topk=): a deep link reopens it
-URL_FIELDS = [url_state.UrlField("view", "circuit-view", url_state.choice(list(VIEWS))),
-              url_state.UrlField("stage", "circuit-stage", url_state.choice(list(STAGE_LABELS))),
-              url_state.UrlField("pin", "circuit-pin", show=lambda n: None if n == "(none)" else n),
+# each view's state in the URL (?view=graph&stage=&pin=&threshold=&topk=, ?view=diff&a=&b=, ?view=spread&stage=):
+# a deep link reopens it
+_VIEW, _STAGE = (url_state.UrlField("view", "circuit-view", url_state.choice(list(VIEWS))),
+                 url_state.UrlField("stage", "circuit-stage", url_state.choice(list(STAGE_LABELS))))
+URL_FIELDS = {
+    "graph": [_VIEW, _STAGE, url_state.UrlField("pin", "circuit-pin", show=lambda n: None if n == "(none)" else n),
               url_state.UrlField("threshold", "circuit-threshold", url_state.number(0.0, float("inf")),
                                  show=lambda t: None if not t else f"{t:g}"),
-              url_state.UrlField("topk", "circuit-topn", url_state.number(10, 2000, int))]
-url_state.restore(URL_FIELDS)
+              url_state.UrlField("topk", "circuit-topn", url_state.number(10, 2000, int))],
+    "diff": [_VIEW, url_state.UrlField("a", "diff-a", url_state.choice(list(STAGE_LABELS))),
+             url_state.UrlField("b", "diff-b", url_state.choice(list(STAGE_LABELS)))],
+    "spread": [_VIEW, _STAGE],
+}
+url_state.restore([f for fields in URL_FIELDS.values() for f in fields])
+
+
+def publish_view(name: str) -> None:
+    """Write this view's state into the URL and drop the other views' parameters."""
+    url_state.publish(URL_FIELDS[name], drop=[f for v, fields in URL_FIELDS.items() if v != name for f in fields])
 view = st.radio("view", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="circuit-view")
 
 
@@ -137,11 +148,11 @@ def spread_view() -> None:
 
 if view == "diff":
     diff_view()
-    url_state.publish(URL_FIELDS[:1])
+    publish_view("diff")
     st.stop()
 if view == "spread":
     spread_view()
-    url_state.publish(URL_FIELDS[:2])
+    publish_view("spread")
     st.stop()
 
 stage = st.radio("stage", list(STAGE_LABELS), format_func=STAGE_LABELS.get, horizontal=True, key="circuit-stage")
@@ -209,7 +220,7 @@ if pinned:
     right.caption("outgoing")
     right.dataframe(pd.DataFrame(node_edges(graph, pinned, "out")), hide_index=True, width="stretch")
     node_panel(run, pinned, key="circuit-node-weights")
-url_state.publish(URL_FIELDS)
+publish_view("graph")
 
 circuit = load_json(run, layout.CIRCUIT)
 if circuit is None:
