@@ -154,6 +154,7 @@ def test_cad_high_for_structural_erasure(demo_lm, forget, graph, circuit):
     print(f"structural erasure of {top}: CAD {result.value:.3f} ({result.ci_low:.3f}-{result.ci_high:.3f})")
     assert result.value > 0.5 and result.ci_low > 0.4
     assert reroutes(result.parts, 0.3) is True           # the circuit's attribution moved, not just shrank
+    assert (result.ci_high - result.ci_low) / 2 <= 0.05  # CAD's CI on this fixed case (0.033 measured)
     accuracy = mcq_accuracy(model, demo_lm.tokenizer, forget).accuracy
     print(f"forget accuracy after erasure: {accuracy:.3f}")
     assert accuracy < 1.0

@@ -54,6 +54,11 @@ def test_full_pipeline_writes_every_artifact(tiny_world, tmp_runs):
         assert layout.attribution_json(run, stage).is_file()
     cad = read_json(run / layout.CAD)
     assert 0 <= cad["after_nf4"]["value"] <= 1
+    parts = cad["after_nf4"]["parts"]                                 # the CAD split, stored beside CAD
+    assert parts["cad"]["value"] == pytest.approx(cad["after_nf4"]["value"])
+    split = sum(parts[p]["value"] for p in ("shrinkage", "reversal", "rerouting"))
+    assert split == pytest.approx(parts["cad"]["value"])
+    assert metrics["base_fp"]["forget"]["chance"] == pytest.approx(0.25)   # the tiny world's 4 choices
     assert read_json(run / layout.SURVIVAL)["overall"]["n_updated"] == metrics["unlearn"]["n_params_touched"]
     preview = preview_floor(read_safetensors(run / layout.UPDATE), kappa=1.0)
     assert preview.n_updated >= metrics["unlearn"]["n_params_touched"] > 0

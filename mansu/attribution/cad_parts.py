@@ -40,7 +40,8 @@ after seeing these demo numbers (point values; 32 forget records, 8 IG steps):
 so 0.30 separates these five cases on one model; it is not validated on other models.
 
 CIs: percentile bootstrap over examples, the same paired draws (same seed, same chunks) as cad.py's CAD CI.
-Memory beyond the [n, U, D] per-example scores: per chunk of 256 resamples, 256 x E_C float64 for s and t and
+Memory beyond the [n, U, D] per-example scores: a float32 copy of the other edges' scores (4 B per example and
+edge: 139 MB for 64 examples of a 543k-edge graph), per chunk of 256 resamples 256 x E_C float64 for s and t and
 256 x 1024 float64 per block of the other edges (2 MiB); time 2 n_boot x n x (E_C + E_all) multiply-adds.
 """
 
@@ -97,14 +98,14 @@ def _split_scores(graph: AttributionGraph, circuit: Circuit) -> tuple[torch.Tens
     us, vs = named_edge_indices(circuit.edges, graph)
     outside = graph.valid.clone()
     outside[us, vs] = False
-    return graph.per_example[:, us, vs].double(), graph.per_example[:, outside].double()
+    return graph.per_example[:, us, vs].double(), graph.per_example[:, outside]   # the many others stay float32
 
 
 def _abs_sum(counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """sum_e |counts @ scores[:, e]| per resample [B], over blocks of edges (the 1/n of a mean cancels later)."""
     out = torch.zeros(counts.shape[0], dtype=torch.float64)
     for start in range(0, scores.shape[1], _EDGE_BLOCK):
-        out += (counts @ scores[:, start:start + _EDGE_BLOCK]).abs_().sum(-1)
+        out += (counts @ scores[:, start:start + _EDGE_BLOCK].double()).abs_().sum(-1)
     return out
 
 
@@ -128,7 +129,8 @@ def cad_parts(before: AttributionGraph, after: AttributionGraph, circuit: Circui
     """{part: {value, ci_low, ci_high}} for every part of PARTS (module docstring); graphs as for `cad`."""
     s_ex, s_out_ex = _split_scores(before, circuit)
     t_ex, t_out_ex = _split_scores(after, circuit)
-    point = parts_of(s_ex.mean(0), t_ex.mean(0), s_out_ex.mean(0).abs().sum(), t_out_ex.mean(0).abs().sum())
+    point = parts_of(s_ex.mean(0), t_ex.mean(0), s_out_ex.double().mean(0).abs().sum(),
+                     t_out_ex.double().mean(0).abs().sum())
     if n_boot < 1 or s_ex.shape[0] < 2:
         return {p: asdict(Part(float(point[p]), float(point[p]), float(point[p]))) for p in PARTS}
     boots = _resampled(s_ex, t_ex, s_out_ex, t_out_ex, n_boot, seed)
