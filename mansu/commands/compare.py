@@ -141,11 +141,18 @@ def _run_one(spec: RunSpec, cache: BaseCache, i: int, n: int) -> dict:
             "retain_fp": m["unlearned_fp"]["retain"]["accuracy"],
             "retain_nf4": m["unlearned_nf4"]["retain"]["accuracy"],
             "cad_nf4": (cad.get("after_nf4") or {}).get("value"), "cad_fp": (cad.get("after_fp") or {}).get("value"),
+            **_cad_split(cad.get("after_nf4") or {}),
             "median_ratio": m.get("survival", {}).get("median_ratio"),
             "frac_code_changed": m.get("survival", {}).get("frac_code_changed"),
             "params_touched": m["unlearn"]["n_params_touched"], "wall_seconds": m["unlearn"]["wall_seconds"],
             "n_pass": card["n_pass"], "all_pass": card["all_pass"],
             "pass": {k: v["pass"] for k, v in card["properties"].items()}}
+
+
+def _cad_split(entry: dict) -> dict[str, float | None]:
+    """CAD's shrinkage and the share of attribution that moved (mansu.attribution.cad_parts), after NF4."""
+    parts = entry.get("parts") or {}
+    return {f"cad_{p}_nf4": (parts.get(p) or {}).get("value") for p in ("shrinkage", "redistribution")}
 
 
 def _matrix_run(row: dict) -> MatrixRun:
@@ -164,6 +171,8 @@ def _ms(values: list, fmt: str = "{:.3f}") -> str:
 
 COLUMNS = [("forget fp", "forget_fp", "{:.3f}"), ("forget NF4", "forget_nf4", "{:.3f}"),
            ("PTQ gap", "ptq_gap", "{:+.3f}"), ("retain fp", "retain_fp", "{:.3f}"), ("CAD (NF4)", "cad_nf4", "{:.3f}"),
+           ("CAD shrinkage part", "cad_shrinkage_nf4", "{:.3f}"), ("attribution moved", "cad_redistribution_nf4",
+                                                                   "{:.3f}"),
            ("median abs(delta)/bin", "median_ratio", "{:.3g}"), ("params touched", "params_touched", "{:.0f}"),
            ("wall s", "wall_seconds", "{:.1f}")]
 
@@ -175,7 +184,7 @@ def table(rows: list[dict], base: str) -> str:
     for method in methods:
         rs = [r for r in rows if r["base"] == base and r["method"] == method and "error" not in r]
         errs = [r for r in rows if r["base"] == base and r["method"] == method and "error" in r]
-        cells = [_ms([r[key] for r in rs], fmt) for _, key, fmt in COLUMNS]
+        cells = [_ms([r.get(key) for r in rs], fmt) for _, key, fmt in COLUMNS]
         passing = f"{sum(r['all_pass'] for r in rs)}/{len(rs) + len(errs)}"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {passing} |")
     return "\n".join(lines)
