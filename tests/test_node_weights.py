@@ -109,3 +109,39 @@ def test_a_graph_without_per_record_scores_says_so(tmp_path):
 
     run = write_sample_run(tmp_path / "runs", "mansu", 0, 0.3)
     assert per_record_scores(run, "before") is None and per_record_scores(run, "after_nf4") is None
+
+
+def test_reading_only_the_touched_weights_gives_the_whole_base_report(tiny_run, report):
+    """The lean path (a meta skeleton and the touched tensors read and aligned alone) equals loading and aligning
+    the whole base, number for number."""
+    from mansu.unlearn.model_update import read_model_update
+    from mansu.viz import node_weights as nw
+
+    values, meta = read_model_update(tiny_run / layout.MODEL_UPDATE)
+    lean = nw._lean_base(nw._base_path(tiny_run), meta["dtype"], meta["base_alignment"], 64, list(values))
+    assert lean is not None and next(lean[0].parameters()).is_meta
+    whole = nw._aligned_base(tiny_run, meta)
+    params = dict(whole.named_parameters())
+    assert all(lean[1][n].equal(params[n].detach()) for n in values)       # bit-exact alignment, tensor by tensor
+    full = nw.report_for_model(whole, values, alignment=meta["base_alignment"])
+    assert [w.row() for w in full.nodes.values()] == [w.row() for w in report.nodes.values()]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tensor_by_tensor_alignment_matches_the_whole_model_alignment(family):
+    """A seeded partial alignment (nf4:0.5) of a few tensors alone equals aligning the whole model (Conv1D too)."""
+    import copy
+
+    from mansu.testing import tiny_model
+    from mansu.unlearn.nf4_model import align_base
+    from mansu.viz.node_weights import _align_tensors
+
+    model = tiny_model(family, hidden=64)
+    whole = copy.deepcopy(model)
+    align_base(whole, "nf4:0.5")
+    names = [n for n, _ in model.named_parameters() if n.endswith("weight") and ".1." in n]   # layer 1 only
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    aligned = _align_tensors(model, base, "nf4:0.5", 64)
+    expected = dict(whole.named_parameters())
+    assert all(aligned[n].equal(expected[n].detach()) for n in names)
+    assert any(not aligned[n].equal(base[n]) for n in names)                   # something was aligned

@@ -15,10 +15,12 @@ Per node (a head a{L}.h{H} or an MLP m{L}; `input` and `logits` own nothing):
                     (mansu.quant.geometry, as the survival analysis measures it),
                     histogram on survival's log bins (mansu.quant.survival.histogram_edges) and median
 
-The base is rebuilt as the run built it (load, then align as its base_alignment says); the unlearned weights are that
-base with the stored values written.  One parameter at a time: its base and updated copies (2 x its bytes), an fp64
-delta (8 B per element), two code tensors per quantizer (1 B per element each) and an fp32 bin width (4 B per
-element); only parameters the run touched are quantized.  The result holds a few hundred bytes per node.
+The base is rebuilt as the run built it (its weights, aligned as its base_alignment says); the unlearned weights are
+that base with the stored values written.  Only the touched parameters are read: from the base folder's safetensors
+onto a meta-device skeleton of the model, each aligned alone as the whole-model alignment would (a hub id, or a
+checkpoint whose tensor names differ, loads and aligns the whole base instead).  Then one parameter at a time: its
+base and updated copies (2 x its fp32 bytes), an fp64 delta (8 B per element), two code tensors per quantizer (1 B per
+element each) and an fp32 bin width (4 B per element).  The result holds a few hundred bytes per node.
 """
 
 from __future__ import annotations
@@ -93,30 +95,91 @@ def node_weight_report(run: Path, *, nodes: Sequence[str] | None = None) -> Node
 
     run = Path(run)
     values, meta = read_model_update(run / run_layout.MODEL_UPDATE)  # before the base loads
-    model = _aligned_base(run, meta)
-    return report_for_model(model, values, alignment=meta.get("base_alignment", "?"),
-                            blocksize=int(meta.get("blocksize", 64)), nodes=nodes)
+    alignment, blocksize = meta.get("base_alignment", "natural"), int(meta.get("blocksize", 64))
+    lean = _lean_base(_base_path(run), meta.get("dtype", "fp32"), alignment, blocksize, list(values))
+    model, base = lean if lean is not None else (_aligned_base(run, meta), None)
+    return report_for_model(model, values, base=base, alignment=alignment, blocksize=blocksize, nodes=nodes)
+
+
+def _base_path(run: Path) -> str:
+    """The base model's folder or hub id, as the run resolved it ('demo': the cached demo model)."""
+    from mansu.pipeline import resolve_inputs
+    from mansu.runs.store import read_config
+    from mansu.spec import RunSpec
+
+    return resolve_inputs(RunSpec.from_dict(read_config(run)["spec"]), build_demo=False).model
+
+
+def _lean_base(model_path: str, dtype: str, alignment: str, blocksize: int,
+               touched: list[str]) -> tuple[Any, dict[str, Any]] | None:
+    """(the model's skeleton on the meta device, {touched parameter: its aligned base value}), reading only the
+    touched weights from the folder's safetensors (an 8B model's report then holds a few tensors, not the model);
+    None where that is not possible (a hub id, a checkpoint whose tensor names differ): load the whole base then."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mansu.models.loading import torch_dtype
+
+    folder = Path(model_path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    where = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            where.update(dict.fromkeys(fh.keys(), file))
+    if any(name not in where for name in touched):
+        return None
+    base = {}
+    for name in touched:
+        with safe_open(str(where[name]), framework="pt") as fh:
+            base[name] = fh.get_tensor(name).to(torch_dtype(dtype))
+    return skeleton, _align_tensors(skeleton, base, alignment, blocksize)
+
+
+def _align_tensors(skeleton: Any, base: dict[str, Any], alignment: str, blocksize: int) -> dict[str, Any]:
+    """`base` aligned as mansu.unlearn.nf4_model.round_trip_in_place aligns a whole model: each weight's groups
+    seeded by its position among the weights the quantizer takes."""
+    from mansu.quant.alignment import ALIGNMENT_SEED, aligned_view, fits, parse_alignment
+    from mansu.quant.registry import get_quantizer
+    from mansu.quant.targets import quant_layout, quantizable_parameter_names
+
+    parsed = parse_alignment(alignment)
+    if parsed.is_natural:
+        return base
+    qz, layout = get_quantizer(parsed.quantizer), quant_layout(skeleton)
+    params = dict(skeleton.named_parameters())
+    aligned = [n for n in quantizable_parameter_names(skeleton) if fits(qz, layout.view(n, params[n]))]
+    out = dict(base)
+    for i, name in enumerate(aligned):
+        if name in base:
+            view = aligned_view(qz, layout.view(name, base[name]), parsed.fraction, seed=ALIGNMENT_SEED + i,
+                                blocksize=blocksize, name=name)
+            out[name] = layout.unview(name, view).to(base[name].dtype)
+    return out
 
 
 def _aligned_base(run: Path, meta: dict[str, str]) -> Any:
-    """The run's base model on the CPU, aligned as the run aligned it (as mansu export rebuilds it)."""
+    """The run's whole base model on the CPU, aligned as the run aligned it (as mansu export rebuilds it)."""
     from mansu.models.loading import load_model
-    from mansu.pipeline import resolve_inputs
     from mansu.runs.store import read_config
     from mansu.spec import RunSpec
     from mansu.unlearn.nf4_model import align_base
 
     spec = RunSpec.from_dict(read_config(run)["spec"])
-    lm = load_model(resolve_inputs(spec, build_demo=False).model, dtype=meta.get("dtype", spec.dtype), device="cpu",
-                    tokenizer=spec.tokenizer)
+    lm = load_model(_base_path(run), dtype=meta.get("dtype", spec.dtype), device="cpu", tokenizer=spec.tokenizer)
     align_base(lm.model, meta.get("base_alignment", spec.base_alignment), int(meta.get("blocksize", 64)))
     return lm.model
 
 
-def report_for_model(model: Any, values: dict[str, tuple[Any, Any]], *, alignment: str = "?", blocksize: int = 64,
-                     nodes: Sequence[str] | None = None) -> NodeWeightReport:
+def report_for_model(model: Any, values: dict[str, tuple[Any, Any]], *, base: dict[str, Any] | None = None,
+                     alignment: str = "?", blocksize: int = 64, nodes: Sequence[str] | None = None) -> NodeWeightReport:
     """The per-node report of `values` ({param: (flat indices or None, new values)}, read_model_update's) written
-    over `model` (the aligned base; not modified)."""
+    over the aligned base: `base` {param: value} for every written parameter when given (then `model` may be a
+    meta-device skeleton: only its names and shapes are read), else `model`'s own weights (not modified)."""
     import torch
 
     from mansu.models.components import model_layout
@@ -132,7 +195,8 @@ def report_for_model(model: Any, values: dict[str, tuple[Any, Any]], *, alignmen
            for n in names}
     ratios: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for pname, slices in owners.items():
-        effect = parameter_effect(pname, params[pname].detach().float(), values.get(pname),
+        weight = (base or {}).get(pname, params[pname])
+        effect = parameter_effect(pname, weight.detach().float(), values.get(pname),
                                   qlayout if pname in quantized else None, QUANTIZERS, blocksize)
         for node, dim, start, stop in slices:
             _accumulate(out[node], ratios[node], effect, dim, start, stop)
