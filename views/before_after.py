@@ -1,10 +1,12 @@
-"""Before / after: the before and after graphs side by side in the same layout, the diff view,
-CAD with its interval and per-edge contributions, the quadrant plot across runs, the fp vs NF4
-accuracy bars per run and the method x quantizer PTQ-gap matrix of every run on the same model and data."""
+"""Before / after: the before and after graphs side by side in the same layout, the diff view, the run's next-step
+advice, the QA/text memorisation metrics per stage and quantizer, CAD with its interval and per-edge contributions,
+the quadrant plot across runs, the fp vs NF4 accuracy bars per run and the method x quantizer PTQ-gap matrix of
+every run on the same model and data."""
 
 import streamlit as st
 
 from mansu.matrix import GapCell, MatrixRun, gap_matrix
+from mansu.metrics.text import text_table
 from mansu.viz.circuit import circuit_figure, diff_figure
 from mansu.viz.compare import cad_figure
 from mansu.viz.matrix import gap_matrix_figure
@@ -40,6 +42,18 @@ with right:
                         width="stretch")
 if before is not None and after is not None:
     st.plotly_chart(diff_figure(before, after, top_n=top_n), key="ba-diff", width="stretch")
+
+advice = ((run.metrics or {}).get("advice") or {}).get("line")
+if advice:  # mansu.advice: the flag to change when the run missed
+    st.info(f"next step: {advice}")
+
+text_rows = text_table(run.metrics or {})
+if text_rows:  # QA/text runs: the scorecard reads ROUGE-L recall, not the token accuracy of the bars below
+    st.subheader("memorisation (QA/text): ROUGE-L recall and loss, fp and every quantizer")
+    st.dataframe(text_rows, hide_index=True, key="ba-text")
+    st.caption("ROUGE-L recall of the greedy continuation (text: verbatim) or answer (QA: knowledge) against the true "
+               "one; loss in nats per token; membership AUC of Min-K% forget vs holdout (0.5: indistinguishable). "
+               "The accuracy charts below show token accuracy on these runs. Definitions: docs/metrics.md.")
 
 st.subheader("CAD: circuit attribution divergence")
 cad = run.cad  # checked by mansu.runs.store.read_cad when the run was loaded

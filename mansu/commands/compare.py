@@ -31,6 +31,8 @@ from mansu.unlearn.demo_settings import demo_settings
 from mansu.unlearn.methods import METHODS
 
 NATURAL_METHODS = ("mansu", "graddiff")
+DATA_FLAGS = {"forget": "forget set", "retain": "retain set", "forget_eval": "forget set scored",
+              "retain_eval": "retain set scored", "holdout": "records never trained on (membership AUC; QA/text)"}
 
 
 def register(subparsers) -> None:
@@ -48,6 +50,10 @@ def register(subparsers) -> None:
     p.add_argument("--output", default="docs/results.md", help="where to write the table (default docs/results.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is much faster when other processes share the cores)")
+    for name, what in DATA_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), default="", metavar="FILE",
+                       help=f"{what} (MCQ, QA or text records; default: the demo's)")
+    p.add_argument("--template", default=None, help="prompt template of MCQ and QA records (run's --template)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a demo setting, e.g. --set mansu.update_fraction=0.001")
     p.set_defaults(func=handle)
@@ -93,7 +99,9 @@ def handle(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     settings = _settings(args)
     jobs = plan(args)
-    specs = [demo_spec(method, **{**settings[method], "seed": seed}, base_alignment=base,  # all validated first
+    data = {k: getattr(args, k) for k in DATA_FLAGS if getattr(args, k)}
+    data.update({"template": args.template} if args.template else {})
+    specs = [demo_spec(method, **{**settings[method], "seed": seed}, base_alignment=base, **data,  # validated first
                        retain_eval_limit=args.retain_eval_limit, save_model=False, store_update=False,
                        attribution_records=args.attribution_records, ig_steps=args.ig_steps)
              for base, method, seed in jobs]
@@ -135,11 +143,11 @@ def _run_one(spec: RunSpec, cache: BaseCache, i: int, n: int) -> dict:
         return {**row, "error": f"{type(exc).__name__}: {exc}"}
     m = read_json(run / layout.METRICS)
     cad = read_json(run / layout.CAD) if (run / layout.CAD).is_file() else {}
-    return {**row, "forget_fp": m["unlearned_fp"]["forget"]["accuracy"],
-            "forget_nf4": m["unlearned_nf4"]["forget"]["accuracy"], "ptq_gap": m["ptq_gap"]["forget"]["gap"],
-            "ptq_gap_ci": [m["ptq_gap"]["forget"]["ci_low"], m["ptq_gap"]["forget"]["ci_high"]],
-            "retain_fp": m["unlearned_fp"]["retain"]["accuracy"],
-            "retain_nf4": m["unlearned_nf4"]["retain"]["accuracy"],
+    gap = m["ptq_gap"]["forget"].get("rouge_l") or m["ptq_gap"]["forget"]  # QA/text: the ROUGE-L recall's gap
+    return {**row, "metric": metric_name(m["unlearned_fp"]["forget"]),
+            "forget_fp": headline(m["unlearned_fp"]["forget"]), "forget_nf4": headline(m["unlearned_nf4"]["forget"]),
+            "ptq_gap": gap["gap"], "ptq_gap_ci": [gap["ci_low"], gap["ci_high"]],
+            "retain_fp": headline(m["unlearned_fp"]["retain"]), "retain_nf4": headline(m["unlearned_nf4"]["retain"]),
             "cad_nf4": (cad.get("after_nf4") or {}).get("value"), "cad_fp": (cad.get("after_fp") or {}).get("value"),
             **_cad_split(cad.get("after_nf4") or {}),
             "median_ratio": m.get("survival", {}).get("median_ratio"),
@@ -153,6 +161,15 @@ def _cad_split(entry: dict) -> dict[str, float | None]:
     """CAD's shrinkage and the share of attribution that moved (mansu.attribution.cad_parts), after NF4."""
     parts = entry.get("parts") or {}
     return {f"cad_{p}_nf4": (parts.get(p) or {}).get("value") for p in ("shrinkage", "redistribution")}
+
+
+def headline(scores: dict) -> float | None:
+    """The split's score the scorecard reads: ROUGE-L recall on QA/text, accuracy on MCQ."""
+    return scores.get("rouge_l_recall", scores.get("accuracy")) if scores else None
+
+
+def metric_name(scores: dict) -> str:
+    return f"{scores['rouge_kind']} ROUGE-L recall" if "rouge_l_recall" in scores else "accuracy"
 
 
 def _matrix_run(row: dict) -> MatrixRun:
@@ -211,6 +228,13 @@ def matrix_section(cells: Sequence[GapCell], base: str) -> list[str]:
             summary(cells, base), ""]
 
 
+def _metric_text(rows: list[dict]) -> str:
+    """What the forget/retain columns hold: the demo's cloze MCQ accuracy, or the shape's metric of the data given."""
+    metric = next((r["metric"] for r in rows if "metric" in r), "accuracy")
+    return "cloze MCQ accuracy on the 120 forget questions" if metric == "accuracy" else \
+        f"{metric} of the forget records (the scorecard's metric of the data's shape, docs/metrics.md; retain too)"
+
+
 def render(rows: list[dict], caches: dict, settings: dict, total: float, args, partial: str = "", *,
            cells: Sequence[GapCell] = ()) -> str:
     card = ScorecardConfig()
@@ -218,7 +242,7 @@ def render(rows: list[dict], caches: dict, settings: dict, total: float, args, p
              f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(rows)} runs in "
              f"{total / 60:.1f} min on this machine; seeds 0..{args.seeds - 1}. Mean ± standard deviation over seeds.",
              *([f"**{partial}**", ""] if partial else []),
-             "", "Columns: cloze MCQ accuracy on the 120 forget questions in full precision (fp) and after NF4 "
+             "", f"Columns: {_metric_text(rows)} in full precision (fp) and after NF4 "
              "(simulated, bit-exact bitsandbytes dequantization, blocksize 64); PTQ gap = forget NF4 - forget fp "
              "(positive: NF4 brought forgotten answers back); retain accuracy on the first "
              f"{args.retain_eval_limit} retain questions; CAD of the forget circuit before vs after unlearning + NF4 "
@@ -234,7 +258,7 @@ def render(rows: list[dict], caches: dict, settings: dict, total: float, args, p
         if not any(r["base"] == base for r in rows):
             continue
         m = caches[base].metrics
-        acc = lambda k, s: m.get(k, {}).get(s, {}).get("accuracy")  # noqa: E731
+        acc = lambda k, s: headline(m.get(k, {}).get(s, {}))  # noqa: E731
         parts += [f"## {title}", ""]
         if base == "nf4-grid":
             parts += ["Every non-head Linear weight was replaced by its NF4 round trip before unlearning (a checkpoint "

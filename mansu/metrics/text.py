@@ -215,3 +215,27 @@ def text_summary(metrics: dict[str, Any]) -> str | None:
         parts.append(f"membership AUC {mia_b['auc']:.2f} → {mia_a['auc']:.2f} (PrivLeak {mia_b['privleak']:+.0f} → "
                      f"{mia_a['privleak']:+.0f})")
     return " · ".join(parts)
+
+
+def _stages(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, evaluation) of every eval stage of a run that holds QA/text scores: base and unlearned, fp, NF4 and
+    each further quantizer of the run."""
+    out = []
+    for who in ("base", "unlearned"):
+        out += [(f"{who} fp", metrics.get(f"{who}_fp")), (f"{who} nf4", metrics.get(f"{who}_nf4"))]
+        out += [(f"{who} {q}", ev) for q, ev in (metrics.get(f"{who}_quant") or {}).items() if q != "nf4"]
+    return [(label, ev) for label, ev in out if isinstance(ev, dict) and "rouge_l_recall" in (ev.get("forget") or {})]
+
+
+def text_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per eval stage of a QA/text run (see `_stages`): ROUGE-L recall and loss of forget and retain, and
+    the membership AUC when a holdout set was given; [] for an MCQ run (the app's Before/after table, compare)."""
+    rows = []
+    for label, ev in _stages(metrics or {}):
+        f, r = ev.get("forget") or {}, ev.get("retain") or {}
+        row = {"stage": label, f"forget {f['rouge_kind']} ROUGE-L": f["rouge_l_recall"],
+               "retain ROUGE-L": r.get("rouge_l_recall"), "forget loss": f.get("loss"), "retain loss": r.get("loss")}
+        if f.get("mia"):
+            row["membership AUC"] = f["mia"]["auc"]
+        rows.append(row)
+    return rows
