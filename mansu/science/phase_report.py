@@ -158,8 +158,8 @@ READING = """## Reading your own model's regime
 2. **Update size rho.** The median |delta| / bin width of your unlearning update: a run's survival report gives it
    (`ratio` quantiles), or estimate it before running as (per-step update x steps) / typical bin width
    (NF4's bins are 0.08-0.17 x the block absmax).  Also look at the 95th percentile: on an aligned base the
-   reversal holds only while the largest moves stay under ~0.4 bin widths (the gradient-shaped rows above break
-   at a median of 0.1 because their largest moves are ~4x the median).
+   reversal holds only while the largest moves stay under ~0.4 bin widths, so a heavy-tailed update (the
+   gradient-shaped rows, whose largest moves are several times the median) escapes it at a smaller median.
 3. **Read the regime.** Find your (k, sqrt(d k rho)) on the right-hand panel: k near 0 and rho under ~0.4 bins:
    *undone* (NF4 restores what was forgotten: the reversal; a floored update such as MANSU's is needed);
    k near 1 and sqrt(d k rho) >= ~4: *kept* (NF4 keeps the forgetting; the gap is under 0.1); in between, or
