@@ -31,6 +31,7 @@ from mansu.unlearn.demo_settings import demo_settings
 from mansu.unlearn.methods import METHODS
 
 NATURAL_METHODS = ("mansu", "graddiff")
+KEPT_SECTIONS = ("## Relearning attacks",)  # written from `mansu attack` results (docs/attacks.md), not by compare
 DATA_FLAGS = {"forget": "forget set", "retain": "retain set", "forget_eval": "forget set scored",
               "retain_eval": "retain set scored", "holdout": "records never trained on (membership AUC; QA/text)"}
 
@@ -125,7 +126,7 @@ def handle(args: argparse.Namespace) -> int:
                       {"rows": rows, "wall_seconds": total, "settings": settings,
                        "ptq_gap_matrix": [c.to_dict() for c in cells],
                        "base_metrics": {k: c.metrics for k, c in caches.items()}}, add_stamp=True)
-    partial_path.write_text(render(rows, caches, settings, total, args, cells=cells))
+    partial_path.write_text(render(rows, caches, settings, total, args, cells=cells) + kept_sections(out))
     os.replace(partial_path, out)
     print(f"wrote {out} ({len(rows)} runs, {total / 60:.1f} min)")
     return 0
@@ -170,6 +171,19 @@ def headline(scores: dict) -> float | None:
 
 def metric_name(scores: dict) -> str:
     return f"{scores['rouge_kind']} ROUGE-L recall" if "rouge_l_recall" in scores else "accuracy"
+
+
+def kept_sections(path: Path) -> str:
+    """The sections of the table at `path` that compare does not generate (KEPT_SECTIONS, each up to the next '## '
+    heading), to carry over when the table is rewritten; '' when there are none."""
+    text = path.read_text() if path.is_file() else ""
+    out = []
+    for heading in KEPT_SECTIONS:
+        start = text.find("\n" + heading + "\n")
+        if start >= 0:
+            end = text.find("\n## ", start + 1)
+            out.append(text[start + 1: end if end >= 0 else len(text)].rstrip() + "\n")
+    return "".join("\n" + section for section in out)
 
 
 def _matrix_run(row: dict) -> MatrixRun:
