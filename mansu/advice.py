@@ -8,7 +8,7 @@ applies gives the line; none applies: no advice):
 1. too weak: the forgetting property fails (the forget metric dropped less than `forget_margin` of base - chance)
    -> the method's first strengthening knob (STRONGER) up, or more --steps;
 2. retain damaged: forgetting passes, retain preservation fails -> the same knob down, or fewer --steps;
-3. undone by NF4: forgetting and retain pass, the PTQ-gap property fails -> MANSU's floor: a larger --kappa for the
+3. back under NF4: forgetting and retain pass, the PTQ-gap property fails -> MANSU's floor: a larger --kappa for the
    MANSU family; --method mansu for the others (their sub-bin updates round back to the base's codes).
 
 A base that does not know the forget set ("nothing to forget") gets no advice: no setting can help there.
@@ -35,13 +35,19 @@ KAPPA_FACTOR = 2.0
 
 @dataclass(frozen=True)
 class Advice:
-    kind: str               # "too weak", "retain damaged" or "undone by NF4"
+    kind: str               # "too weak", "retain damaged" or "back under NF4"
     line: str               # what `run` prints and the app shows
     flags: dict[str, Any]   # the suggested settings, by UnlearnConfig field
 
 
 def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
+
+
+def _tested(prop: dict[str, Any]) -> float:
+    """The number the scorecard held against the threshold (the CI end for the PTQ gap; older cards: the value)."""
+    value = prop.get("tested", prop.get("value"))
+    return float(value) if value is not None else 0.0
 
 
 def _fmt(value: float) -> str:
@@ -86,13 +92,13 @@ def advise(card: dict[str, Any], unlearn: dict[str, Any]) -> Advice | None:
     if forgetting.get("status") == "fail":
         moves = _moves(unlearn, stronger=True)
         line = (f"{unlearn['method']} did not forget meaningfully on this model: the forget {metric} dropped "
-                f"{forgetting.get('value') or 0:.2f} of its way to chance (needs {forgetting['threshold']:.2f}); "
+                f"{_tested(forgetting):.2f} of its way to chance (needs {forgetting['threshold']:.2f}); "
                 f"{_try(moves, unlearn)}")
         return Advice("too weak", line, moves)
     if forgetting.get("status") == "pass" and retain.get("status") == "fail":
         moves = _moves(unlearn, stronger=False)
         line = (f"{unlearn['method']} forgot, but damaged the retain set (retain {retain.get('metric', metric)} lost "
-                f"{retain.get('value') or 0:.2f}, allowed {retain['threshold']:.2f}); {_try(moves, unlearn)}")
+                f"{_tested(retain):.2f}, allowed {retain['threshold']:.2f}); {_try(moves, unlearn)}")
         return Advice("retain damaged", line, moves)
     if forgetting.get("status") == "pass" and gap.get("status") == "fail":
         return _undone_by_nf4(unlearn, gap)
@@ -107,9 +113,9 @@ def _undone_by_nf4(unlearn: dict[str, Any], gap: dict[str, Any]) -> Advice:
     else:
         moves = {"method": "mansu"}
         tail = "try --method mansu (its floor moves each weight a whole NF4 bin, so rounding cannot undo it)"
-    line = (f"{method}'s forgetting is undone by NF4 (PTQ gap {gap.get('value') or 0:+.2f} of base - chance, "
-            f"allowed {gap['threshold']:+.2f}); {tail}")
-    return Advice("undone by NF4", line, moves)
+    line = (f"NF4 may bring {method}'s forgetting back (PTQ gap's 95% CI high end {_tested(gap):+.2f} of base - "
+            f"chance, allowed {gap['threshold']:+.2f}); {tail}")
+    return Advice("back under NF4", line, moves)
 
 
 def advice_entry(card: dict[str, Any], unlearn: dict[str, Any]) -> dict[str, Any]:

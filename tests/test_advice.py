@@ -117,15 +117,15 @@ def test_before_after_page_and_compare_rows_show_the_text_metric(runs, monkeypat
     ("mansu", "too weak", {"update_fraction": 0.008, "steps": 16}),
     ("ssd", "too weak", {"ssd_alpha": 5.0, "steps": 16}),
     ("graddiff", "retain damaged", {"lr": 1e-05, "steps": 4}),
-    ("npo", "undone by NF4", {"method": "mansu"}),
-    ("mansu", "undone by NF4", {"kappa": 2.0}),
+    ("npo", "back under NF4", {"method": "mansu"}),
+    ("mansu", "back under NF4", {"kappa": 2.0}),
 ])
 def test_advice_rule_per_method_and_failure(method, kind, flags):
     from mansu.advice import advise
     from mansu.unlearn.config import UnlearnConfig
 
     status = {"too weak": ("fail", "pass", "pass"), "retain damaged": ("pass", "fail", "pass"),
-              "undone by NF4": ("pass", "pass", "fail")}[kind]
+              "back under NF4": ("pass", "pass", "fail")}[kind]
     card = {"properties": {name: {"status": s, "value": 0.1, "threshold": 0.2, "metric": "accuracy"}
                            for name, s in zip(("forgetting", "retain", "ptq_gap"), status)}}
     unlearn = UnlearnConfig(method=method, steps=8, lr=3e-5).to_dict()
