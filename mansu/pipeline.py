@@ -345,7 +345,7 @@ def stage_base_eval(ctx: Context) -> None:
         grids = [q for q in parse_quantizers(ctx.spec.quantizers, calibrated=True) if q in QUANTIZERS]
         ctx.cache.metrics["base_grid"] = diagnose_model(model, grids)  # calibrated quantizers have no grid
         names = quantizable_names(model)
-        state = BaseRestore().base_view(model, names)  # each weight on the CPU when read, one at a time
+        state = BaseRestore().base_view(model, names)  # each weight read on its device, one at a time
         report = alignment_report(state, names, blocksize=ctx.config.blocksize,
                                   layout=quant_layout(model))
         ctx.cache.metrics["base_alignment"] = {"setting": ctx.spec.base_alignment, **report["overall"]}

@@ -197,3 +197,25 @@ def test_run_refuses_an_unknown_floor_quantizer_before_creating_a_folder(tmp_pat
                       f"{', '.join(QUANTIZERS)}"], out.stderr[-2000:]
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert not runs.exists() or list(Path(runs).iterdir()) == []  # no run folder, no hidden temp folder
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_candidate_geometry_equals_the_whole_weight_geometry(family):
+    """The per-step geometry (only the groups holding a candidate) equals the whole-weight geometry at the same
+    coordinates, for every grid and combination, in the parameter's layout (GPT-2's Conv1D transposed)."""
+    from mansu.quant.targets import quant_layout
+    from mansu.testing import tiny_model
+    from mansu.unlearn.floor import floor_geometry
+    from mansu.unlearn.params import full_masks, index_from_masks, sub_index
+
+    torch.manual_seed(0)
+    model = tiny_model(family, hidden=128, heads=4)
+    params = dict(model.named_parameters())
+    index = index_from_masks(full_masks(model), model)
+    cand = torch.randperm(index.numel, generator=torch.Generator().manual_seed(1))[:500]
+    sub, pos = sub_index(index, cand)
+    for grids in ("nf4", "fp4", "int8", "int4-g128", "nf4,int4-g128,int8,fp4"):
+        whole = floor_geometry(params, index, 64, layout=quant_layout(model), quantizers=grids).select(pos)
+        part = floor_geometry(params, sub, 64, layout=quant_layout(model), quantizers=grids)
+        for f in ("x0", "bin_width", "move_up", "move_down", "cap_up", "cap_down"):
+            assert torch.equal(getattr(whole, f), getattr(part, f)), (grids, f)

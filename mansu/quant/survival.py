@@ -176,7 +176,7 @@ def _tensor_pass(w0: torch.Tensor, w1: torch.Tensor, name: str, blocksize: int):
         for p in parts:
             rows[:, p["row0"] : p["row0"] + p["rows"].shape[1]] += p["rows"]
         row_snr = _row_snr(rows)
-    return sums, ratios, row_snr, hist
+    return sums, ratios.cpu(), row_snr.cpu(), hist.cpu()  # pooled on the CPU: a tensor's work stays on its device
 
 
 def _sample(r: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:

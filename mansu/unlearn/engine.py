@@ -60,12 +60,12 @@ def run_unlearning(model, forget: TokenBatch, retain: TokenBatch, config: Unlear
         total += delta
         del delta  # a step's delta is transient: only the cumulative update is state
         record = {"step": i, "method": config.method, **stats, "update_norm": float(total.norm()),
-                  "n_nonzero": int((total != 0).sum()), "step_seconds": round(time.perf_counter() - t, 4)}
+                  "n_nonzero": int(torch.count_nonzero(total)), "step_seconds": round(time.perf_counter() - t, 4)}
         steps.append(record)
         if on_step:
             on_step(record)
     summary = {"prepare_seconds": round(prep, 3), "loop_seconds": round(time.perf_counter() - t0 - prep, 3),
-               "n_coordinates": index.numel, "n_params_touched": int((total != 0).sum())}
+               "n_coordinates": index.numel, "n_params_touched": int(torch.count_nonzero(total))}
     state = max(state, state_bytes(method))
     summary.update(state_bytes=state, state_bytes_per_coordinate=round(state / max(index.numel, 1), 2))
     return UnlearnResult(index, total, steps, method.proposals, method.fisher, summary)

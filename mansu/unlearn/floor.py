@@ -110,26 +110,62 @@ def floor_geometry(params: dict[str, torch.Tensor], index: ParamIndex, blocksize
         w = params[name].detach().to(index.device)
         v = layout.view(name, w)  # [out, in]: the quantizers' groups
         x = index.take(i, w.float())
-
-        def at(t: torch.Tensor) -> torch.Tensor:  # per-element field of the view -> the coordinates of the index
-            return index.take(i, layout.unview(name, t.reshape(v.shape)))
-
+        vpos = None if index.flat_idx[i] is None else view_positions(layout, name, w.shape, index.positions(i))
         per_grid = []
-        for q in grids:  # one grid's full-tensor fields at a time, reduced to the coordinates at once
-            g = grid_fields(q, v, blocksize, name)
+        for q in grids:  # one grid's fields at a time, reduced to the coordinates at once
+            g = _grid_at(q, v, vpos, blocksize, name) if vpos is not None else _whole(q, v, blocksize, name, layout)
             if g is not None:
-                bin_w, up, down, cap_lo, cap_hi = (at(t) for t in g)
+                bin_w, up, down, cap_lo, cap_hi = g
                 per_grid.append((bin_w, up, down, ((cap_hi - x) * _CAP_SHRINK).clamp(min=0),
                                  ((x - cap_lo) * _CAP_SHRINK).clamp(min=0)))
         if not per_grid:  # no listed grid quantizes this tensor: nothing to cross, so nothing is floored
             inf = torch.full_like(x, math.inf)
             per_grid.append((torch.zeros_like(x), inf, inf, torch.zeros_like(x), torch.zeros_like(x)))
         fields["x0"].append(x)
-        for key, i, combine in (("bin", 0, torch.maximum), ("up", 1, torch.maximum), ("down", 2, torch.maximum),
+        for key, j, combine in (("bin", 0, torch.maximum), ("up", 1, torch.maximum), ("down", 2, torch.maximum),
                                 ("cap_up", 3, torch.minimum), ("cap_down", 4, torch.minimum)):
-            fields[key].append(reduce(combine, (g[i] for g in per_grid)))
+            fields[key].append(reduce(combine, (g[j] for g in per_grid)))
     cat = {k: torch.cat(v) if v else torch.zeros(0, device=index.device) for k, v in fields.items()}
     return FloorGeometry(cat["x0"], cat["bin"], cat["up"], cat["down"], cat["cap_up"], cat["cap_down"])
+
+
+def view_positions(layout: QuantLayout, name: str, shape: tuple[int, ...], pos: torch.Tensor) -> torch.Tensor:
+    """Flat positions in the quantizer's view of the parameter's flat positions `pos` (Conv1D: transposed)."""
+    if not layout.is_transposed(name):
+        return pos
+    rows, cols = shape
+    return (pos % cols) * rows + pos // cols
+
+
+def grid_unit(quantizer: str, v: torch.Tensor, blocksize: int) -> int:
+    """Consecutive elements of the view's flat order that share one set of scales under `quantizer` (nf4: the
+    floor's blocksize; int8: a row)."""
+    size = blocksize if quantizer == "nf4" else get_quantizer(quantizer).group_size
+    return size or int(v.shape[-1])
+
+
+def _grid_at(quantizer: str, v: torch.Tensor, vpos: torch.Tensor | None, blocksize: int,
+             name: str) -> GridFields | None:
+    """grid_fields of `quantizer` at the view positions `vpos`, flat.  Only the groups holding a position are
+    computed: they are gathered into a compact [groups, unit] tensor, which the quantizer treats exactly as in the
+    whole weight (its groups are independent), so a step's few candidates cost their groups, not the model."""
+    if quantizer != "nf4" and not fits(get_quantizer(quantizer), v):
+        return None
+    unit = grid_unit(quantizer, v, blocksize)
+    if v.numel() % unit:  # a partial last group: the whole weight's fields (rare: odd shapes)
+        full = grid_fields(quantizer, v, blocksize, name)
+        return None if full is None else tuple(t.reshape(-1)[vpos] for t in full)
+    groups, inverse = torch.unique(vpos // unit, return_inverse=True)
+    compact = v.reshape(-1, unit)[groups]
+    out = grid_fields(quantizer, compact, blocksize, name)
+    at = inverse * unit + vpos % unit
+    return None if out is None else tuple(t.reshape(-1)[at] for t in out)
+
+
+def _whole(quantizer: str, v: torch.Tensor, blocksize: int, name: str, layout: QuantLayout) -> GridFields | None:
+    """grid_fields of every element, flat in the parameter's own order (a whole-weight index)."""
+    out = grid_fields(quantizer, v, blocksize, name)
+    return None if out is None else tuple(layout.unview(name, t.reshape(v.shape)).reshape(-1) for t in out)
 
 
 def floor_moves(proposal: torch.Tensor, bin_width: torch.Tensor, move_up: torch.Tensor, move_down: torch.Tensor,

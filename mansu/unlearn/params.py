@@ -240,7 +240,8 @@ class BaseRestore:
         return base
 
     def base_view(self, model, names: Sequence[str]) -> Mapping[str, torch.Tensor]:
-        """{name: base value} for `names`, built one tensor at a time on access (CPU), never all at once."""
+        """{name: base value} for `names`, built one tensor at a time on access (on the parameter's device), never
+        all at once."""
         return _BaseView(self, dict(model.named_parameters()), tuple(names))
 
     def nbytes(self) -> int:
@@ -260,7 +261,7 @@ class _BaseView(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.names:
             raise KeyError(name)
-        return self.restore.base_tensor(name, self.params[name]).cpu()
+        return self.restore.base_tensor(name, self.params[name])  # on the parameter's device (GPU work at 8B)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)

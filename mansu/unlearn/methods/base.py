@@ -191,7 +191,7 @@ class Method:
     def proposals(self, limit: int) -> Proposals:
         """At most `limit` proposed-or-updated coordinates, by priority (see `Proposals`)."""
         proposed = (self.proposal != 0) | (self.total != 0)
-        n_total = int(proposed.sum())
+        n_total = int(torch.count_nonzero(proposed))  # no int64 upcast of an [n] bool
         if n_total > limit:
             pos = top_indices(self.priority.float().masked_fill_(~proposed, -math.inf), limit)
         else:

@@ -56,5 +56,5 @@ class GradientMethod(Method):
             delta = delta * mask  # the mask applies to the update itself (Adam's moments would leak otherwise)
         self.record_proposal(delta, g_f.abs())
         return delta, {"loss": float(loss.detach()), "grad_norm": float(g_f.norm()), "proj_removed_norm": removed,
-                       "n_updated": int((delta != 0).sum()),
-                       "n_masked": self.n if mask is None else int(mask.sum())}
+                       "n_updated": int(torch.count_nonzero(delta)),
+                       "n_masked": self.n if mask is None else int(torch.count_nonzero(mask))}

@@ -122,9 +122,9 @@ class Mansu(Method):
         (candidates, their proposal -lr p, their score, coordinates touched before this step)."""
         touched = self.total != 0  # a floored coordinate moved by at least one code change: never 0
         score = self.score(p).masked_fill_(touched, 0)
-        k = min(self.n_candidates, int((score > 0).sum()))
+        k = min(self.n_candidates, int(torch.count_nonzero(score)))  # bool.sum() would upcast [n] to int64
         cand = top_indices(score, k)
-        return cand, -self.config.lr * p[cand], score[cand], int(touched.sum())
+        return cand, -self.config.lr * p[cand], score[cand], int(torch.count_nonzero(touched))
 
     def floored_step(self, cand: torch.Tensor, prop: torch.Tensor, score: torch.Tensor, n_before: int,
                      step: int) -> tuple[torch.Tensor, dict]:
@@ -173,7 +173,7 @@ class Mansu(Method):
             new, dropped = bounded.delta, bounded.n_dropped
         self.record_proposal(step, p.abs())
         cost = fisher_cost(new, self.fisher)
-        return new - self.total, {"n_updated": int((new != 0).sum()), "n_floored": 0, "n_dropped": dropped,
+        return new - self.total, {"n_updated": int(torch.count_nonzero(new)), "n_floored": 0, "n_dropped": dropped,
                                 "fisher_cost": cost, "budget_used": self._used(cost)}
 
     def _used(self, cost: float) -> float:

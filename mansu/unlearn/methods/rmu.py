@@ -54,4 +54,4 @@ class RMU(Method):
         delta = self.opt.step(g)
         self.record_proposal(delta, g.abs())
         return delta, {"loss": float(loss.detach()), "grad_norm": float(g.norm()), "proj_removed_norm": 0.0,
-                       "n_updated": int((delta != 0).sum())}
+                       "n_updated": int(torch.count_nonzero(delta))}

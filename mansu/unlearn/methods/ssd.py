@@ -29,4 +29,4 @@ class SSD(Method):
         factor = torch.where(select, (c.ssd_lambda * f_r / f_f.clamp(min=1e-30)).clamp(max=1.0), torch.ones_like(f_r))
         delta = theta * (factor - 1)
         self.proposal, self.priority = delta.clone(), f_f
-        return delta, {**IDLE, "grad_norm": float(f_f.sum().sqrt()), "n_updated": int((delta != 0).sum())}
+        return delta, {**IDLE, "grad_norm": float(f_f.sum().sqrt()), "n_updated": int(torch.count_nonzero(delta))}
