@@ -229,8 +229,13 @@ def test_run_pipeline_on_qa_and_text(world, tmp_runs, shape, caplog):
         assert metrics[key]["forget"]["shape"] == shape and metrics[key]["forget"]["loss"] > 0
     assert metrics["eval_sets"]["on_training_data"] == ["forget", "retain"]
     assert "training data" in metrics["eval_sets"]["warning"]
-    assert card["properties"]["forgetting"]["status"] in ("pass", "fail")      # read on token accuracy
-    assert card["properties"]["ptq_gap"]["value"] is not None
+    forgetting = card["properties"]["forgetting"]  # read on token accuracy; a random tiny model knows no forget set
+    assert forgetting["status"] in ("pass", "fail", "nothing to forget")
+    if forgetting["status"] == "nothing to forget":
+        assert "chance" in json.dumps(forgetting)  # the reason says how far above chance the base was
+        assert card["properties"]["ptq_gap"]["status"] == "nothing to forget"
+    else:
+        assert card["properties"]["ptq_gap"]["value"] is not None
 
 
 def test_run_with_eval_sets_template_and_no_circuit_says_why(world, tmp_runs, tmp_path, caplog):
