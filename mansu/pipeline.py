@@ -38,11 +38,12 @@ from mansu.attribution.eap import attribute
 from mansu.attribution.serialize import load_circuit, load_graph, save_circuit, save_graph
 from mansu.data.records import load_records
 from mansu.io import read_json, write_json_atomic
+from mansu.memory import check_engine_memory, check_memory
 from mansu.metrics.accuracy import context_length
 from mansu.metrics.scoring import check_fit, score_records
 from mansu.metrics.text import ROUGE_PER_RECORD, check_holdout, text_metrics
 from mansu.models.demo import demo_assets, ensure_demo, is_complete
-from mansu.models.loading import load_config, load_model, load_tokenizer, require_causal_lm, resolve_dtype
+from mansu.models.loading import load_config, load_model, load_tokenizer, require_causal_lm, resolve_dtype, torch_dtype
 from mansu.quant.alignment import parse_quantizers
 from mansu.quant.diagnose import diagnose_model
 from mansu.quant.gptq import calibration_texts, ensure_env, gptq_quantized
@@ -179,6 +180,7 @@ def check_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs | None:
     except OSError as exc:
         raise ValueError(f"{inputs.model}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
     _check_data(spec, inputs, tokenizer, context_length(config))
+    check_memory(spec, config, torch_dtype(spec.dtype, spec.device))
     if build_demo and set(parse_quantizers(spec.quantizers, calibrated=True)) & set(CALIBRATED_QUANTIZERS):
         ensure_env()  # GPTQ's side environment, created now (or one line why not) rather than mid-run
     return inputs
@@ -414,6 +416,10 @@ def stage_unlearn(ctx: Context) -> None:
     masks = ctx.cache.masks if ctx.cache.masks is not None else _saved_masks(ctx.run)
     if masks is None and METHODS[cfg.method].circuit_restricted:  # said, and recorded below: never silent
         log.warning("%s updates every quantizable weight, not a circuit: %s", cfg.method, _no_circuit_reason(ctx))
+    if masks is not None and METHODS[cfg.method].circuit_restricted:  # the circuit's size is known only now
+        quant = set(quantizable_names(model))
+        check_engine_memory(cfg.method, sum(int(m.sum()) for n, m in masks.items() if n in quant),
+                            ctx.spec.memory_limit_gb, ctx.spec.device)
     restore = ctx.cache.restore = BaseRestore()  # set first: a failed run is reverted by the next base()
     t0 = time.perf_counter()
     with recording(model, restore):  # the unlearning writes into the base itself

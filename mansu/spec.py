@@ -70,6 +70,9 @@ class RunSpec:
     store_update: bool = opt(True, "write update.safetensors (the floor tuner's input)")
     device: Device = opt("cpu", "cpu, cuda, or auto (accelerate device_map)")
     dtype: DType = opt("auto", "weights' dtype (auto: bf16 on a GPU, fp32 on the CPU)")
+    memory_limit_gb: float | None = opt(None, "GiB the run may use (default: the device's free memory); a run "
+                                              "estimated to need more stops before loading (mansu/memory.py)", lo=0.0,
+                                        lo_open=True)
     parent_run: str | None = opt(None, "the run this one re-floors (--from-run)", flag=False)
 
     def __post_init__(self) -> None:

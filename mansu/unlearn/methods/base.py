@@ -121,6 +121,8 @@ class Method:
     fields: ClassVar[tuple[str, ...]] = ()         # UnlearnConfig fields it reads beyond COMMON_FIELDS
     demo: ClassVar[dict[str, Any]] = {}            # its settings on the demo world (unlearn/demo_settings.py)
     proposal_dtype: ClassVar[torch.dtype] = torch.bfloat16
+    # state (total 4 + proposal/priority 4 + Adam 8) + a step's gradient and delta (8): mansu/memory.py's estimate
+    peak_bytes_per_coordinate: ClassVar[int] = 24
 
     def __init__(self, model, forget: TokenBatch, retain: TokenBatch, config: UnlearnConfig, index: ParamIndex):
         self.model, self.forget, self.retain, self.config, self.index = model, forget, retain, config, index

@@ -50,6 +50,8 @@ class Mansu(Method):
     fields = MANSU_FIELDS
     demo = MANSU_DEMO
     proposal_dtype = torch.float32  # the floor tuner replays proposal and priority through the floor exactly
+    # state: Fisher 4 + total 4 + index 0-4 + log and factors ~1; a step: gradient 4 + score 4 + masks 1 + delta 4
+    peak_bytes_per_coordinate = 24
 
     def init_proposals(self) -> None:
         """Floored: a log of each step's candidates (int64 position, fp32 proposal and score: 16 B per candidate,
