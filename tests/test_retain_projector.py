@@ -97,7 +97,7 @@ def test_demo_retain_projection_equals_the_dense_qr_one(demo_lm, demo_records):
     _, g = next(per_example_grads(model, forget, index, 1, seed=0))
     exact = _qr_projection64(rows, g)
     fp32 = retain_statistics(model, retain, index, k=4, n_fisher=1, seed=0, dtype=torch.float32).projector
-    bf16 = retain_statistics(model, retain, index, k=4, n_fisher=1, seed=0).projector
+    bf16 = retain_statistics(model, retain, index, k=4, n_fisher=1, seed=0, dtype=torch.bfloat16).projector
     assert fp32.rank == 4
     assert _rel(fp32.project(g), exact, g.double() - exact) < 1e-4
     assert _rel(bf16.project(g), exact, g.double() - exact) < 2e-2

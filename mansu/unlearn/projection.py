@@ -144,8 +144,8 @@ class FactoredRetainProjector:
     D (tokens whose D is all zero, e.g. padding, dropped) instead of dW makes the projector's memory
     k x T x (fan_in + fan_out) per weight instead of k x fan_in x fan_out:
 
-        memory: k x T x (fan_in + fan_out) x 2 B (bf16; 4 B with dtype=float32) + T x 4 B of example ids per weight,
-                on each weight's own device; ~0.6 B per coordinate at k=16, T=64 on Llama-3.1-8B's layout.
+        memory: k x T x (fan_in + fan_out) x 4 B (the engine's float32; 2 B with bf16) + T x 8 B of example ids per
+                weight, on each weight's own device; ~1.2 B per coordinate at k=16, T=64 on Llama-3.1-8B's layout.
 
     Every product is formed one weight at a time, on its device, without a k x n buffer:
         <dW_i, X>  = sum_t D_i,t^T X A_i,t        (one [kT, fan_out] x [fan_out, fan_in] product per weight)

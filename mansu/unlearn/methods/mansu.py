@@ -14,8 +14,8 @@ bound (epsilon = inf).
 
 Per-coordinate state, on the model's device: Fisher 4 B (fp32), cumulative update 4 B (fp32), proposal and
 priority 4 B each (fp32), the index 0 B (a whole tensor) or 4 B (int32, a partial circuit mask), plus the
-retain projector's factored per-example gradients (T x (fan_in + fan_out) per example and Linear, bf16; about
-k x T x (1/fan_in + 1/fan_out) x 2 B per coordinate: ~0.6 B at k=16, T=64 on an 8B layout).  The floor geometry
+retain projector's factored per-example gradients (T x (fan_in + fan_out) per example and Linear, fp32; about
+k x T x (1/fan_in + 1/fan_out) x 4 B per coordinate: ~1.2 B at k=16, T=64 on an 8B layout).  The floor geometry
 is computed for each step's candidates only, from the current weights (nothing kept), and "touched" is
 total != 0.  Total: 16-20 B per circuit coordinate (bench/scale_bench.py measures it).
 """
