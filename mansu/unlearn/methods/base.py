@@ -50,12 +50,12 @@ class Adam:
         self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
 
     def step(self, g: torch.Tensor) -> torch.Tensor:
+        """-lr * mhat / (sqrt(vhat) + eps), with two [n] temporaries (the denominator, then the step in place)."""
         self.t += 1
         self.m.mul_(self.b1).add_(g, alpha=1 - self.b1)
         self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-        mhat = self.m / (1 - self.b1 ** self.t)
-        vhat = self.v / (1 - self.b2 ** self.t)
-        return -self.lr * mhat / (vhat.sqrt() + self.eps)
+        denom = self.v.sqrt().div_(math.sqrt(1 - self.b2 ** self.t)).add_(self.eps)
+        return torch.div(self.m, denom, out=denom).mul_(-self.lr / (1 - self.b1 ** self.t))
 
 
 class Sgd:

@@ -45,9 +45,9 @@ class GradientMethod(Method):
         g_f = masked_grad(self.model, loss_f, self.index)
         g, loss = self.direction(g_f), loss_f
         removed = float((g_f - g).norm()) if g is not g_f else 0.0
-        if self.retain_term:
+        if self.retain_term:  # one new [n] buffer for the sum (g_f stays: the proposal's priority and SURE's mask)
             loss_r = self.retain_loss(step)
-            g = g + self.config.retain_weight * masked_grad(self.model, loss_r, self.index)
+            g = torch.add(g, masked_grad(self.model, loss_r, self.index), alpha=self.config.retain_weight)
             loss = loss_f + self.config.retain_weight * loss_r
         check_finite(loss, g, step)
         mask = self.update_mask(g_f)
