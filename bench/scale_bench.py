@@ -104,7 +104,7 @@ def bench_size(layers: int, args, tmp: Path) -> list[dict]:
     code, rss, wall, last = run_child(["attribute", *common, "--data", world["forget"], "--records", "4"], env)
     out.append({"stage": "attribute", "exit": code, "peak_rss_gb": round(rss / 2**30, 2), "wall_s": round(wall, 1),
                 **({"error": last} if code else {})})
-    for method in ("mansu", "graddiff"):
+    for method in args.methods.split(","):
         extra = (["--k", str(args.k), "--n-fisher", "4", "--epsilon", "1e6"] if method == "mansu"
                  else ["--lr", "1e-4", "--no-attribution"])
         code, rss, wall, last = run_child(
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1", help="layer counts of the Llama-3.2-1B layout (61M params each)")
     parser.add_argument("--k", type=int, default=16, help="MANSU's retain gradients")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--methods", default="mansu,graddiff", help="the runs per size (comma-separated)")
     parser.add_argument("--ig-steps", type=int, default=2)
     args = parser.parse_args()
     try:

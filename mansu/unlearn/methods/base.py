@@ -202,8 +202,7 @@ class Method:
 
     def record_proposal(self, delta: torch.Tensor, score: torch.Tensor) -> None:
         """Keep each coordinate's first proposed move and its largest priority (the floor tuner's input)."""
-        fresh = self.proposal == 0
-        self.proposal[fresh] = delta[fresh].to(self.proposal.dtype)
+        torch.where(self.proposal == 0, delta.to(self.proposal.dtype), self.proposal, out=self.proposal)
         torch.maximum(self.priority, score.to(self.priority.dtype), out=self.priority)
 
     def step(self, step: int) -> tuple[torch.Tensor, dict]:

@@ -32,29 +32,32 @@ class GradientMethod(Method):
             self.ensure_ref()
         self.opt = make_optimizer(self.config, self.n, self.learning_rate(), self.state_device)
 
-    def direction(self, g_f: torch.Tensor) -> torch.Tensor:
-        """The forget direction before the retain term (GU projects it)."""
-        return g_f
+    def direction_(self, g: torch.Tensor) -> float:
+        """Turn the forget gradient into the forget direction in place (GU projects it); returns the norm of what
+        was removed."""
+        return 0.0
 
     def update_mask(self, g_f: torch.Tensor) -> torch.Tensor | None:
         """A 0/1 mask on the update (SURE's saliency mask), or None."""
         return None
 
     def step(self, step: int) -> tuple[torch.Tensor, dict]:
+        """One step with the fewest [n] buffers: the forget gradient becomes the direction and takes the retain term
+        in place, once its norm, its priority (bf16) and SURE's mask are read from it."""
         loss_f = self.forget_loss(step, self.kind)
-        g_f = masked_grad(self.model, loss_f, self.index)
-        g, loss = self.direction(g_f), loss_f
-        removed = float((g_f - g).norm()) if g is not g_f else 0.0
-        if self.retain_term:  # one new [n] buffer for the sum (g_f stays: the proposal's priority and SURE's mask)
+        g = masked_grad(self.model, loss_f, self.index)
+        grad_norm, score, mask = float(g.norm()), g.abs().to(self.proposal_dtype), self.update_mask(g)
+        removed, loss = self.direction_(g), loss_f
+        if self.retain_term:
             loss_r = self.retain_loss(step)
-            g = torch.add(g, masked_grad(self.model, loss_r, self.index), alpha=self.config.retain_weight)
+            g.add_(masked_grad(self.model, loss_r, self.index), alpha=self.config.retain_weight)
             loss = loss_f + self.config.retain_weight * loss_r
         check_finite(loss, g, step)
-        mask = self.update_mask(g_f)
-        delta = self.opt.step(g if mask is None else g * mask)
+        delta = self.opt.step(g if mask is None else g.mul_(mask))
+        del g
         if mask is not None:
-            delta = delta * mask  # the mask applies to the update itself (Adam's moments would leak otherwise)
-        self.record_proposal(delta, g_f.abs())
-        return delta, {"loss": float(loss.detach()), "grad_norm": float(g_f.norm()), "proj_removed_norm": removed,
+            delta.mul_(mask)  # the mask applies to the update itself (Adam's moments would leak otherwise)
+        self.record_proposal(delta, score)
+        return delta, {"loss": float(loss.detach()), "grad_norm": grad_norm, "proj_removed_norm": removed,
                        "n_updated": int(torch.count_nonzero(delta)),
                        "n_masked": self.n if mask is None else int(torch.count_nonzero(mask))}

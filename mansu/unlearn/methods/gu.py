@@ -23,5 +23,5 @@ class GU(GradientMethod):
                                   seed=self.config.seed)
         self.projector = stats.projector
 
-    def direction(self, g_f: torch.Tensor) -> torch.Tensor:
-        return self.projector.project(g_f)
+    def direction_(self, g: torch.Tensor) -> float:
+        return self.projector.project_(g)
