@@ -65,7 +65,7 @@ def retain_statistics(model, retain: TokenBatch, index: ParamIndex, *, k: int, n
     with capture_factors(modules) as factors:
         for j, g in per_example_grads(model, retain, index, max(k, n_fisher), seed=seed):
             if j < n_fisher:
-                fisher += g * g
+                fisher.addcmul_(g, g)  # no [n] temporary for g * g
                 count += 1
             if j < k:
                 projector.add(factors)
@@ -113,6 +113,6 @@ def fisher_only(model, batch: TokenBatch, index: ParamIndex, n: int, *, seed: in
     fisher = torch.zeros(index.numel, device=index.device)
     count = 0
     for _, g in per_example_grads(model, batch, index, n, seed=seed):
-        fisher += g * g
+        fisher.addcmul_(g, g)
         count += 1
     return fisher / max(count, 1)
