@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,20 +89,22 @@ def test_a_run_too_weak_for_the_model_says_which_flag_and_the_advice_helps(runs)
     assert stronger["advice"]["kind"] != "too weak"
 
 
-def test_before_after_page_and_compare_rows_show_the_text_metric(runs, monkeypatch):
+def test_before_after_page_and_compare_rows_show_the_text_metric(runs, monkeypatch, tmp_path):
     """The app's Before/after page on a text run: no exception, the advice and the ROUGE-L table per stage."""
     from streamlit.testing.v1 import AppTest
 
     from mansu.commands.compare import headline
     from mansu.metrics.text import text_table
 
-    run = runs["strong"][1]  # the newest run: the one the app selects
+    run = runs["strong"][1]
     metrics = _metrics(run)
     rows = {r["stage"]: r for r in text_table(metrics)}
     assert list(rows) == ["base fp", "base nf4", "unlearned fp", "unlearned nf4"]
     assert rows["unlearned nf4"]["forget verbatim ROUGE-L"] == metrics["unlearned_nf4"]["forget"]["rouge_l_recall"]
     assert headline(metrics["unlearned_fp"]["forget"]) == metrics["unlearned_fp"]["forget"]["rouge_l_recall"]
-    monkeypatch.setenv("MANSU_RUNS", str(run.parent))
+    only = tmp_path / "runs"  # the strong run alone: two tiny runs can share a creation second, so "newest" is
+    shutil.copytree(run, only / run.name)  # not a safe way to pick it
+    monkeypatch.setenv("MANSU_RUNS", str(only))
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
     at.run()
     at.switch_page("views/before_after.py")

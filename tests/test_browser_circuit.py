@@ -128,7 +128,7 @@ def test_diff_view_shows_the_cad_split_on_one_layout(server, tab, circuit_runs):
     tab.get_by_text("CAD split per node").wait_for(timeout=30_000)
     tab.screenshot(path=str(DOCS_SHOTS / "circuit-diff.png"), full_page=True)
     tab.get_by_text("relative change").click()
-    tab.wait_for_function("() => document.querySelector('.js-plotly-plot')._fullLayout.title.text"
+    tab.wait_for_function("() => document.querySelector('.js-plotly-plot')?._fullLayout?.title?.text"
                           ".includes('relative change')", timeout=60_000)
     _no_exception(tab)
 
