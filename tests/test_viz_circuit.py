@@ -204,6 +204,7 @@ def test_cad_split_sums_to_cad_and_separates_shrinkage_from_rerouting():
     import torch
 
     from mansu.attribution.cad import cad_value
+    from mansu.attribution.cad_parts import parts_of
     from mansu.viz.graph_ops import align, cad_split
 
     circuit = [("input", "m0"), ("m0", "logits"), ("a0.h0", "m0"), ("a0.h1", "logits")]
@@ -211,8 +212,24 @@ def test_cad_split_sums_to_cad_and_separates_shrinkage_from_rerouting():
     uniform = cad_split(align(_tiny(s), _tiny({e: v / 10 for e, v in s.items()}), circuit))
     assert uniform.cad == pytest.approx(0.9 / 1.1) and uniform.shrinkage == pytest.approx(uniform.cad)
     assert uniform.rerouting == 0.0 and set(uniform.edge_class[:4]) <= {"shrinkage"}
-    flipped = cad_split(align(_tiny(s), _tiny({e: -v for e, v in s.items()}), circuit))
-    assert flipped.cad == pytest.approx(1.0) and flipped.shrinkage == 0.0 and flipped.rerouting == pytest.approx(1.0)
+    flipped = cad_split(align(_tiny(s), _tiny({e: -v for e, v in s.items()}), circuit))   # the readout reversed
+    assert flipped.cad == pytest.approx(1.0) and flipped.shrinkage == 0.0 and flipped.rerouting == 0.0
+    assert flipped.reversal == pytest.approx(1.0) and set(flipped.edge_class[:4]) == {"reversal"}
+    assert flipped.edge_reversal.sum() == pytest.approx(1.0)
+    # reversed, and one edge kept its sign against the flip: that edge is rerouting, the rest reversal
+    t_rev = {e: (v if e == ("a0.h1", "logits") else -v / 2) for e, v in s.items()}
+    d_rev = align(_tiny(s), _tiny(t_rev), circuit)
+    rev = cad_split(d_rev)
+    expected = parts_of(*(torch.tensor([x[e] for e in circuit], dtype=torch.float64) for x in (s, t_rev)),
+                        torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+    for part in ("cad", "shrinkage", "reversal", "rerouting"):
+        assert getattr(rev, part) == pytest.approx(float(expected[part])), part
+    assert rev.reversal > 0 and rev.rerouting > 0 and rev.shrinkage > 0
+    assert rev.edge_reversal.sum() == pytest.approx(rev.reversal)
+    assert rev.edge_rerouting.sum() == pytest.approx(rev.rerouting)
+    assert min(rev.edge_shrinkage.min(), rev.edge_reversal.min(), rev.edge_rerouting.min()) >= 0
+    cls_rev = {(d_rev.names[a], d_rev.names[b]): c for a, b, c in zip(d_rev.src, d_rev.dst, rev.edge_class)}
+    assert cls_rev[("a0.h1", "logits")] == "rerouting" and cls_rev[("m0", "logits")] == "reversal"
     t = {("input", "m0"): 0.2, ("m0", "logits"): -1.0, ("a0.h0", "m0"): -1.5, ("a0.h1", "logits"): 0.5,
          ("a0.h1", "m0"): 0.7}                               # mixed: shrink, flip, grow, same; a new outside edge
     d = align(_tiny(s), _tiny(t), circuit)
@@ -224,6 +241,7 @@ def test_cad_split_sums_to_cad_and_separates_shrinkage_from_rerouting():
     assert mixed.cad == pytest.approx(float(cad_value(sv, tv)))
     assert mixed.shrinkage == pytest.approx(abs(4.5 - 3.2) / 7.7)
     assert mixed.edge_shrinkage.sum() == pytest.approx(mixed.shrinkage)
+    assert mixed.reversal == 0.0 and not mixed.edge_reversal.any()      # the circuit kept its orientation
     assert (mixed.edge_shrinkage + mixed.edge_rerouting).sum() == pytest.approx(mixed.cad)
     cls = {(d.names[a], d.names[b]): c for a, b, c in zip(d.src, d.dst, mixed.edge_class)}
     assert cls[("input", "m0")] == "shrinkage" and cls[("m0", "logits")] == "rerouting"
@@ -236,10 +254,14 @@ def test_diff_figure_split_colours_edges_by_class():
     from mansu.viz.graph_ops import align
 
     a = _tiny({("input", "m0"): 1.0, ("m0", "logits"): 2.0})
-    b = _tiny({("input", "m0"): 0.5, ("m0", "logits"): -2.0})
+    b = _tiny({("input", "m0"): 0.5, ("m0", "logits"): 2.5, ("a0.h0", "m0"): 1.0})
     fig = graph_diff_figure(align(a, b, [("input", "m0"), ("m0", "logits")]), colour="split")
     lines = {t.legendgroup: t.line.color for t in fig.data if t.mode == "lines"}
-    assert lines == {"shrinkage": SPLIT_COLORS["shrinkage"], "rerouting": SPLIT_COLORS["rerouting"]}
+    assert lines == {"shrinkage": SPLIT_COLORS["shrinkage"], "rerouting": SPLIT_COLORS["rerouting"],
+                     "grew outside circuit": SPLIT_COLORS["grew outside circuit"]}
+    c = _tiny({("input", "m0"): -0.5, ("m0", "logits"): -2.0})           # the whole circuit flipped sign
+    fig = graph_diff_figure(align(a, c, [("input", "m0"), ("m0", "logits")]), colour="split")
+    assert {t.legendgroup for t in fig.data if t.mode == "lines"} == {"reversal"}
     with pytest.raises(ValueError, match="colour"):
         graph_diff_figure(align(a, b), colour="rainbow")
 

@@ -94,11 +94,14 @@ def diff_view() -> None:
     query = c4.text_input("search nodes", key="diff-search", placeholder="e.g. a1.h3 or m0")
     diff = align(a, b, circuit_edges(runs[run_a], a))
     split = cad_split(diff)
-    m = st.columns(4)
+    m = st.columns(5)
     m[0].metric("CAD (A → B)", f"{split.cad:.3g}", help="over graph A's run's circuit edges (mansu.attribution.cad)")
     m[1].metric("shrinkage part", f"{split.shrinkage:.3g}", help="|S−T|/(S+T): CAD's lower bound")
-    m[2].metric("rerouting part", f"{split.rerouting:.3g}", help="CAD − shrinkage: sign flips and redistribution")
-    m[3].metric("gain outside the circuit", f"{split.outside_gain:.3g}",
+    m[2].metric("reversal part", f"{split.reversal:.3g}",
+                help="CAD − CAD(−A, B) when the whole circuit flipped sign (the readout reversed), else 0")
+    m[3].metric("rerouting part", f"{split.rerouting:.3g}",
+                help="CAD − shrinkage − reversal: flips against the circuit's orientation and redistribution")
+    m[4].metric("gain outside the circuit", f"{split.outside_gain:.3g}",
                 help="Σ max(|t|−|s|, 0) over edges outside the circuit, /(S+T): rerouting CAD does not see")
     if not diff.in_circuit.any():
         st.info("No circuit edges found for graph A's run (circuit.json): the CAD split is 0.")

@@ -274,13 +274,17 @@ def node_edges(graph: GraphData, node: str, direction: EdgeDirection, limit: int
 
 DiffColour = Literal["change", "split"]
 CHANGE_COLORS = ("#2ca02c", "#9467bd")   # after - before: green up, purple down
-SPLIT_COLORS = dict(zip(EDGE_CLASSES, ("#1f77b4", "#d62728", "#ff7f0e", "#cccccc", "#888888")))  # in that order
-SPLIT_RULE = ("CAD split (over the original circuit's edges, as in mansu.attribution.cad): shrinkage is the net "
-              "scale change |S−T|/(S+T) (S, T: the circuit's total |score| before and after), shared among the "
-              "edges that shrank with it; rerouting is the rest of CAD: sign flips, and redistribution (edges "
-              "moving against the net change). Colours: blue = circuit edge, same sign, smaller (shrinkage); red = "
-              "circuit edge that flipped sign or grew (rerouting); orange = edge outside the circuit whose |score| "
-              "grew (rerouting that CAD does not see, counted apart); light grey = other edges outside the circuit.")
+SPLIT_COLORS = dict(zip(EDGE_CLASSES, ("#1f77b4", "#9467bd", "#d62728", "#ff7f0e", "#cccccc", "#888888")))  # in order
+SPLIT_RULE = ("CAD split (over the original circuit's edges, as in mansu.attribution.cad_parts): CAD = shrinkage + "
+              "reversal + rerouting. Shrinkage is the net scale change |S−T|/(S+T) (S, T: the circuit's total "
+              "|score| before and after), shared among the edges that shrank with it; reversal is the part a flip of "
+              "the whole circuit's sign explains (the readout reversed through an unchanged circuit; 0 unless most "
+              "of the circuit flipped), shared among the flipped edges; rerouting is the rest of CAD: edges flipping "
+              "against the circuit's orientation, and redistribution (edges moving against the net change). "
+              "Colours: blue = circuit edge, same sign, smaller (shrinkage); purple = circuit edge that flipped with "
+              "the reversed circuit (reversal); red = circuit edge that flipped against it or grew (rerouting); "
+              "orange = edge outside the circuit whose |score| grew (rerouting that CAD does not see, counted "
+              "apart); light grey = other edges outside the circuit.")
 
 
 def diff_nodes(diff: GraphDiff, change: np.ndarray) -> GraphData:

@@ -4,25 +4,27 @@ heads of each layer, node search, two graphs aligned on one edge list, the CAD s
 Everything is vectorised over edges (numpy; a 543k-edge graph prunes in one argpartition). Memory: a few int64 /
 float64 vectors per edge (8 B each: ~40 B per edge, ~22 MB for 543k edges) and nothing per node pair.
 
-The CAD split (`cad_split`) follows `mansu.attribution.cad`: over the original circuit's edges C, with
-S = sum_C |s_e| (before) and T = sum_C |t_e| (after),
+The CAD split (`cad_split`) is `mansu.attribution.cad_parts` (its totals come from `parts_of`, the one formula):
+over the original circuit's edges C, with S = sum_C |s_e| (before), T = sum_C |t_e| (after) and sigma = -1 when the
+circuit as a whole flipped sign (sum_C |s_e + t_e| < sum_C |s_e - t_e|), else +1,
 
-    CAD = sum_C |s_e - t_e| / (S + T) = shrinkage + rerouting,   shrinkage = |S - T| / (S + T) = |1 - r| / (1 + r),
+    CAD = sum_C |s_e - t_e| / (S + T) = shrinkage + reversal + rerouting,   shrinkage = |S - T| / (S + T),
 
-r = T / S: shrinkage is CAD's lower bound, reached exactly when every circuit edge keeps its sign and scales
-by one factor; rerouting is the rest. Per edge (each edge's share of CAD is cad.py's contribution |s_e - t_e|/(S+T)):
+reversal = CAD - CAD(sigma s, t) (the readout flipped, every edge with it; 0 when sigma = +1) and rerouting the rest.
+Per edge (each edge's share of CAD is |s_e - t_e| / (S + T), and the three per-edge parts add up to it):
 
-* a sign flip contributes 2 min(|s_e|, |t_e|) / (S + T) to rerouting; every edge's magnitude change
-  m_e = ||s_e| - |t_e|| / (S + T) is the rest of its contribution;
-* the net scale change |S - T| / (S + T) is shrinkage, shared among the edges whose magnitude moved with the net
-  change (shrank when T < S) in proportion to m_e; their remaining magnitude change and that of every edge moving
-  against the net change (redistribution among the circuit's edges) is rerouting.
+* reversal is shared among the edges that flipped sign (s_e t_e < 0) in proportion to 2 min(|s_e|, |t_e|), their
+  share of CAD that the global flip explains (0 for every edge when sigma = +1);
+* shrinkage, the net scale change, is shared among the edges whose magnitude moved with the net change (shrank
+  when T < S) in proportion to m_e = ||s_e| - |t_e|| / (S + T);
+* rerouting is the rest of the edge's share: flips against the circuit's orientation (sigma s_e t_e < 0), and
+  magnitude moving against the net change (redistribution among the circuit's edges).
 
-An edge's class (its colour in the diff view) follows the issue's wording: a circuit edge that flipped sign or grew is
-rerouting, one that kept its sign and shrank is shrinkage; outside the circuit, an edge whose |score| grew is
-"grew outside circuit". Attribution moving onto edges outside the circuit is rerouting too, but CAD does not see
-it: it is reported beside CAD as `outside_gain` = sum over edges outside C of max(|t_e| - |s_e|, 0), in the same
-units (/(S + T)).
+An edge's class (its colour in the diff view): a circuit edge that flipped against the circuit's orientation or grew
+is rerouting; one that flipped with a reversed circuit (and did not grow) is reversal; one that kept its sign and
+shrank is shrinkage; outside the circuit, an edge whose |score| grew is "grew outside circuit". Attribution moving
+onto edges outside the circuit is rerouting too, but CAD does not see it: it is reported beside CAD as
+`outside_gain` = sum over edges outside C of max(|t_e| - |s_e|, 0), in the same units (/(S + T)).
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ import numpy as np
 from mansu.viz.artifacts import GraphData
 
 GROUP_NODE_LIMIT = 300   # above this many nodes the explorer draws one node per layer's heads by default
-EdgeClass = Literal["shrinkage", "rerouting", "grew outside circuit", "outside circuit", "unchanged"]
-EDGE_CLASSES: tuple[EdgeClass, ...] = ("shrinkage", "rerouting", "grew outside circuit", "outside circuit",
-                                       "unchanged")
+EdgeClass = Literal["shrinkage", "reversal", "rerouting", "grew outside circuit", "outside circuit", "unchanged"]
+EDGE_CLASSES: tuple[EdgeClass, ...] = ("shrinkage", "reversal", "rerouting", "grew outside circuit",
+                                       "outside circuit", "unchanged")
 
 
 # ------------------------------------------------------------------------------------------------------- pruning
@@ -224,56 +226,83 @@ def circuit_edges_of(*sources: Any) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class CADSplit:
-    """CAD over the circuit's edges split into shrinkage and rerouting (rule: module docstring); per-edge arrays are
-    in CAD units (/(S+T)) and 0 outside the circuit."""
+    """CAD over the circuit's edges split into shrinkage, reversal and rerouting (rule: module docstring); per-edge
+    arrays are in CAD units (/(S+T)) and 0 outside the circuit."""
 
     cad: float
     shrinkage: float
+    reversal: float
     rerouting: float
     outside_gain: float
     edge_shrinkage: np.ndarray     # [n_edges]
+    edge_reversal: np.ndarray      # [n_edges]
     edge_rerouting: np.ndarray     # [n_edges]
     edge_class: np.ndarray         # [n_edges] object: one of EDGE_CLASSES
+
+
+def _circuit_parts(s: np.ndarray, t: np.ndarray) -> dict[str, float]:
+    """cad_parts' point values (cad, shrinkage, reversal, rerouting) of circuit scores s, t [E_C]."""
+    import torch
+
+    from mansu.attribution.cad_parts import parts_of
+
+    zero = torch.zeros((), dtype=torch.float64)
+    parts = parts_of(torch.from_numpy(s), torch.from_numpy(t), zero, zero)
+    return {p: float(parts[p]) for p in ("cad", "shrinkage", "reversal", "rerouting")}
+
+
+def _shares(total: float, weight: np.ndarray) -> np.ndarray:
+    """`total` shared in proportion to `weight` (0 everywhere when the weights sum to 0)."""
+    pool = float(weight.sum())
+    return weight * (total / pool) if pool > 0 else np.zeros_like(weight)
 
 
 def cad_split(diff: GraphDiff) -> CADSplit:
     """The CAD split of `diff` over its circuit edges (module docstring)."""
     s, t, circ = diff.before, diff.after, diff.in_circuit
-    den = float(np.abs(s[circ]).sum() + np.abs(t[circ]).sum())
     n = s.shape[0]
+    den = float(np.abs(s[circ]).sum() + np.abs(t[circ]).sum())
     if den <= 0:
         zeros = np.zeros(n)
-        return CADSplit(0.0, 0.0, 0.0, 0.0, zeros, zeros, np.full(n, "unchanged", dtype=object))
+        return CADSplit(0.0, 0.0, 0.0, 0.0, 0.0, zeros, zeros, zeros, np.full(n, "unchanged", dtype=object))
+    parts = _circuit_parts(np.ascontiguousarray(s[circ]), np.ascontiguousarray(t[circ]))
+    sigma = -1.0 if parts["reversal"] > 0 else 1.0                 # reversal > 0 exactly when the circuit flipped
     flip = circ & (s * t < 0)
-    sign_part = np.where(flip, 2 * np.minimum(np.abs(s), np.abs(t)), 0.0) / den
+    against = circ & (sigma * s * t < 0)                           # flipped against the circuit's orientation
+    edge_reversal = _shares(parts["reversal"], np.where(flip, 2 * np.minimum(np.abs(s), np.abs(t)), 0.0) / den)
     magnitude = np.where(circ, np.abs(np.abs(s) - np.abs(t)), 0.0) / den
     net = float(np.abs(s[circ]).sum() - np.abs(t[circ]).sum())            # > 0: the circuit's attribution shrank
     with_net = circ & ((np.abs(s) - np.abs(t)) * np.sign(net) > 0)
-    shrink_total = abs(net) / den
-    pool = float(magnitude[with_net].sum())
-    edge_shrink = np.where(with_net, magnitude * (shrink_total / pool if pool > 0 else 0.0), 0.0)
-    edge_reroute = sign_part + magnitude - edge_shrink
-    outside = ~circ & (np.abs(t) > np.abs(s))
+    edge_shrink = _shares(parts["shrinkage"], np.where(with_net, magnitude, 0.0))
+    edge_reroute = np.where(circ, np.abs(s - t) / den - edge_shrink - edge_reversal, 0.0).clip(min=0.0)
+    grew = np.abs(t) > np.abs(s)
+    outside = ~circ & grew
     classes = np.full(n, "unchanged", dtype=object)
-    classes[circ & (flip | (np.abs(t) > np.abs(s)))] = "rerouting"
-    classes[circ & ~flip & (np.abs(t) < np.abs(s))] = "shrinkage"
+    classes[circ & ~against & ~grew & (np.abs(t) < np.abs(s))] = "shrinkage"
+    classes[flip & ~against & ~grew] = "reversal"
+    classes[circ & (against | grew)] = "rerouting"
     classes[~circ & (s != t)] = "outside circuit"
     classes[outside] = "grew outside circuit"
-    cad = float(np.abs(s[circ] - t[circ]).sum()) / den
-    rerouting = cad - shrink_total if cad - shrink_total > 1e-12 else 0.0      # rounding, not rerouting
-    return CADSplit(cad, shrink_total, rerouting, float((np.abs(t) - np.abs(s))[outside].sum()) / den,
-                    edge_shrink, edge_reroute, classes)
+    return CADSplit(parts["cad"], parts["shrinkage"], parts["reversal"], parts["rerouting"],
+                    float((np.abs(t) - np.abs(s))[outside].sum()) / den, edge_shrink, edge_reversal, edge_reroute,
+                    classes)
 
 
 def node_split(diff: GraphDiff, split: CADSplit, limit: int = 20) -> list[dict[str, Any]]:
-    """Per node: the CAD shrinkage and rerouting of the circuit edges it touches (an edge counts at both ends), the
-    largest total first, as table rows."""
+    """Per node: the CAD shrinkage, reversal and rerouting of the circuit edges it touches (an edge counts at both
+    ends), the largest total first, as table rows."""
     n = len(diff.names)
-    shrink = np.bincount(diff.src, split.edge_shrinkage, n) + np.bincount(diff.dst, split.edge_shrinkage, n)
-    reroute = np.bincount(diff.src, split.edge_rerouting, n) + np.bincount(diff.dst, split.edge_rerouting, n)
-    order = np.argsort(-(shrink + reroute), kind="stable")[:limit]
+
+    def per_node(edge_part: np.ndarray) -> np.ndarray:
+        return np.bincount(diff.src, edge_part, n) + np.bincount(diff.dst, edge_part, n)
+
+    shrink, reverse, reroute = (per_node(p) for p in (split.edge_shrinkage, split.edge_reversal,
+                                                      split.edge_rerouting))
+    total = shrink + reverse + reroute
+    order = np.argsort(-total, kind="stable")[:limit]
     return [{"node": diff.names[i], "label": node_label(diff.names[i]), "shrinkage": round(float(shrink[i]), 4),
-             "rerouting": round(float(reroute[i]), 4)} for i in order if shrink[i] + reroute[i] > 0]
+             "reversal": round(float(reverse[i]), 4), "rerouting": round(float(reroute[i]), 4)}
+            for i in order if total[i] > 0]
 
 
 # ------------------------------------------------------------------------------------------------------- export
