@@ -129,3 +129,39 @@ def test_preview_floor_counts_and_budget():
     assert unbounded.n_dropped == 0 and unbounded.n_updated == w.numel() - unbounded.n_unfloorable
     with pytest.raises(ValueError, match="kappa"):
         preview_floor(tensors, 0.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_streamed_masked_grad_equals_autograd(family):
+    """masked_grad copies each gradient in from a backward hook (never all of them at once): it must equal
+    torch.autograd.grad on the same coordinates, add alpha times it into `out`, and leave no .grad behind."""
+    from mansu.testing import tiny_model
+    from mansu.unlearn.params import quantizable_names
+    from mansu.unlearn.retain_stats import masked_grad
+
+    model = tiny_model(family)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    names = quantizable_names(model)
+    masks = {n: torch.rand(params[n].shape, generator=gen) < (1.0 if i % 2 else 0.3) for i, n in enumerate(names)}
+    index = index_from_masks(masks, model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=gen)
+    grads = torch.autograd.grad(model(ids, labels=ids).loss, [params[n] for n in index.names])
+    expected = torch.cat([index.take(i, g) for i, g in enumerate(grads)])
+    got = masked_grad(model, model(ids, labels=ids).loss, index)
+    assert torch.equal(got, expected)
+    out = torch.ones_like(got)
+    masked_grad(model, model(ids, labels=ids).loss, index, out=out, alpha=0.5)
+    torch.testing.assert_close(out, 1 + 0.5 * expected)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_adam_in_place_step_equals_the_copying_step():
+    from mansu.unlearn.methods.base import Adam
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = Adam(1000, 1e-3), Adam(1000, 1e-3)
+    for _ in range(3):
+        g = torch.randn(1000, generator=gen)
+        expected = a.step(g)
+        assert torch.equal(b.step_(g.clone()), expected)

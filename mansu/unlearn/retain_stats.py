@@ -29,15 +29,32 @@ class RetainStats:
     n_examples: int
 
 
-def masked_grad(model, loss: torch.Tensor, index: ParamIndex) -> torch.Tensor:
-    """d loss / d theta at the coordinates of `index`, flat fp32 [n]."""
+def masked_grad(model, loss: torch.Tensor, index: ParamIndex, *, out: torch.Tensor | None = None,
+                alpha: float = 1.0) -> torch.Tensor:
+    """d loss / d theta at the coordinates of `index`, flat fp32 [n]; with `out`, alpha times it is added into
+    `out` (no second [n] buffer for a retain term).
+
+    Streamed: each parameter's gradient is copied in (and freed) by a post-accumulate hook as soon as backward
+    produces it, so at most the parameters being differentiated at that moment hold a gradient, never all of them
+    at once (2 B per parameter of an 8B bf16 model)."""
     params = dict(model.named_parameters())
-    grads = dict(zip(index.names, torch.autograd.grad(loss, [params[n] for n in index.names], allow_unused=True)))
-    out = torch.zeros(index.numel, device=index.device)
-    for i, (name, off) in enumerate(zip(index.names, index.offsets())):
-        g = grads.pop(name)  # each parameter's gradient is freed as soon as it is copied in
-        if g is not None:
-            out[off: off + index.size(i)].copy_(index.take(i, g))
+    out = torch.zeros(index.numel, device=index.device) if out is None else out
+    targets = [params[n] for n in index.names]
+    saved = [p.grad for p in targets]
+    handles = []
+    for i, (p, off) in enumerate(zip(targets, index.offsets())):
+        p.grad = None
+
+        def copy_in(param, i=i, off=off):
+            out[off: off + index.size(i)].add_(index.take(i, param.grad).to(out.device), alpha=alpha)
+            param.grad = None
+        handles.append(p.register_post_accumulate_grad_hook(copy_in))
+    try:
+        torch.autograd.backward(loss, inputs=targets)
+    finally:
+        for h, p, g in zip(handles, targets, saved):
+            h.remove()
+            p.grad = g
     return out
 
 

@@ -50,11 +50,15 @@ class Adam:
         self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
 
     def step(self, g: torch.Tensor) -> torch.Tensor:
-        """-lr * mhat / (sqrt(vhat) + eps), with two [n] temporaries (the denominator, then the step in place)."""
+        """-lr * mhat / (sqrt(vhat) + eps) in a new [n] buffer (g is left as it was)."""
+        return self.step_(g.clone())
+
+    def step_(self, g: torch.Tensor) -> torch.Tensor:
+        """The same step written into g's own buffer once the moments have read it: no [n] temporary."""
         self.t += 1
         self.m.mul_(self.b1).add_(g, alpha=1 - self.b1)
         self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-        denom = self.v.sqrt().div_(math.sqrt(1 - self.b2 ** self.t)).add_(self.eps)
+        denom = torch.sqrt(self.v, out=g).div_(math.sqrt(1 - self.b2 ** self.t)).add_(self.eps)
         return torch.div(self.m, denom, out=denom).mul_(-self.lr / (1 - self.b1 ** self.t))
 
 
@@ -67,12 +71,16 @@ class Sgd:
     def step(self, g: torch.Tensor) -> torch.Tensor:
         return -self.lr * g
 
+    def step_(self, g: torch.Tensor) -> torch.Tensor:
+        return g.mul_(-self.lr)
+
 
 def make_optimizer(config: UnlearnConfig, n: int, lr: float | None = None, device=None) -> Adam | Sgd:
     lr = config.lr if lr is None else lr
     return Adam(n, lr, device=device) if config.optimizer == "adam" else Sgd(lr)
 
 
+RECORD_CHUNK = 1 << 24  # coordinates per chunk of a step's bookkeeping (64 MB of fp32)
 TOPK_CHUNK = 1 << 30  # torch.topk is not trusted past 2^31 elements (an 8B model's circuit has ~6e9 coordinates)
 
 
@@ -90,6 +98,14 @@ def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
         idx.append(top.indices + lo)
     vals, idx = torch.cat(vals), torch.cat(idx)
     return idx[torch.topk(vals, k).indices]
+
+
+def abs_score(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|g| in `dtype`, cast a chunk at a time (no fp32 [n] temporary before a bf16 score)."""
+    out = torch.empty(g.numel(), dtype=dtype, device=g.device)
+    for lo in range(0, g.numel(), RECORD_CHUNK):
+        out[lo: lo + RECORD_CHUNK] = g[lo: lo + RECORD_CHUNK].abs()
+    return out
 
 
 def check_finite(loss: torch.Tensor, g: torch.Tensor | None, step: int) -> None:
@@ -201,9 +217,13 @@ class Method:
         return Proposals(pos, self.proposal[pos].float(), self.priority[pos].float(), n_total)
 
     def record_proposal(self, delta: torch.Tensor, score: torch.Tensor) -> None:
-        """Keep each coordinate's first proposed move and its largest priority (the floor tuner's input)."""
-        torch.where(self.proposal == 0, delta.to(self.proposal.dtype), self.proposal, out=self.proposal)
-        torch.maximum(self.priority, score.to(self.priority.dtype), out=self.priority)
+        """Keep each coordinate's first proposed move and its largest priority (the floor tuner's input), a chunk
+        at a time (the comparison and the casts then cost a chunk, not [n] bytes)."""
+        for lo in range(0, self.n, RECORD_CHUNK):
+            hi = min(lo + RECORD_CHUNK, self.n)
+            proposal = self.proposal[lo:hi]
+            torch.where(proposal == 0, delta[lo:hi].to(proposal.dtype), proposal, out=proposal)
+            torch.maximum(self.priority[lo:hi], score[lo:hi].to(self.priority.dtype), out=self.priority[lo:hi])
 
     def step(self, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from mansu.unlearn.methods.base import Method, check_finite, make_optimizer
+from mansu.unlearn.methods.base import Method, abs_score, check_finite, make_optimizer
 from mansu.unlearn.retain_stats import masked_grad
 
 
@@ -46,14 +46,14 @@ class GradientMethod(Method):
         in place, once its norm, its priority (bf16) and SURE's mask are read from it."""
         loss_f = self.forget_loss(step, self.kind)
         g = masked_grad(self.model, loss_f, self.index)
-        grad_norm, score, mask = float(g.norm()), g.abs().to(self.proposal_dtype), self.update_mask(g)
+        grad_norm, score, mask = float(g.norm()), abs_score(g, self.proposal_dtype), self.update_mask(g)
         removed, loss = self.direction_(g), loss_f
         if self.retain_term:
             loss_r = self.retain_loss(step)
-            g.add_(masked_grad(self.model, loss_r, self.index), alpha=self.config.retain_weight)
+            masked_grad(self.model, loss_r, self.index, out=g, alpha=self.config.retain_weight)
             loss = loss_f + self.config.retain_weight * loss_r
         check_finite(loss, g, step)
-        delta = self.opt.step(g if mask is None else g.mul_(mask))
+        delta = self.opt.step_(g if mask is None else g.mul_(mask))  # the step takes g's buffer
         del g
         if mask is not None:
             delta.mul_(mask)  # the mask applies to the update itself (Adam's moments would leak otherwise)

@@ -93,7 +93,7 @@ class Mansu(Method):
         g = masked_grad(self.model, loss, self.index)
         if self.config.mansu_retain_weight > 0:  # retain damage accrued so far steers selection and direction
             loss_r = self.retain_loss(step)
-            g.add_(masked_grad(self.model, loss_r, self.index), alpha=self.config.mansu_retain_weight)
+            masked_grad(self.model, loss_r, self.index, out=g, alpha=self.config.mansu_retain_weight)
             loss = loss + self.config.mansu_retain_weight * loss_r
         check_finite(loss, g, step)
         grad_norm = float(g.norm())

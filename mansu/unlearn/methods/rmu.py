@@ -7,7 +7,7 @@ import torch
 
 from mansu.unlearn import objectives as obj
 from mansu.unlearn.config import UnlearnConfig
-from mansu.unlearn.methods.base import Method, check_finite, make_optimizer
+from mansu.unlearn.methods.base import Method, abs_score, check_finite, make_optimizer
 from mansu.unlearn.params import ParamIndex, full_masks, index_from_masks, quantizable_names
 from mansu.unlearn.retain_stats import masked_grad
 
@@ -51,7 +51,8 @@ class RMU(Method):
         loss = obj.rmu_loss(self.model, fb, rb, self.layer, self.control, frozen, self.config.rmu_alpha)
         g = masked_grad(self.model, loss, self.index)
         check_finite(loss, g, step)
-        delta = self.opt.step(g)
-        self.record_proposal(delta, g.abs())
-        return delta, {"loss": float(loss.detach()), "grad_norm": float(g.norm()), "proj_removed_norm": 0.0,
+        grad_norm, score = float(g.norm()), abs_score(g, self.proposal_dtype)
+        delta = self.opt.step_(g)  # the step takes g's buffer
+        self.record_proposal(delta, score)
+        return delta, {"loss": float(loss.detach()), "grad_norm": grad_norm, "proj_removed_norm": 0.0,
                        "n_updated": int(torch.count_nonzero(delta))}
