@@ -90,7 +90,7 @@ def test_circuit_page_controls_and_pin(sample_runs):
     at = _page("views/circuit.py")
     assert _charts(at) == 1
     assert at.radio(key="circuit-stage").options == ["before", "after (fp)", "after (NF4)"]
-    at.selectbox(key="circuit-pin").select("m0").run()
+    at.multiselect(key="circuit-pins").select("m0").run()
     assert not at.exception
     assert len(at.dataframe) == 2 and len(at.dataframe[0].value) > 0
     at.radio(key="circuit-stage").set_value("after_nf4").run()

@@ -1,6 +1,7 @@
 """Browser tests of the Circuit page (Chromium via Playwright, one streamlit server for the module, as in
-test_browser_app.py): a 543k-edge graph opens pruned and grouped, node search pins a node and draws its edges, the
-diff view shows the CAD split, and the drawn subgraph downloads as CSV and circuit-tracer JSON.
+test_browser_app.py): a 543k-edge graph opens pruned and grouped, node search pins a node and draws its edges, several
+pins (from the URL and a click) make a subgraph that is highlighted, kept in the URL and exported, the diff view shows
+the CAD split, and the drawn subgraph downloads as CSV and circuit-tracer JSON.
 
 With CI=true these tests never skip; elsewhere they skip only when chromium or playwright is missing.
 """
@@ -102,6 +103,53 @@ def test_node_search_pins_a_node_and_draws_its_edges(server, tab, circuit_runs):
     assert matches.count() == 1
     tab.wait_for_function("() => document.querySelectorAll('[data-testid=\"stDataFrame\"]').length >= 2",
                           timeout=60_000)                                     # its incoming and outgoing edges
+    _no_exception(tab)
+
+
+_NODE_XY = """name => { const gd = document.querySelector('.js-plotly-plot'); const fl = gd._fullLayout;
+    const tr = gd._fullData[gd._fullData.length - 1]; const i = tr.customdata.indexOf(name);
+    const r = gd.getBoundingClientRect();
+    return [r.left + fl._size.l + fl.xaxis.l2p(tr.x[i]), r.top + fl._size.t + fl.yaxis.l2p(tr.y[i])]; }"""
+
+
+def _trace_starting(page, prefix: str) -> None:
+    page.wait_for_function(f"p => ({_TRACE_NAMES})().some(n => n.startsWith(p))", arg=prefix, timeout=60_000)
+
+
+def test_several_pins_make_a_highlighted_subgraph_kept_in_the_url(server, tab, circuit_runs):
+    from mansu.viz.artifacts import load_graph
+    from mansu.viz.graph_ops import pin_subgraph
+
+    name = circuit_runs[2]["small"]
+    _open(tab, f"{server}/circuit?run={name}&pin=a1.h3,a2.h5")
+    _wait_chart(tab)
+    for prefix in ("edges of a1.h3", "edges of a2.h5", "edges among the pins"):
+        _trace_starting(tab, prefix)
+    opacities = tab.evaluate("() => document.querySelector('.js-plotly-plot')._fullData"
+                             ".filter(t => ['+', '-'].includes(t.legendgroup)).map(t => t.opacity)")
+    assert opacities and max(opacities) < 0.35, opacities                 # the rest of the graph dimmed
+    tabs = tab.get_by_role("tab")
+    assert tabs.count() == 2 and tabs.first.inner_text().startswith("a2.h5")   # one panel per pin, latest first
+    x, y = tab.evaluate(_NODE_XY, "a3.h6")
+    tab.mouse.click(x, y)                                                    # a click adds the node to the pins
+    _trace_starting(tab, "edges of a3.h6")
+    tab.wait_for_function("() => decodeURIComponent(location.search).includes('pin=a1.h3,a2.h5,a3.h6')",
+                          timeout=30_000)
+    assert tab.get_by_role("tab").count() == 3
+    pins = ["a1.h3", "a2.h5", "a3.h6"]
+    graph = load_graph(circuit_runs[1] / name, "before")
+    expected = pin_subgraph(graph, pins)
+    tab.get_by_text(f"subgraph of the pins: {expected.shape[0]:,} edges").wait_for(timeout=30_000)
+    with tab.expect_download(timeout=60_000) as info:
+        tab.get_by_role("button", name="subgraph: CSV").click()
+    rows = list(csv.DictReader(io.StringIO(Path(info.value.path()).read_text())))
+    assert len(rows) == expected.shape[0] and all(r["source"] in pins or r["target"] in pins for r in rows)
+    assert sum(r["source"] in pins and r["target"] in pins for r in rows) >= 1      # edges among the pins
+    tab.screenshot(path=str(REPO / "tests" / "_screenshots" / "circuit-pins.png"), full_page=True)
+    _open(tab, tab.url)                                                      # the deep link reopens all three
+    _wait_chart(tab)
+    for pin in pins:
+        _trace_starting(tab, f"edges of {pin}")
     _no_exception(tab)
 
 

@@ -313,3 +313,36 @@ def test_load_graph_reads_every_edge_from_the_dense_tensors(tmp_path):
     assert loaded.n_edges == int(valid.sum()) > 5
     got = {(loaded.names[s], loaded.names[d]): w for s, d, w in zip(loaded.src, loaded.dst, loaded.weight)}
     assert got == {(u, v): pytest.approx(s) for u, v, s in graph.edges()}
+
+
+def test_pins_draw_their_subgraph_and_dim_the_rest():
+    from mansu.viz.graph_ops import pin_subgraph
+
+    g = synthetic_graph(4, 4, seed=1)
+    pins = ["a1.h2", "m2", "a3.h0"]
+    at = g.index()
+    ends = {at[p] for p in pins}
+    sub = pin_subgraph(g, pins)
+    assert set(sub.tolist()) == {i for i in range(g.n_edges) if g.src[i] in ends or g.dst[i] in ends}
+    assert np.all(np.diff(np.abs(g.weight[sub])) <= 0)                        # strongest first
+    strong = pin_subgraph(g, pins, threshold=float(np.median(np.abs(g.weight[sub]))))
+    assert 0 < strong.shape[0] < sub.shape[0] and set(strong.tolist()) <= set(sub.tolist())
+    n_among = sum(1 for i in range(g.n_edges) if g.src[i] in ends and g.dst[i] in ends)
+    assert n_among == 3                                                       # a1.h2 -> m2 -> a3.h0, a1.h2 -> a3.h0
+    fig = circuit_figure(g, pinned=pins)
+    names = [t.name or "" for t in fig.data]
+    own = {p: sum(1 for i in range(g.n_edges) if at[p] in (g.src[i], g.dst[i]) and not (
+        g.src[i] in ends and g.dst[i] in ends)) for p in pins}                # its edges, less those among pins
+    assert [n for n in names if n.startswith("edges of ")] == [f"edges of {p} (top {min(40, own[p])})" for p in pins]
+    among = next(t for t in fig.data if (t.name or "").startswith("edges among the pins"))
+    assert _drawn_edges(among) == n_among and among.name == f"edges among the pins ({n_among})"
+    nodes = fig.data[-1]
+    assert all(np.asarray(nodes.marker.opacity)[at[p]] == 1.0 for p in pins)
+    assert list(np.asarray(nodes.marker.line.width)[[at[p] for p in pins]]) == [3.0] * 3
+    big = synthetic_graph(8, 8, seed=1)                  # 74 nodes: a pin's top 40 edges reach at most 41
+    opacity = np.asarray(circuit_figure(big, pinned=["a3.h3"]).data[-1].marker.opacity)
+    assert opacity[big.index()["a3.h3"]] == 1.0 and 0 < (opacity < 1).sum() <= len(big.names) - 2
+    dimmed = [t.opacity for t in fig.data if t.mode == "lines" and t.legendgroup in ("+", "-")]
+    plain = [t.opacity for t in circuit_figure(g).data if t.mode == "lines" and t.legendgroup in ("+", "-")]
+    assert max(dimmed) < min(plain)
+    assert circuit_figure(g, pinned=["nowhere"]).data[-1].marker.opacity is None   # an unknown pin: no focus

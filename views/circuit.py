@@ -6,7 +6,6 @@ graph and of the drawn subgraph (circuit-tracer JSON, CSV with node labels, PNG 
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -22,6 +21,8 @@ from mansu.viz.graph_ops import (
     group_by_layer,
     node_label,
     node_split,
+    pin_mask,
+    pin_subgraph,
     prune,
     search_nodes,
     subgraph_csv,
@@ -40,12 +41,13 @@ if run is None:
 
 STAGE_LABELS = {"before": "before", "after_fp": "after (fp)", "after_nf4": "after (NF4)"}
 VIEWS = {"graph": "one graph", "diff": "diff of two graphs", "spread": "spread over records"}
-# each view's state in the URL (?view=graph&stage=&pin=&threshold=&topk=, ?view=diff&a=&b=, ?view=spread&stage=):
-# a deep link reopens it
+# each view's state in the URL (?view=graph&stage=&pin=a3.h7,m4&threshold=&topk=, ?view=diff&a=&b=,
+# ?view=spread&stage=): a deep link reopens it
 _VIEW, _STAGE = (url_state.UrlField("view", "circuit-view", url_state.choice(list(VIEWS))),
                  url_state.UrlField("stage", "circuit-stage", url_state.choice(list(STAGE_LABELS))))
 URL_FIELDS = {
-    "graph": [_VIEW, _STAGE, url_state.UrlField("pin", "circuit-pin", show=lambda n: None if n == "(none)" else n),
+    "graph": [_VIEW, _STAGE, url_state.UrlField("pin", "circuit-pins", lambda text: [p for p in text.split(",") if p],
+                                                show=lambda pins: ",".join(pins) or None),
               url_state.UrlField("threshold", "circuit-threshold", url_state.number(0.0, float("inf")),
                                  show=lambda t: None if not t else f"{t:g}"),
               url_state.UrlField("topk", "circuit-topn", url_state.number(10, 2000, int))],
@@ -172,16 +174,17 @@ grouped = c3.toggle("group heads per layer", value=many, key=f"circuit-group-{ma
                     help=f"on by default above {GROUP_NODE_LIMIT} nodes: one node per layer's heads, edges summed")
 query = c4.text_input("search nodes", key="circuit-search", placeholder="e.g. a3.h7, m12 or a3.")
 matches = search_nodes(graph.names, query)
-pin_options = ["(none)", *(matches if query else graph.names)]
+known = set(graph.names)
+pins = [p for p in dict.fromkeys(st.session_state.get("circuit-pins") or []) if p in known]  # a link may name others
 if query and query != st.session_state.get("_circuit-searched") and matches and (
-        len(matches) == 1 or matches[0].lower() == query.strip().lower()):
-    st.session_state["circuit-pin"] = matches[0]          # a new search naming one node pins it
+        len(matches) == 1 or matches[0].lower() == query.strip().lower()) and matches[0] not in pins:
+    pins.append(matches[0])                               # a new search naming one node pins it
 st.session_state["_circuit-searched"] = query
-if st.session_state.get("circuit-pin") not in pin_options:
-    st.session_state["circuit-pin"] = "(none)"
-pinned = st.selectbox("pin node (or click one)", pin_options, key="circuit-pin",
-                      format_func=lambda n: n if n == "(none)" else f"{n} · {node_label(n)}")
-pinned = None if pinned == "(none)" else pinned
+st.session_state["circuit-pins"] = pins
+pins = st.multiselect("pinned nodes (click a node to add it)", graph.names, key="circuit-pins",
+                      format_func=lambda n: f"{n} · {node_label(n)}",
+                      help="the pinned nodes' edges are highlighted and the rest dimmed; with pins set, the subgraph "
+                           "export below is the subgraph of the pins")
 
 drawn = group_by_layer(graph) if grouped else graph
 pruned = prune(drawn.weight, top_n, threshold)
@@ -191,21 +194,22 @@ if query:
 st.caption(pruned.summary() + (f" · {len(graph.names):,} nodes grouped into {len(drawn.names)} (a layer's heads "
                                f"as one node a{{L}}.*, edge scores summed)" if grouped else ""))
 highlight = sorted({n.split(".h")[0] + ".*" if grouped and ".h" in n else n for n in matches})
-fig = circuit_figure(drawn, top_n=top_n, threshold=threshold, pinned=pinned, highlight=highlight,
+fig = circuit_figure(drawn, top_n=top_n, threshold=threshold, pinned=pins, highlight=highlight,
                      full=graph if grouped else None,
                      title=f"{STAGE_LABELS[stage]}: top {pruned.kept.shape[0]:,} of {drawn.n_edges:,} edges")
 chart_key = f"circuit-chart-{stage}"
 
 
 def _pin_clicked_node() -> None:
-    """on_select callback (runs before the rerun, so it may set the pin and search widgets' state): a node pins
-    itself; a grouped layer lists its heads in the search box."""
+    """on_select callback (runs before the rerun, so it may set the pins and search widgets' state): a node is added
+    to the pins; a grouped layer lists its heads in the search box."""
     event = st.session_state.get(chart_key)
     points = event.get("selection", {}).get("points", []) if event else []
     clicked = next((p.get("customdata") for p in points if isinstance(p.get("customdata"), str)), None)
     if clicked in graph.names:
         st.session_state["circuit-search"] = ""
-        st.session_state["circuit-pin"] = clicked
+        pinned_now = list(st.session_state.get("circuit-pins") or [])
+        st.session_state["circuit-pins"] = pinned_now + ([clicked] if clicked not in pinned_now else [])
     elif clicked and clicked.endswith(".*"):
         st.session_state["circuit-search"] = clicked[:-1] + "h"
 
@@ -215,14 +219,25 @@ st.plotly_chart(fig, key=chart_key, on_select=_pin_clicked_node, selection_mode=
 st.caption("Heads ○, MLPs □, a layer's grouped heads ◇; outlined nodes are in the selected circuit. Hover an edge's "
            "midpoint for its score. Blue edges support the answer (positive score), red oppose it.")
 
-if pinned:
-    st.subheader(f"edges of {pinned} ({node_label(pinned)})")
+
+
+def pin_panel(node: str) -> None:
+    """A pinned node's edges (incoming, outgoing) and the weights it owns."""
+    st.subheader(f"edges of {node} ({node_label(node)})")
     left, right = st.columns(2)
     left.caption("incoming")
-    left.dataframe(pd.DataFrame(node_edges(graph, pinned, "in")), hide_index=True, width="stretch")
+    left.dataframe(pd.DataFrame(node_edges(graph, node, "in")), hide_index=True, width="stretch")
     right.caption("outgoing")
-    right.dataframe(pd.DataFrame(node_edges(graph, pinned, "out")), hide_index=True, width="stretch")
-    node_panel(run, pinned, key="circuit-node-weights")
+    right.dataframe(pd.DataFrame(node_edges(graph, node, "out")), hide_index=True, width="stretch")
+    node_panel(run, node, key=f"circuit-node-weights-{node}")
+
+
+if len(pins) == 1:
+    pin_panel(pins[0])
+elif pins:  # one tab per pin, the latest pinned first (the open tab)
+    for tab, node in zip(st.tabs([f"{n} · {node_label(n)}" for n in reversed(pins)]), reversed(pins)):
+        with tab:
+            pin_panel(node)
 publish_view("graph")
 
 circuit = load_json(run, layout.CIRCUIT)
@@ -252,17 +267,21 @@ for path in map(Path, st.session_state.get(images_key, [])):
     if path.is_file():
         st.download_button(f"download {path.name}", path.read_bytes(), file_name=path.name, key=f"dl-{path.name}")
 
-# the drawn subgraph, always on real nodes: the top-k edges of the ungrouped graph, plus the pinned node's edges
-sub = prune(graph.weight, top_n, threshold).kept
-if pinned:
-    at = graph.index()[pinned]
-    own = ((graph.src == at) | (graph.dst == at)) & (abs(graph.weight) >= threshold)
-    own[sub] = False
-    sub = np.concatenate([sub, own.nonzero()[0]])
-st.caption(f"subgraph: {len(sub):,} edges (the top {top_n:,} by |score| of the ungrouped graph"
-           + (f", plus every edge of {pinned}" if pinned else "") + "), with node labels")
+# the exported subgraph, always on real nodes: with pins, the subgraph of the pins (every edge at a pinned node,
+# so every edge among them); else the drawn top-k edges of the ungrouped graph
+if pins:
+    sub = pin_subgraph(graph, pins, threshold)
+    among = int((pin_mask(graph, pins)[graph.src[sub]] & pin_mask(graph, pins)[graph.dst[sub]]).sum())
+    st.caption(f"subgraph of the pins: {len(sub):,} edges (every edge of {', '.join(pins)}"
+               + (f" with |score| ≥ {threshold:g}" if threshold else "") + f"; {among:,} among the pins), "
+               "with node labels")
+    slug = f"{run.run_id}-{stage}-pins-{'+'.join(pins)}"[:120]
+else:
+    sub = prune(graph.weight, top_n, threshold).kept
+    st.caption(f"subgraph: {len(sub):,} edges (the top {top_n:,} by |score| of the ungrouped graph), with node "
+               "labels; pin nodes to export the subgraph of the pins instead")
+    slug = f"{run.run_id}-{stage}-top{top_n}"
 s1, s2 = st.columns(2)
-slug = f"{run.run_id}-{stage}-top{top_n}"
 s1.download_button("subgraph: circuit-tracer JSON", json.dumps(subgraph_tracer_json(graph, sub, slug=slug)),
                    file_name=f"{slug}.circuit-tracer.json", mime="application/json", key="circuit-sub-tracer")
 s2.download_button("subgraph: CSV", subgraph_csv(graph, sub, circuit_edges(run, graph)), file_name=f"{slug}.csv",

@@ -25,6 +25,7 @@ from mansu.viz.graph_ops import (
     group_name,
     node_kind,
     node_label,
+    pin_mask,
     prune,
 )
 
@@ -157,17 +158,19 @@ def _short_params(names: list[str]) -> str:
 _SYMBOL = {"head": "circle", "heads": "diamond", "mlp": "square", "input": "triangle-right", "logits": "star"}
 
 
-def node_trace(graph: GraphData, pos: np.ndarray, pinned: str | None = None,
-               score_max: float | None = None, labels: bool = True) -> go.Scattergl:
+def node_trace(graph: GraphData, pos: np.ndarray, pinned: str | list[str] | None = None,
+               score_max: float | None = None, labels: bool = True,
+               bright: np.ndarray | None = None) -> go.Scattergl:
     """All nodes as one trace (heads circles, MLPs squares, a layer's grouped heads diamonds); size and colour by
     score (on a shared scale when `score_max` is given, so side-by-side stages compare); circuit nodes are outlined,
-    the pinned node strongly."""
+    pinned nodes strongly; with `bright` ([n_nodes] bool) the other nodes are dimmed."""
     mag = np.abs(graph.scores)
     top = score_max if score_max else (float(mag.max()) if mag.size else 0.0)
     size = 8 + 14 * np.clip(mag / top, 0, 1) if top > 0 else np.full(mag.shape, 8.0)
     line_w = np.where(graph.in_circuit, 1.5, 0.5)
-    if pinned in graph.names:
-        line_w[graph.names.index(pinned)] = 3.0
+    pins = [pinned] if isinstance(pinned, str) else (pinned or [])
+    at = graph.index()
+    line_w[[at[p] for p in pins if p in at]] = 3.0
     return go.Scattergl(
         x=pos[:, 0], y=pos[:, 1], mode="markers+text" if labels else "markers",
         text=graph.names if labels else None, textposition="top center",
@@ -175,6 +178,7 @@ def node_trace(graph: GraphData, pos: np.ndarray, pinned: str | None = None,
         marker={"size": size, "color": graph.scores, "colorscale": "RdBu", "cmin": -top if top > 0 else None,
                 "cmax": top if top > 0 else None, "symbol": [_SYMBOL[node_kind(n)] for n in graph.names],
                 "line": {"width": line_w, "color": "black"}, "showscale": True,
+                "opacity": None if bright is None else np.where(bright, 1.0, 0.3),
                 "colorbar": {"title": {"text": "node score"}, "thickness": 10}},
         name="nodes", showlegend=False,
     )
@@ -190,30 +194,59 @@ def marked_nodes_trace(names: list[str], pos: np.ndarray, marked: list[str], lab
                         name=f"{label} ({len(at)})", showlegend=True)
 
 
-def pinned_edges_trace(full: GraphData, pinned: str, pos: np.ndarray, index: dict[str, int],
-                       limit: int = 40) -> list[go.Scattergl]:
-    """The pinned node's strongest `limit` incoming and outgoing edges of the full graph, drawn bold on top; their
-    end points are placed on `pos` (indexed by `index`, group names for grouped drawings)."""
-    at = full.index().get(pinned)
-    if at is None:
-        return []
-    sel = np.flatnonzero((full.src == at) | (full.dst == at))
-    sel = sel[np.argsort(-np.abs(full.weight[sel]), kind="stable")][:limit]
-    if sel.shape[0] == 0:
-        return []
-    where = np.array([index.get(n, index.get(group_name(n), 0)) for n in full.names])
+PIN_LINK = "#a63603"     # edges among the pinned nodes
+
+
+def pinned_edges_traces(full: GraphData, pins: list[str], pos: np.ndarray, index: dict[str, int],
+                        limit: int = 40) -> tuple[list[go.Scattergl], np.ndarray]:
+    """The subgraph of the pins drawn bold on top: every edge among the pinned nodes (dark), and each pinned node's
+    strongest `limit` other incoming and outgoing edges of the full graph (one legend entry per pin). End points are
+    placed on `pos` (indexed by `index`, group names for grouped drawings); a pinned node keeps its own position.
+    Returns the traces and [len(pos)] bool: the drawn nodes these edges touch (the rest can be dimmed)."""
+    fi = full.index()
+    pins = [p for p in dict.fromkeys(pins) if p in fi]
+    bright = np.zeros(pos.shape[0], dtype=bool)
+    if not pins:
+        return [], bright
+    ats = np.array([fi[p] for p in pins], dtype=np.int64)
     full_positions = node_positions(full.names, full.layers)
-    points = np.vstack([pos, full_positions[at:at + 1]])
-    mapped_src = np.where(full.src[sel] == at, pos.shape[0], where[full.src[sel]])
-    mapped_dst = np.where(full.dst[sel] == at, pos.shape[0], where[full.dst[sel]])
-    xs, ys = _segments(points, mapped_src, mapped_dst)
-    hover = edge_hover_trace(full.names, full.src, full.dst, sel, full_positions,
-                             [f"score {w:.3g}" for w in full.weight[sel].tolist()])
-    return [go.Scattergl(x=xs, y=ys, mode="lines", line={"color": HIGHLIGHT, "width": 2.5}, opacity=0.9,
-                         hoverinfo="skip", name=f"edges of {pinned} (top {sel.shape[0]})"),
-            go.Scattergl(x=full_positions[at:at + 1, 0], y=full_positions[at:at + 1, 1], mode="markers+text",
-                         text=[pinned], textposition="bottom center", hoverinfo="skip", showlegend=False,
-                         marker={"size": 14, "color": HIGHLIGHT, "line": {"width": 2, "color": "black"}}), hover]
+    where = np.array([index.get(n, index.get(group_name(n), 0)) for n in full.names])
+    slot = where.copy()
+    slot[ats] = pos.shape[0] + np.arange(ats.shape[0])          # pinned nodes: their own point after `pos`
+    points = np.vstack([pos, full_positions[ats]])
+    pinned = pin_mask(full, pins)
+    among = pinned[full.src] & pinned[full.dst]
+
+    def strongest(mask: np.ndarray, k: int) -> np.ndarray:
+        sel = np.flatnonzero(mask)
+        return sel[np.argsort(-np.abs(full.weight[sel]), kind="stable")][:k]
+
+    traces, drawn = [], []
+    for pin, at in zip(pins, ats.tolist()):
+        sel = strongest(((full.src == at) | (full.dst == at)) & ~among, limit)
+        drawn.append(sel)
+        if sel.shape[0]:
+            xs, ys = _segments(points, slot[full.src[sel]], slot[full.dst[sel]])
+            traces.append(go.Scattergl(x=xs, y=ys, mode="lines", line={"color": HIGHLIGHT, "width": 2.5},
+                                       opacity=0.9, hoverinfo="skip", name=f"edges of {pin} (top {sel.shape[0]})",
+                                       legendgroup="pins"))
+    inner = strongest(among, 4 * limit)
+    if inner.shape[0]:
+        drawn.append(inner)
+        xs, ys = _segments(points, slot[full.src[inner]], slot[full.dst[inner]])
+        traces.append(go.Scattergl(x=xs, y=ys, mode="lines", line={"color": PIN_LINK, "width": 4}, opacity=0.95,
+                                   hoverinfo="skip", name=f"edges among the pins ({inner.shape[0]})",
+                                   legendgroup="pins"))
+    sel = np.concatenate(drawn)
+    bright[where[full.src[sel]]] = True
+    bright[where[full.dst[sel]]] = True
+    bright[where[ats]] = True
+    traces.append(go.Scattergl(x=full_positions[ats, 0], y=full_positions[ats, 1], mode="markers+text", text=pins,
+                               textposition="bottom center", hoverinfo="skip", showlegend=False, name="pinned",
+                               marker={"size": 14, "color": HIGHLIGHT, "line": {"width": 2, "color": "black"}}))
+    traces.append(edge_hover_trace(full.names, full.src, full.dst, sel, full_positions,
+                                   [f"score {w:.3g}" for w in full.weight[sel].tolist()]))
+    return traces, bright
 
 
 def _axes(fig: go.Figure, graph_names: list[str], layers: np.ndarray, title: str, height: int = 560) -> None:
@@ -233,23 +266,26 @@ def _axes(fig: go.Figure, graph_names: list[str], layers: np.ndarray, title: str
 
 
 def circuit_figure(graph: GraphData, *, top_n: int | None = 300, threshold: float = 0.0,
-                   max_edges: int = MAX_EDGES, pinned: str | None = None, title: str = "",
+                   max_edges: int = MAX_EDGES, pinned: str | list[str] | None = None, title: str = "",
                    score_max: float | None = None, highlight: list[str] | None = None,
                    full: GraphData | None = None) -> go.Figure:
-    """The layered circuit: pruned edge traces (sign x width) and their hover points, search rings, the pinned
-    node's edges (from `full`, the ungrouped graph, when `graph` is grouped), then one node trace (last)."""
+    """The layered circuit: pruned edge traces (sign x width) and their hover points, search rings, the subgraph of
+    the pinned nodes (from `full`, the ungrouped graph, when `graph` is grouped; the rest dimmed), then one node
+    trace (last)."""
     pos = layout_positions(graph)
     pruned = prune(graph.weight, min(max_edges, top_n) if top_n else max_edges, threshold)
     kept = pruned.kept
-    focus = pinned is not None and pinned in (full or graph).names
-    traces: list[go.BaseTraceType] = [*edge_traces(graph, kept, pos, opacity_scale=0.4 if focus else 1.0)]
+    pins = [pinned] if isinstance(pinned, str) else list(pinned or [])
+    pin_traces, bright = pinned_edges_traces(full or graph, pins, pos, graph.index())
+    focus = bool(pin_traces)
+    traces: list[go.BaseTraceType] = [*edge_traces(graph, kept, pos, opacity_scale=0.3 if focus else 1.0)]
     traces.append(edge_hover_trace(graph.names, graph.src, graph.dst, kept, pos,
                                    [f"score {w:.3g}" for w in graph.weight[kept].tolist()]))
     if highlight:
         traces.append(marked_nodes_trace(graph.names, pos, highlight, "search matches"))
-    if focus:
-        traces += pinned_edges_trace(full or graph, pinned, pos, graph.index())
-    traces.append(node_trace(graph, pos, pinned, score_max, labels=len(graph.names) <= GROUP_NODE_LIMIT))
+    traces += pin_traces
+    traces.append(node_trace(graph, pos, pins, score_max, labels=len(graph.names) <= GROUP_NODE_LIMIT,
+                             bright=bright if focus else None))
     fig = go.Figure(traces)
     _axes(fig, graph.names, graph.layers, title or pruned.summary())
     return fig

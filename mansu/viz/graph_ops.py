@@ -1,5 +1,6 @@
 """Array operations on a `GraphData` for the circuit explorer: pruning with the pruned mass reported, grouping the
-heads of each layer, node search, two graphs aligned on one edge list, the CAD split per edge, subgraph export.
+heads of each layer, node search, two graphs aligned on one edge list, the CAD split per edge, the subgraph of
+pinned nodes, subgraph export.
 
 Everything is vectorised over edges (numpy; a 543k-edge graph prunes in one argpartition). Memory: a few int64 /
 float64 vectors per edge (8 B each: ~40 B per edge, ~22 MB for 543k edges) and nothing per node pair.
@@ -303,6 +304,24 @@ def node_split(diff: GraphDiff, split: CADSplit, limit: int = 20) -> list[dict[s
     return [{"node": diff.names[i], "label": node_label(diff.names[i]), "shrinkage": round(float(shrink[i]), 4),
              "reversal": round(float(reverse[i]), 4), "rerouting": round(float(reroute[i]), 4)}
             for i in order if total[i] > 0]
+
+
+# ------------------------------------------------------------------------------------------------------- pins
+
+def pin_mask(graph: GraphData, pins: list[str]) -> np.ndarray:
+    """[n_nodes] bool: the pinned nodes (names not in the graph are ignored)."""
+    at = graph.index()
+    mask = np.zeros(len(graph.names), dtype=bool)
+    mask[[at[p] for p in pins if p in at]] = True
+    return mask
+
+
+def pin_subgraph(graph: GraphData, pins: list[str], threshold: float = 0.0) -> np.ndarray:
+    """The subgraph of the pins: every edge with an end at a pinned node (so every edge among the pins too) with
+    |score| >= threshold, as edge indices by decreasing |score|."""
+    pinned = pin_mask(graph, pins)
+    sel = np.flatnonzero((pinned[graph.src] | pinned[graph.dst]) & (np.abs(graph.weight) >= threshold))
+    return sel[np.argsort(-np.abs(graph.weight[sel]), kind="stable")]
 
 
 # ------------------------------------------------------------------------------------------------------- export
