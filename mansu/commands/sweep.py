@@ -1,6 +1,7 @@
 """`python -m mansu sweep <experiment>`: sweeps too heavy for `compare`, each writing its own docs page.
 
     sweep phase --out docs/phase.md    the reversal's phase diagram on synthetic layers (mansu.science.phase)
+    sweep frontier --out docs/frontiers.md    baselines over a learning-rate grid vs MANSU (mansu.science.frontier)
 
 Every option is validated (PhaseConfig) before anything runs or is written.
 """
@@ -49,6 +50,7 @@ def register(subparsers) -> None:
                     help="also measure a few points on the demo model (mansu/science/phase_demo.py; ~5-10 min on "
                          "2 cores; builds the demo first when missing)")
     ph.set_defaults(func=run_phase)
+    _register_frontier(experiments)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -90,5 +92,83 @@ def run_phase(args: argparse.Namespace) -> int:
     rest = sys.argv[sys.argv.index("phase") + 1:] if "phase" in sys.argv else ["--out", str(out)]
     command = " ".join(["mansu sweep phase", *map(shlex.quote, rest)])
     for path in write_phase_page(points, cfg, out, seconds=time.perf_counter() - start, command=command, demo=demo):
+        print(path)
+    return 0
+
+
+def _register_frontier(experiments) -> None:
+    fr = experiments.add_parser("frontier", help="gradient baselines over a learning-rate grid vs MANSU, on the demo",
+                                description="Each lr-driven baseline over a learning-rate (and step) grid and seeds, "
+                                            "MANSU's points and the Fisher-bound pair, all normal runs on the "
+                                            "NF4-grid demo base (mansu/science/frontier.py). Writes OUT, OUT's .json "
+                                            "(the points) and its figure as .png and .svg. Defaults: the documented "
+                                            "sweep (mansu.science.frontier.FrontierConfig); ~40 min on 2 cores.")
+    fr.add_argument("--out", default="docs/frontiers.md", help="the markdown page to write (default docs/frontiers.md)")
+    fr.add_argument("--quick", action="store_true",
+                    help="a tiny grid (graddiff at lr 1e-3 and MANSU, 2 steps, seed 0, 20 retain questions): a smoke "
+                         "test of the whole path; the other grid options then override it")
+    fr.add_argument("--methods", help="comma-separated lr-driven baselines (default graddiff,npo,ga,gu,simnpo,rmu)")
+    fr.add_argument("--lrs", help="comma-separated learning rates (default 3e-5,1e-4,3e-4,1e-3)")
+    fr.add_argument("--steps", help="comma-separated step counts of the baselines (default 20)")
+    fr.add_argument("--seeds", help="comma-separated seeds of the baselines (default 0,1,2)")
+    fr.add_argument("--mansu-fractions", help="MANSU's update_fraction values ('' for no MANSU points; default "
+                                              "0.002,0.004)")
+    fr.add_argument("--mansu-seeds", help="seeds of MANSU and the Fisher pair (default 0,1,2)")
+    fr.add_argument("--mansu-steps", type=int, help="MANSU's steps (default its demo setting)")
+    fr.add_argument("--fisher-epsilons", help="epsilons of the bounded Fisher-pair runs ('' to skip the pair)")
+    fr.add_argument("--retain-eval-limit", type=int, help="retain questions scored (default 200)")
+    fr.add_argument("--runs", help="folder for the run folders (default the runs folder, MANSU_RUNS)")
+    fr.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other processes share the cores)")
+    fr.set_defaults(func=run_frontier)
+
+
+FRONTIER_LISTS = {"methods": str, "lrs": float, "steps": int, "seeds": int, "mansu_fractions": float,
+                  "mansu_seeds": int, "fisher_epsilons": float}
+MAY_BE_EMPTY = ("mansu_fractions", "fisher_epsilons")
+
+
+def frontier_config(args: argparse.Namespace):
+    """The FrontierConfig the flags name (the default sweep, or QUICK with --quick); ValueError on bad values."""
+    import dataclasses
+
+    from mansu.science.frontier import QUICK, FrontierConfig
+
+    kwargs = {}
+    for name, cast in FRONTIER_LISTS.items():
+        text = getattr(args, name)
+        if text is not None:
+            empty = name in MAY_BE_EMPTY and not text.strip()
+            kwargs[name] = () if empty else _csv(text, cast, "--" + name.replace("_", "-"))
+    for name in ("mansu_steps", "retain_eval_limit"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return dataclasses.replace(QUICK, **kwargs) if args.quick else FrontierConfig(**kwargs)
+
+
+def run_frontier(args: argparse.Namespace) -> int:
+    import torch
+
+    from mansu.paths import runs_root
+    from mansu.science.frontier import frontier_sweep
+    from mansu.science.frontier_report import write_frontier_page
+
+    out = Path(args.out)
+    if out.suffix != ".md":
+        raise ValueError(f"--out must be a markdown file ending in .md, got {args.out!r}")
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        raise ValueError(f"--threads must be in [1, 256], got {args.threads}")
+    runs = Path(args.runs) if args.runs else runs_root()
+    if runs.exists() and not runs.is_dir():
+        raise ValueError(f"--runs {args.runs!r} exists and is not a folder")
+    cfg = frontier_config(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    points = frontier_sweep(cfg, runs, progress=lambda i, n, s: print(
+        f"run {i + 1}/{n}: {s.label} seed {s.seed}", file=sys.stderr, flush=True))
+    rest = sys.argv[sys.argv.index("frontier") + 1:] if "frontier" in sys.argv else ["--out", str(out)]
+    command = " ".join(["mansu sweep frontier", *map(shlex.quote, rest)])
+    for path in write_frontier_page(points, cfg, out, seconds=time.perf_counter() - start, command=command,
+                                    runs=runs):
         print(path)
     return 0
