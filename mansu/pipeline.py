@@ -35,6 +35,7 @@ from mansu.attribution.cad import cad
 from mansu.attribution.circuit import circuit_parameter_masks, smallest_faithful_circuit
 from mansu.attribution.data import Prompts, prepare_prompts, resolve_kind
 from mansu.attribution.eap import attribute
+from mansu.attribution.neurons import with_neuron_grain
 from mansu.attribution.serialize import load_circuit, load_graph, save_circuit, save_graph
 from mansu.data.records import load_records
 from mansu.io import read_json, write_json_atomic
@@ -143,7 +144,8 @@ def resolve_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs:
     if not spec.is_demo:
         return RunInputs(spec.model, spec.forget, spec.retain, *evals)
 
-    assets = ensure_demo() if build_demo else demo_assets()
+    seed = spec.model_seed  # the demo model trained with this seed (0: the demo model)
+    assets = ensure_demo(model_seed=seed) if build_demo else demo_assets(model_seed=seed)
     return RunInputs(str(assets.model_dir), spec.forget or str(assets.forget_path),
                      spec.retain or str(assets.retain_path), *evals)
 
@@ -170,7 +172,7 @@ def check_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs | None:
     data file parses and validates (the settings were validated when the spec was built).  Raises ValueError /
     FileNotFoundError with one line and creates nothing.  A demo spec builds the demo first when `build_demo`;
     without it (the app, which must not train in a rerun) an unbuilt demo is left to the backend (None)."""
-    if spec.is_demo and not build_demo and not is_complete(demo_assets()):
+    if spec.is_demo and not build_demo and not is_complete(demo_assets(model_seed=spec.model_seed)):
         return None
     inputs = resolve_inputs(spec, build_demo=build_demo)
     config = load_config(inputs.model)
@@ -384,9 +386,11 @@ def _attribute_before(ctx: Context) -> dict[str, Any]:
         log.warning("no circuit found (corruption %s): %s", prompts.kind, exc)
         return {"status": "not available", "reason": f"no circuit found with corruption {prompts.kind}: {exc}",
                 **setting}
+    circuit = with_neuron_grain(model, tok, prompts.prompts, circuit, mass=ctx.spec.mlp_neuron_mass,
+                                metric=prompts.metric, corruption=prompts.corruption, ig_steps=ctx.spec.ig_steps)
     ctx.cache.graph, ctx.cache.circuit = graph, circuit
     ctx.cache.masks = circuit_parameter_masks(model, circuit)
-    return {"status": "ok", **setting}
+    return {"status": "ok", **setting, "neuron_grain": circuit.metadata["neuron_grain"]}
 
 
 def _attribute_graph(ctx: Context, model, tok):

@@ -23,7 +23,9 @@ found whose pruned circuit reaches the target.
 Parameters owned (`circuit_parameter_masks`): a head a{L}.h{H} owns its rows of q_proj, the rows of k_proj and
 v_proj of its kv head (H // group size under GQA: shared with the other query heads of the group), the bias
 entries of those rows, and its columns of o_proj (GPT-2: its q/k/v columns of c_attn and rows of c_proj);
-m{L} owns every parameter of the MLP module; ``input`` and ``logits`` own nothing (embeddings, norms, lm_head and
+m{L} owns every parameter of the MLP module, or, when the circuit lists its kept neurons (``Circuit.neurons``, chosen
+by `mansu.attribution.neurons`), only those neurons' rows/columns (`mansu.models.components.mlp_neuron_axes`);
+``input`` and ``logits`` own nothing (embeddings, norms, lm_head and
 Qwen3's per-head q_norm/k_norm weights, shared by all heads, are never in a circuit).
 """
 
@@ -40,7 +42,13 @@ from mansu.attribution.data import Corruption, Metric
 from mansu.attribution.eap import AttributionGraph, corrupted_pass, prepare
 from mansu.attribution.edges import abs_scores, edge_index, greedy_order, prune_mask, top_order
 from mansu.attribution.engine import capture, run_with_edge_edits
-from mansu.models.components import head_parameter_slices, model_layout, node_parameters, parse_node
+from mansu.models.components import (
+    head_parameter_slices,
+    mlp_neuron_axes,
+    model_layout,
+    node_parameters,
+    parse_node,
+)
 from mansu.models.hooks import differentiable_4bit
 
 Selection = Literal["top_n", "threshold", "greedy"]
@@ -55,6 +63,7 @@ class Circuit:
     method: str = ""
     faithfulness: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    neurons: dict[str, list[int]] = field(default_factory=dict)   # MLP node -> kept hidden neurons (absent: all)
 
     @property
     def nodes(self) -> list[str]:
@@ -69,12 +78,13 @@ class Circuit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"edges": [list(e) for e in self.edges], "nodes": self.nodes, "method": self.method,
-                "faithfulness": self.faithfulness, "n_edges": len(self.edges), "metadata": self.metadata}
+                "faithfulness": self.faithfulness, "n_edges": len(self.edges), "metadata": self.metadata,
+                "neurons": self.neurons}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Circuit:
         return cls([tuple(e) for e in data["edges"]], data.get("method", ""), data.get("faithfulness"),
-                   data.get("metadata", {}))
+                   data.get("metadata", {}), {k: list(v) for k, v in (data.get("neurons") or {}).items()})
 
 
 def named_edge_indices(edges: Sequence[tuple[str, str]], graph: AttributionGraph) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,6 +306,12 @@ def circuit_parameter_masks(model: Any, circuit: Circuit) -> dict[str, torch.Ten
                     continue
                 mask = masks.setdefault(name, torch.zeros(_logical_shape(params[name]), dtype=torch.bool))
                 mask.narrow(dim, sl.start, sl.stop - sl.start).fill_(True)
+        elif kind == "mlp" and node in circuit.neurons:
+            kept = torch.tensor(circuit.neurons[node], dtype=torch.long)
+            for name, dim in mlp_neuron_axes(layout, layer).items():
+                if name in params:
+                    mask = masks.setdefault(name, torch.zeros(_logical_shape(params[name]), dtype=torch.bool))
+                    mask.index_fill_(dim, kept, True)
         elif kind == "mlp":
             for name in node_parameters(model, layout, node):
                 masks[name] = torch.ones(_logical_shape(params[name]), dtype=torch.bool)

@@ -30,7 +30,13 @@ from mansu.io import (
     write_json_atomic,
     write_safetensors_atomic,
 )
-from mansu.models.components import head_parameter_slices, model_layout, node_parameters, parse_node
+from mansu.models.components import (
+    head_parameter_slices,
+    mlp_neuron_axes,
+    model_layout,
+    node_parameters,
+    parse_node,
+)
 from mansu.runs import layout as run_layout
 from mansu.runs.store import artifact
 
@@ -98,27 +104,32 @@ def load_graph(run_dir: Path, stage: str) -> AttributionGraph:
 
 def save_circuit(circuit: Circuit, model: Any, run_dir: Path) -> Path:
     """Write circuit.json: the circuit, and its parameter masks per node (not per weight): ``node_slices``
-    {node: [[param, dim, start, stop], ...]} and ``parameter_shapes`` {param: logical shape}, a few bytes per node
-    instead of the 1 B per weight of full-shape masks."""
+    {node: [[param, dim, start, stop], ...]}, ``node_neurons`` {MLP node: {"neurons": [i, ...], "axes":
+    [[param, dim], ...]}} for MLPs owned at the neuron grain, and ``parameter_shapes`` {param: logical shape}: a few
+    bytes per node (plus a few per kept neuron) instead of the 1 B per weight of full-shape masks."""
     masks = circuit_parameter_masks(model, circuit)
     owned = sum(int(m.sum()) for m in masks.values())
     total = sum(p.numel() for p in model.parameters())
     data = {**circuit.to_dict(), "owned_parameters": owned, "owned_fraction": owned / max(total, 1),
             "masked_parameters": sorted(masks), "parameter_shapes": {n: list(m.shape) for n, m in masks.items()},
-            "node_slices": node_slices(model, circuit.nodes, masks)}
+            "node_slices": node_slices(model, circuit.nodes, masks, circuit.neurons),
+            "node_neurons": node_neurons(model, circuit.neurons, masks)}
     json_path = Path(run_dir) / run_layout.CIRCUIT
     write_json_atomic(json_path, data, add_stamp=True)
     return json_path
 
 
-def node_slices(model: Any, nodes: list[str], masks: dict[str, torch.Tensor]) -> dict[str, list[list]]:
+def node_slices(model: Any, nodes: list[str], masks: dict[str, torch.Tensor],
+                neurons: dict[str, list[int]] | None = None) -> dict[str, list[list]]:
     """{node: [[param, dim, start, stop], ...]}: the slices of each parameter a node owns (mansu.models.components);
-    an MLP owns its parameters whole (dim 0, 0, rows)."""
+    an MLP owns its parameters whole (dim 0, 0, rows), unless it is in `neurons` (then `node_neurons` holds it)."""
     layout = model_layout(model)
     out: dict[str, list[list]] = {}
     for node in nodes:
         kind, layer, head = parse_node(node)
-        if kind == "head":
+        if node in (neurons or {}):
+            out[node] = []
+        elif kind == "head":
             out[node] = [[key.split("#")[0], dim, sl.start, sl.stop]
                          for key, (dim, sl) in head_parameter_slices(layout, layer, head).items()
                          if key.split("#")[0] in masks]
@@ -128,13 +139,27 @@ def node_slices(model: Any, nodes: list[str], masks: dict[str, torch.Tensor]) ->
     return out
 
 
+def node_neurons(model: Any, neurons: dict[str, list[int]], masks: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{MLP node: {"neurons": kept hidden neurons, "axes": [[param, dim], ...]}}: what each neuron-grain MLP owns."""
+    layout = model_layout(model)
+    return {node: {"neurons": [int(i) for i in kept],
+                   "axes": [[name, dim] for name, dim in mlp_neuron_axes(layout, parse_node(node)[1]).items()
+                            if name in masks]}
+            for node, kept in neurons.items()}
+
+
 def masks_from_slices(data: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Full-shape bool masks (1 B per weight, built on load) from circuit.json's ``node_slices``."""
+    """Full-shape bool masks (1 B per weight, built on load) from circuit.json's ``node_slices`` and ``node_neurons``
+    (absent in runs made before the neuron grain: their MLPs are owned whole by their slices)."""
     shapes = data.get("parameter_shapes", {})
     masks = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in shapes.items()}
     for slices in data.get("node_slices", {}).values():
         for name, dim, start, stop in slices:
             masks[name].narrow(dim, start, stop - start).fill_(True)
+    for owned in data.get("node_neurons", {}).values():
+        kept = torch.tensor(owned["neurons"], dtype=torch.long)
+        for name, dim in owned["axes"]:
+            masks[name].index_fill_(dim, kept, True)
     return masks
 
 

@@ -8,7 +8,8 @@ Index conventions (one place, used unchanged in artifacts and the app):
                  matching column block of o_proj: ``out_h = z[..., H*hd:(H+1)*hd] @ W_o[:, H*hd:(H+1)*hd].T``
                  (GPT-2: ``c_proj`` of ``attn``, a Conv1D whose weight is stored transposed). Under GQA every query
                  head is its own node; its key/value head is ``H // (n_heads // n_kv_heads)``.
-* ``m{L}``       the MLP of layer L (its output added to the residual stream).
+* ``m{L}``       the MLP of layer L (its output added to the residual stream). Its hidden neurons (the input of
+                 down_proj / GPT-2 mlp.c_proj) index the neuron grain of ownership (`mlp_neuron_axes`).
 * ``logits``     the unembedding read-out (final norm + lm_head) of the last residual stream.
 
 Upstream nodes (edge sources) are ``input, a0.*, m0, a1.*, m1, ...``; downstream nodes (edge targets) are
@@ -174,6 +175,24 @@ def head_parameter_slices(layout: ModelLayout, layer: int, head: int) -> dict[st
 def mlp_parameter_prefix(layout: ModelLayout, layer: int) -> str:
     """Every parameter under this prefix belongs to m{layer} (gate/up/down for Llama, c_fc/c_proj for GPT-2)."""
     return f"{_prefix(layout, layer)}.mlp."
+
+
+def mlp_neuron_axes(layout: ModelLayout, layer: int) -> dict[str, int]:
+    """{param name: dim} along which m{layer}'s parameters are indexed by its hidden neurons (the one list of the
+    neuron grain): Llama-style rows of gate_proj and up_proj (and their bias entries) and columns of down_proj;
+    GPT-2 (Conv1D, weight [in, out]) columns of c_fc.weight, entries of c_fc.bias and rows of c_proj.weight.
+    The output bias (GPT-2 c_proj.bias, Llama down_proj.bias) is shared by every neuron and owned by none."""
+    m = mlp_parameter_prefix(layout, layer)
+    if layout.family == "gpt2":
+        return {f"{m}c_fc.weight": 1, f"{m}c_fc.bias": 0, f"{m}c_proj.weight": 0}
+    return {f"{m}gate_proj.weight": 0, f"{m}gate_proj.bias": 0, f"{m}up_proj.weight": 0, f"{m}up_proj.bias": 0,
+            f"{m}down_proj.weight": 1}
+
+
+def mlp_hidden_module(model: Any, layout: ModelLayout, layer: int) -> Any:
+    """The module whose input is m{layer}'s hidden activations [.., intermediate] (down_proj; GPT-2 mlp.c_proj)."""
+    mlp = layer_modules(model, layout, layer).mlp
+    return mlp.c_proj if layout.family == "gpt2" else mlp.down_proj
 
 
 def node_parameters(model: Any, layout: ModelLayout, node: str) -> list[str]:
