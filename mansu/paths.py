@@ -14,6 +14,7 @@ def runs_root() -> Path:
     return Path(os.environ.get("MANSU_RUNS") or mansu_home() / "runs").expanduser()
 
 
-def demo_root() -> Path:
-    """The folder holding the demo world and demo model."""
-    return mansu_home() / "demo"
+def demo_root(model_seed: int = 0) -> Path:
+    """The folder holding the demo world and the demo model trained with `model_seed`: `demo` for seed 0 (the
+    model docs/results.md and the README measure), `demo-seed<N>` beside it for the others."""
+    return mansu_home() / ("demo" if model_seed == 0 else f"demo-seed{model_seed}")

@@ -144,7 +144,8 @@ def resolve_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs:
     if not spec.is_demo:
         return RunInputs(spec.model, spec.forget, spec.retain, *evals)
 
-    assets = ensure_demo() if build_demo else demo_assets()
+    seed = spec.model_seed  # the demo model trained with this seed (0: the demo model)
+    assets = ensure_demo(model_seed=seed) if build_demo else demo_assets(model_seed=seed)
     return RunInputs(str(assets.model_dir), spec.forget or str(assets.forget_path),
                      spec.retain or str(assets.retain_path), *evals)
 
@@ -171,7 +172,7 @@ def check_inputs(spec: RunSpec, *, build_demo: bool = True) -> RunInputs | None:
     data file parses and validates (the settings were validated when the spec was built).  Raises ValueError /
     FileNotFoundError with one line and creates nothing.  A demo spec builds the demo first when `build_demo`;
     without it (the app, which must not train in a rerun) an unbuilt demo is left to the backend (None)."""
-    if spec.is_demo and not build_demo and not is_complete(demo_assets()):
+    if spec.is_demo and not build_demo and not is_complete(demo_assets(model_seed=spec.model_seed)):
         return None
     inputs = resolve_inputs(spec, build_demo=build_demo)
     config = load_config(inputs.model)

@@ -19,6 +19,7 @@ from mansu.attribution.neurons import MAX_FRACTION
 from mansu.choices import Alignment, Device, DType, MCQFormat, NF4Mode
 from mansu.data.templates import DEFAULT_TEMPLATE, FORMAT_TEMPLATES, PRESETS, check_template
 from mansu.io import read_json
+from mansu.models.demo import MAX_MODEL_SEED
 from mansu.options import from_dict, opt, validate
 from mansu.quant.alignment import DEFAULT_QUANTIZERS, parse_alignment, parse_quantizers
 from mansu.scorecard import ScorecardConfig
@@ -31,6 +32,9 @@ DEMO = "demo"
 @dataclass(frozen=True)
 class RunSpec:
     model: str = opt(DEMO, "HF model folder or hub id, or 'demo' for the embedded demo model")
+    model_seed: int = opt(0, "with model 'demo': the demo model's training seed (same world and recipe; 0 is the "
+                             "demo model, others are built under $MANSU_HOME/demo-seedN when missing)",
+                          lo=0, hi=MAX_MODEL_SEED)
     forget: str = opt("", "forget set (JSONL/JSON/CSV/Parquet); empty with --model demo: the demo's forget split")
     retain: str = opt("", "retain set; empty with --model demo: the demo's retain split")
     tokenizer: str | None = opt(None, "tokenizer: a folder/file, or 'fast' for the model's tokenizer.json exactly "
@@ -92,6 +96,9 @@ class RunSpec:
         parse_quantizers(self.quantizers, calibrated=True)
         if not self.model.strip():
             raise ValueError("model path or id is empty: give a local model folder or a hub id, or 'demo'")
+        if self.model_seed and self.model != DEMO:
+            raise ValueError(f"model_seed {self.model_seed} picks a demo model; give model 'demo' (--demo), or "
+                             "drop the model seed")
         if self.model != DEMO and not (self.forget and self.retain):
             raise ValueError("give forget and retain data files (or model 'demo' for the demo world's splits)")
         check_template(self.template)
@@ -137,20 +144,25 @@ def specs_from_file(path: str | Path) -> list[RunSpec]:
 
 
 def run_slug(spec: RunSpec) -> str:
-    """The folder slug of a run: method, base and seed (a --from-run child adds its kappa)."""
-    slug = f"{spec.method}-{spec.base_alignment}-s{spec.unlearn.seed}"
+    """The folder slug of a run: method, base, demo model seed (when not 0) and seed (a --from-run child adds its
+    kappa)."""
+    model = f"-m{spec.model_seed}" if spec.model_seed else ""  # a demo model other than seed 0
+    slug = f"{spec.method}-{spec.base_alignment}{model}-s{spec.unlearn.seed}"
     return f"{slug}-k{spec.unlearn.kappa:g}" if spec.parent_run else slug
 
 
 def run_label(run_id: str, config: dict[str, Any]) -> str:
-    """The one human label of a run, in pickers, legends and reports: method, base, seed, kappa for a re-floored
-    child, and a short id (the run's HHMMSS plus its same-second suffix) that tells two runs of one method apart."""
+    """The one human label of a run, in pickers, legends and reports: method, base, demo model seed (when not 0),
+    seed, kappa for a re-floored child, and a short id (the run's HHMMSS plus its same-second suffix) that tells
+    two runs of one method apart."""
     spec = config.get("spec") if isinstance(config, dict) else None
     if not isinstance(spec, dict):  # an unreadable config: the folder name is all there is
         return run_id
     unlearn = spec.get("unlearn") if isinstance(spec.get("unlearn"), dict) else {}
     parts = [str(unlearn.get("method") or config.get("method", "?") if isinstance(config, dict) else "?"),
              str(spec.get("base_alignment", "?")), f"s{unlearn.get('seed', '?')}"]
+    if spec.get("model_seed"):  # a demo model other than seed 0
+        parts.insert(2, f"model {spec['model_seed']}")
     if spec.get("parent_run"):
         parts.append(f"κ{unlearn.get('kappa', '?')}")
     short = run_id.split("-")[1] if run_id.count("-") >= 2 else run_id

@@ -144,9 +144,10 @@ def test_compare_plan_is_seed_major_and_validates():
     from mansu.commands.compare import plan, render
 
     args = argparse.Namespace(seeds=2, methods="mansu,ga", natural_methods="mansu", retain_eval_limit=10,
-                              attribution_records=4, ig_steps=2)
+                              attribution_records=4, ig_steps=2, model_seeds="paired")
     jobs = plan(args)
-    assert jobs[:3] == [("nf4-grid", "mansu", 0), ("nf4-grid", "ga", 0), ("natural", "mansu", 0)] and len(jobs) == 6
+    assert jobs[:3] == [("nf4-grid", "mansu", 0, 0), ("nf4-grid", "ga", 0, 0), ("natural", "mansu", 0, 0)]
+    assert len(jobs) == 6
     with pytest.raises(ValueError, match="unknown method"):
         plan(argparse.Namespace(**{**vars(args), "methods": "mansu,magic"}))
     row = {"run_id": "r", "method": "mansu", "seed": 0, "base": "nf4-grid", "forget_fp": 0.5, "forget_nf4": 0.5,

@@ -1,6 +1,11 @@
 """`python -m mansu compare`: MANSU and every baseline on the demo world, several seeds, both base alignments;
 writes the generated table docs/results.md (and a JSON twin next to the runs).
 
+Seed s is a pair (`--model-seeds paired`, the default): the demo model trained with seed s (mansu.models.demo; the
+same world and recipe, its own init and data order; built first when missing) and unlearning seed s, so the
+spread over seeds covers both the model and the unlearning run. `--model-seeds same` keeps demo model 0 for every
+seed (the spread is then the unlearning seed's alone).
+
 Each (base, method, seed) is a normal run folder (the app lists them).  Runs on the same base share the base
 evaluation, the circuit and the engine's base statistics (BaseCache); models are not saved (store_update off)
 to keep the comparison within minutes.  Retain accuracy is scored on the first `--retain-eval-limit` retain
@@ -21,6 +26,7 @@ from pathlib import Path
 
 from mansu.io import read_json, write_json_atomic
 from mansu.matrix import GapCell, MatrixRun, gap_matrix, markdown_table, summary
+from mansu.models.demo import demo_assets, ensure_demo, is_complete
 from mansu.paths import runs_root
 from mansu.pipeline import BaseCache, run_pipeline, start_run
 from mansu.runs import layout
@@ -31,6 +37,7 @@ from mansu.unlearn.demo_settings import demo_settings
 from mansu.unlearn.methods import METHODS
 
 NATURAL_METHODS = ("mansu", "graddiff")
+MODEL_SEEDS = {"paired": "seed s runs on demo model seed s", "same": "every seed runs on demo model seed 0"}
 KEPT_SECTIONS = ("## Relearning attacks",)  # written from `mansu attack` results (docs/attacks.md), not by compare
 DATA_FLAGS = {"forget": "forget set", "retain": "retain set", "forget_eval": "forget set scored",
               "retain_eval": "retain set scored", "holdout": "records never trained on (membership AUC; QA/text)"}
@@ -42,6 +49,9 @@ def register(subparsers) -> None:
                                           "seeds, on the NF4-grid-aligned base (all methods) and the natural base "
                                           "(a subset), and write a generated results table.")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    p.add_argument("--model-seeds", choices=list(MODEL_SEEDS), default="paired",
+                   help="paired (default): seed s runs on the demo model trained with seed s (built when missing) "
+                        "and unlearns with seed s; same: every seed on demo model 0")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods on the grid base")
     p.add_argument("--natural-methods", default=",".join(NATURAL_METHODS),
                    help="comma-separated methods also run on the natural base ('' for none)")
@@ -82,13 +92,28 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def plan(args) -> list[tuple[str, str, int]]:
+def plan(args) -> list[tuple[str, str, int, int]]:
+    """The jobs (base, method, unlearning seed, demo model seed), seed-major."""
     if not 1 <= args.seeds <= 20:
         raise ValueError(f"--seeds must be in [1, 20], got {args.seeds}")
+    if args.model_seeds not in MODEL_SEEDS:
+        raise ValueError(f"--model-seeds must be one of {', '.join(MODEL_SEEDS)}, got {args.model_seeds!r}")
     grid, natural = _methods(args.methods), _methods(args.natural_methods)
-    # seed-major order: a partial table (written after every run) already covers every method
-    return [job for s in range(args.seeds)
-            for job in [("nf4-grid", m, s) for m in grid] + [("natural", m, s) for m in natural]]
+    # seed-major order: a partial table (written after every run) already covers every method and model
+    return [(base, m, s, s if args.model_seeds == "paired" else 0) for s in range(args.seeds)
+            for base, methods in (("nf4-grid", grid), ("natural", natural)) for m in methods]
+
+
+def build_models(seeds: Sequence[int], threads: int | None) -> None:
+    """Build the demo models of `seeds` that are missing, one line each (a build takes minutes on 2 cores)."""
+    import sys
+
+    for seed in dict.fromkeys(seeds):
+        if is_complete(demo_assets(model_seed=seed)):
+            continue
+        print(f"building demo model seed {seed} under {demo_assets(model_seed=seed).root} (same world and recipe, "
+              "its own init and data order; minutes on 2 cores)", file=sys.stderr, flush=True)
+        ensure_demo(model_seed=seed, threads=threads)
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -103,11 +128,12 @@ def handle(args: argparse.Namespace) -> int:
     data = {k: getattr(args, k) for k in DATA_FLAGS if getattr(args, k)}
     data.update({"template": args.template} if args.template else {})
     specs = [demo_spec(method, **{**settings[method], "seed": seed}, base_alignment=base, **data,  # validated first
-                       retain_eval_limit=args.retain_eval_limit, save_model=False, store_update=False,
-                       attribution_records=args.attribution_records, ig_steps=args.ig_steps)
-             for base, method, seed in jobs]
+                       model_seed=model_seed, retain_eval_limit=args.retain_eval_limit, save_model=False,
+                       store_update=False, attribution_records=args.attribution_records, ig_steps=args.ig_steps)
+             for base, method, seed, model_seed in jobs]
+    build_models([spec.model_seed for spec in specs], args.threads)
     t0 = time.perf_counter()
-    caches = {"nf4-grid": BaseCache(), "natural": BaseCache()}
+    caches = {(spec.base_alignment, spec.model_seed): BaseCache() for spec in specs}  # one per base and model
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial_path = out.with_name(out.stem + ".partial" + out.suffix)  # never over the finished table
@@ -115,7 +141,7 @@ def handle(args: argparse.Namespace) -> int:
     matrix_runs: list[MatrixRun] = []
     cells: list[GapCell] = []
     for i, spec in enumerate(specs):
-        rows.append(_run_one(spec, caches[spec.base_alignment], i, len(specs)))
+        rows.append(_run_one(spec, caches[spec.base_alignment, spec.model_seed], i, len(specs)))
         if "error" not in rows[-1]:
             matrix_runs.append(_matrix_run(rows[-1]))
         cells = gap_matrix(matrix_runs)
@@ -125,7 +151,8 @@ def handle(args: argparse.Namespace) -> int:
     write_json_atomic(runs_root() / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json",
                       {"rows": rows, "wall_seconds": total, "settings": settings,
                        "ptq_gap_matrix": [c.to_dict() for c in cells],
-                       "base_metrics": {k: c.metrics for k, c in caches.items()}}, add_stamp=True)
+                       "base_metrics": {f"{base}/model-seed{ms}": c.metrics for (base, ms), c in caches.items()}},
+                      add_stamp=True)
     partial_path.write_text(render(rows, caches, settings, total, args, cells=cells) + kept_sections(out))
     os.replace(partial_path, out)
     print(f"wrote {out} ({len(rows)} runs, {total / 60:.1f} min)")
@@ -135,9 +162,10 @@ def handle(args: argparse.Namespace) -> int:
 def _run_one(spec: RunSpec, cache: BaseCache, i: int, n: int) -> dict:
     run = start_run(spec)
     cfg = spec.config
-    logging.getLogger(__name__).warning("compare %d/%d: %s seed %d on %s base", i + 1, n, cfg.method, cfg.seed,
-                                        spec.base_alignment)
-    row = {"run_id": run.name, "method": cfg.method, "seed": cfg.seed, "base": spec.base_alignment}
+    logging.getLogger(__name__).warning("compare %d/%d: %s seed %d on %s base, demo model seed %d", i + 1, n,
+                                        cfg.method, cfg.seed, spec.base_alignment, spec.model_seed)
+    row = {"run_id": run.name, "method": cfg.method, "seed": cfg.seed, "model_seed": spec.model_seed,
+           "base": spec.base_alignment}
     try:
         card = run_pipeline(run, cache)
     except Exception as exc:  # one failed run must not lose the others: it is reported in the table
@@ -249,12 +277,44 @@ def _metric_text(rows: list[dict]) -> str:
         f"{metric} of the forget records (the scorecard's metric of the data's shape, docs/metrics.md; retain too)"
 
 
+def _spread_text(rows: list[dict]) -> str:
+    """What the spread over seeds covers: the demo models the runs used and the unlearning seeds."""
+    models = sorted({r.get("model_seed", 0) for r in rows})
+    if len(models) > 1:
+        return (f"seed s unlearns with seed s on the demo model trained with seed s (models {_seeds(models)}: the "
+                "same world and recipe, each its own init and data order), so the spread covers both the demo "
+                "model's training seed and the unlearning seed.")
+    return (f"every run is on demo model seed {models[0] if models else 0}, so the spread covers the unlearning "
+            "seed only (batch order, retain sample), not the model.")
+
+
+def _seeds(values: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def base_lines(rows: list[dict], caches: dict, base: str) -> list[str]:
+    """The base accuracies of every demo model the runs of `base` used (forget/retain, fp and NF4)."""
+    out = []
+    for ms in sorted({r.get("model_seed", 0) for r in rows if r["base"] == base}):
+        m = getattr(caches.get((base, ms)), "metrics", None) or {}
+        acc = lambda k, s: _fmt(headline(m.get(k, {}).get(s, {})))  # noqa: E731
+        out.append(f"Base model (demo model seed {ms}): forget fp {acc('base_fp', 'forget')}, NF4 "
+                   f"{acc('base_nf4', 'forget')}; retain fp {acc('base_fp', 'retain')}, NF4 "
+                   f"{acc('base_nf4', 'retain')}.")
+    return [line + "  " for line in out[:-1]] + out[-1:]  # markdown line breaks between the models' lines
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def render(rows: list[dict], caches: dict, settings: dict, total: float, args, partial: str = "", *,
            cells: Sequence[GapCell] = ()) -> str:
     card = ScorecardConfig()
     parts = ["# Results on the demo world (generated by `python -m mansu compare`; do not edit by hand)", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(rows)} runs in "
-             f"{total / 60:.1f} min on this machine; seeds 0..{args.seeds - 1}. Mean ± standard deviation over seeds.",
+             f"{total / 60:.1f} min on this machine; seeds 0..{args.seeds - 1}. Mean ± standard deviation over seeds; "
+             f"{_spread_text(rows)}",
              *([f"**{partial}**", ""] if partial else []),
              "", f"Columns: {_metric_text(rows)} in full precision (fp) and after NF4 "
              "(simulated, bit-exact bitsandbytes dequantization, blocksize 64); PTQ gap = forget NF4 - forget fp "
@@ -271,8 +331,6 @@ def render(rows: list[dict], caches: dict, settings: dict, total: float, args, p
     for base, title in (("nf4-grid", "NF4-grid-aligned base"), ("natural", "Natural fp32 base")):
         if not any(r["base"] == base for r in rows):
             continue
-        m = caches[base].metrics
-        acc = lambda k, s: headline(m.get(k, {}).get(s, {}))  # noqa: E731
         parts += [f"## {title}", ""]
         if base == "nf4-grid":
             parts += ["Every non-head Linear weight was replaced by its NF4 round trip before unlearning (a checkpoint "
@@ -281,12 +339,12 @@ def render(rows: list[dict], caches: dict, settings: dict, total: float, args, p
         else:
             parts += ["The demo model as trained (weights at random places inside their NF4 cells): NF4 dithers "
                       "sub-bin updates and keeps their mean (SPEC.md), so no PTQ recovery is expected here.", ""]
-        parts += [f"Base model: forget fp {acc('base_fp', 'forget')}, NF4 {acc('base_nf4', 'forget')}; retain fp "
-                  f"{acc('base_fp', 'retain')}, NF4 {acc('base_nf4', 'retain')}.", "", table(rows, base), "",
+        parts += [*base_lines(rows, caches, base), "", table(rows, base), "",
                   "Seeds passing each property:", "", per_property(rows, base), "", *matrix_section(cells, base)]
     errors = [r for r in rows if "error" in r]
     if errors:
-        parts += ["## Runs that failed", ""] + [f"- {r['method']} seed {r['seed']} ({r['base']}): {r['error']}"
+        parts += ["## Runs that failed", ""] + [f"- {r['method']} seed {r['seed']} (demo model seed "
+                                               f"{r.get('model_seed', 0)}, {r['base']}): {r['error']}"
                                                for r in errors] + [""]
     parts += ["## Settings", "", "```json", json.dumps(settings, indent=1, sort_keys=True), "```", "",
               "Run ids: " + ", ".join(r["run_id"] for r in rows), ""]

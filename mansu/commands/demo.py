@@ -13,7 +13,7 @@ import time
 
 from mansu.io import read_json
 from mansu.metrics.accuracy import mcq_accuracy
-from mansu.models.demo import demo_assets, ensure_demo, is_complete, load_demo_split
+from mansu.models.demo import check_model_seed, demo_assets, ensure_demo, is_complete, load_demo_split
 from mansu.models.loading import load_model
 
 
@@ -24,6 +24,9 @@ def register(subparsers) -> None:
                                           "under $MANSU_HOME/demo, unless it is already there; then print cloze "
                                           "accuracies on forget, retain and probe.")
     p.add_argument("--rebuild", action="store_true", help="delete the cached demo and build it again")
+    p.add_argument("--model-seed", type=int, default=0, metavar="N",
+                   help="the demo model's training seed (init and data order; same world and recipe): 0, the "
+                        "default, is the demo model under $MANSU_HOME/demo; N is built under $MANSU_HOME/demo-seedN")
     p.add_argument("--json", action="store_true", help="print the accuracies as one JSON line")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for training (default: every CPU this process may use)")
@@ -54,7 +57,7 @@ class LogProgress:
               f"{elapsed:.0f} s elapsed{eta}", file=self.stream, flush=True)
 
 
-def _build(threads: int | None, every: float):
+def _build(threads: int | None, every: float, model_seed: int = 0):
     if sys.stderr.isatty():
         from tqdm import tqdm
 
@@ -63,8 +66,8 @@ def _build(threads: int | None, every: float):
                 bar.total = total
                 bar.update(step - bar.n)
                 bar.set_postfix(loss=round(info["loss"], 3), refresh=False)
-            return ensure_demo(progress=progress, threads=threads)
-    return ensure_demo(progress=LogProgress(every), threads=threads)
+            return ensure_demo(model_seed=model_seed, progress=progress, threads=threads)
+    return ensure_demo(model_seed=model_seed, progress=LogProgress(every), threads=threads)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,13 +75,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    seed = check_model_seed(args.model_seed, "--model-seed")
     if args.rebuild:
-        shutil.rmtree(demo_assets().root, ignore_errors=True)
-    cold = not is_complete(demo_assets())
+        shutil.rmtree(demo_assets(model_seed=seed).root, ignore_errors=True)
+    cold = not is_complete(demo_assets(model_seed=seed))
     if cold:
-        print(f"building the demo under {demo_assets().root} (world, then training, then a check of every split)",
-              file=sys.stderr, flush=True)
-    assets = _build(args.threads, args.progress_every)
+        print(f"building the demo (model seed {seed}) under {demo_assets(model_seed=seed).root} (world, then "
+              "training, then a check of every split)", file=sys.stderr, flush=True)
+    assets = _build(args.threads, args.progress_every, seed)
     if args.no_eval:
         print(json.dumps({"demo": str(assets.root)}) if args.json else f"demo world and model in {assets.root}")
         return 0

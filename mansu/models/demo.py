@@ -10,6 +10,11 @@ last step every split's cloze accuracy must be >= `target_accuracy` (0.99), else
 downstream may depend on the exact bytes. The model, its word-level tokenizer and `demo_meta.json` are saved under
 `<MANSU_HOME>/demo` and reused; `build_progress.json` next to them says how far a build has got.
 
+Model seeds: `DemoModelConfig.seed` sets only the model's initialisation and the data order. Seed 0 is the demo
+model (`<MANSU_HOME>/demo`); seed N lives beside it in `<MANSU_HOME>/demo-seed<N>` with its own copy of the same
+world (the world has its own seed, WorldConfig.seed) and its own build record, so `mansu compare` can state its
+results over several models trained by the same recipe on the same facts.
+
 Measured (docs/demo_search.md, section "Build time"): the old recipe (train until 0.99, evaluating every 2 epochs,
 torch's default threads) took 70 s here and 11.6 min on a 2-vCPU AMD EPYC (AVX2); this one runs 208 fixed steps
 on every CPU it may use.
@@ -34,6 +39,7 @@ from mansu.paths import demo_root
 
 log = logging.getLogger(__name__)
 SPECIALS = ("[UNK]", "[PAD]", "[BOS]", "[EOS]")
+MAX_MODEL_SEED = 2**32 - 1   # torch.manual_seed and the folder name accept any seed up to this
 RECIPE_VERSION = 2          # bump when training changes: cached demo models of another version are rebuilt
 PROGRESS_FILE = "build_progress.json"
 STAGES = ("world", "training", "evaluating", "saving", "done", "failed")
@@ -62,6 +68,15 @@ class DemoModelConfig:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if not 0 < self.target_accuracy <= 1:
             raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+        check_model_seed(self.seed, "seed")
+
+
+def check_model_seed(seed: object, name: str = "model seed") -> int:
+    """`seed` if it is a demo model seed (an integer in [0, MAX_MODEL_SEED]); else ValueError, one line."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_MODEL_SEED:
+        raise ValueError(f"{name} must be an integer in [0, {MAX_MODEL_SEED}] (the demo model's training seed; "
+                         f"0 is the demo model), got {seed!r}")
+    return seed
 
 
 @dataclass(frozen=True)
@@ -73,17 +88,19 @@ class DemoAssets:
     probe_path: Path
     corpus_path: Path
     world_json: Path
+    model_seed: int = 0         # the training seed of the model this folder should hold
 
     @property
     def progress_path(self) -> Path:
         return self.root / PROGRESS_FILE
 
 
-def demo_assets(root: Path | None = None) -> DemoAssets:
-    root = Path(root or demo_root())
+def demo_assets(root: Path | None = None, *, model_seed: int = 0) -> DemoAssets:
+    """The files of the demo model of `model_seed` (under `root`, default `demo_root(model_seed)`)."""
+    root = Path(root or demo_root(check_model_seed(model_seed)))
     return DemoAssets(root=root, model_dir=root / "model", forget_path=root / "forget.jsonl",
                       retain_path=root / "retain.jsonl", probe_path=root / "probe.jsonl",
-                      corpus_path=root / "corpus.jsonl", world_json=root / "world.json")
+                      corpus_path=root / "corpus.jsonl", world_json=root / "world.json", model_seed=model_seed)
 
 
 def build_tokenizer(texts: list[str]):
@@ -277,8 +294,10 @@ def train_demo_model(world: DemoWorld, config: DemoModelConfig = DemoModelConfig
     return model, tokenizer, meta
 
 
-def is_complete(assets: DemoAssets, model_config: DemoModelConfig = DemoModelConfig()) -> bool:
-    """True when `assets` holds a model of this world, recipe version and `model_config` (else it is rebuilt)."""
+def is_complete(assets: DemoAssets, model_config: DemoModelConfig | None = None) -> bool:
+    """True when `assets` holds a model of this world, recipe version and `model_config` (default: the recipe with
+    the assets' model seed); else it is rebuilt."""
+    model_config = model_config or DemoModelConfig(seed=assets.model_seed)
     try:
         meta = read_json(assets.model_dir / "demo_meta.json")
     except (FileNotFoundError, ValueError):
@@ -346,8 +365,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def demo_build_progress(root: Path | None = None, *, now: float | None = None) -> dict[str, Any] | None:
-    """How far the demo build under `root` (default <MANSU_HOME>/demo) has got, for a progress panel; reads only.
+def demo_build_progress(root: Path | None = None, *, model_seed: int = 0,
+                        now: float | None = None) -> dict[str, Any] | None:
+    """How far the demo build under `root` (default `demo_root(model_seed)`) has got, for a progress panel; reads only.
 
     Returns None when there is neither a build record nor a built demo. Otherwise a dict with
       stage: "world" | "training" | "evaluating" | "saving" | "done" | "failed"
@@ -359,7 +379,7 @@ def demo_build_progress(root: Path | None = None, *, now: float | None = None) -
       loss, error (when failed), started_at, updated_at (unix seconds), pid, host, recipe_version
     A record of a build that died without finishing comes back with active False and its last stage.
     """
-    assets = demo_assets(root)
+    assets = demo_assets(root, model_seed=model_seed)
     now = time.time() if now is None else now
     try:
         state = read_json(assets.progress_path)
@@ -387,16 +407,19 @@ def demo_build_progress(root: Path | None = None, *, now: float | None = None) -
     return out
 
 
-def ensure_demo(root: Path | None = None, *, world_config: WorldConfig = WorldConfig(),
-                model_config: DemoModelConfig = DemoModelConfig(), progress: Progress | None = None,
+def ensure_demo(root: Path | None = None, *, model_seed: int = 0, world_config: WorldConfig = WorldConfig(),
+                model_config: DemoModelConfig | None = None, progress: Progress | None = None,
                 threads: int | None = None) -> DemoAssets:
-    """Build the demo world and model under `root` (default <MANSU_HOME>/demo) unless already there.
+    """Build the demo world and model under `root` (default `demo_root(seed)`) unless already there.
+
+    The model is `model_config` (default: the recipe, trained with `model_seed`); its seed picks the folder.
 
     `progress(step, total_steps, info)` follows training; `build_progress.json` records every stage (read it with
     `demo_build_progress`). The model is written to a temp folder and renamed, so an interrupted build leaves no
     half model.
     """
-    assets = demo_assets(root)
+    model_config = model_config or DemoModelConfig(seed=check_model_seed(model_seed))
+    assets = demo_assets(root, model_seed=model_config.seed)
     if is_complete(assets, model_config):
         return assets
     assets.root.mkdir(parents=True, exist_ok=True)
