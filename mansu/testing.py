@@ -94,6 +94,43 @@ def write_tiny_world(root: Path, *, hidden: int = 64) -> dict[str, str]:
             "root": str(root)}
 
 
+LINE_WORDS = "Zorb Quil Marn Tesk Vory Plim Drax Holt red blue green amber violet grey".split()
+
+
+def random_lines(rng: random.Random, n: int, words: int = 12) -> list[str]:
+    """n random lines of `words` words from LINE_WORDS (all in TINY_WORDS' vocabulary, equal token lengths)."""
+    return [" ".join(rng.choice(LINE_WORDS) for _ in range(words)) for _ in range(n)]
+
+
+def write_memorised_text(root: Path, splits: dict[str, list[str]], memorise: tuple[str, ...],
+                         steps: int) -> dict[str, str]:
+    """A tiny Llama (word-level tokenizer) trained for `steps` full-batch AdamW steps until it recites the lines
+    of the splits named in `memorise`; every split is written as text records ({"text": ...} per line).
+    Returns {"model": dir, split: jsonl path}."""
+    import torch
+
+    from mansu.models.demo import build_tokenizer
+
+    root = Path(root)
+    tok = build_tokenizer([TINY_WORDS])
+    model = tiny_llama(vocab_size=len(tok), layers=2, hidden=64, heads=4)
+    model.config.pad_token_id = tok.pad_token_id
+    ids = torch.tensor([tok(t)["input_ids"] for name in memorise for t in splits[name]])  # equal lengths
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    model.save_pretrained(root / "model", safe_serialization=True)
+    tok.save_pretrained(root / "model")
+    paths = {"model": str(root / "model")}
+    for name, lines in splits.items():
+        paths[name] = str(root / f"{name}.jsonl")
+        Path(paths[name]).write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    return paths
+
+
 def synthetic_graph(n_layers: int, n_heads: int, n_edges: int | None = None, seed: int = 0) -> GraphData:
     """A random complete-ish graph in the real naming scheme (benchmarks and tests)."""
     rng = np.random.default_rng(seed)

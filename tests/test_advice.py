@@ -10,39 +10,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from mansu.runs import layout
-
-WORDS = "Zorb Quil Marn Tesk Vory Plim Drax Holt red blue green amber violet grey".split()
 
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory) -> dict[str, str]:
     """A tiny Llama that recites 4 forget lines and 4 retain lines (random 12-word lines)."""
-    from mansu.models.demo import build_tokenizer
-    from mansu.testing import TINY_WORDS, tiny_llama
+    from mansu.testing import random_lines, write_memorised_text
 
-    root = tmp_path_factory.mktemp("advice")
-    tok = build_tokenizer([TINY_WORDS])
-    model = tiny_llama(vocab_size=len(tok), layers=2, hidden=64, heads=4)
-    model.config.pad_token_id = tok.pad_token_id
-    rng = random.Random(1)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(8)]
-    ids = torch.tensor([tok(t)["input_ids"] for t in lines])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(80):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    model.save_pretrained(root / "model", safe_serialization=True)
-    tok.save_pretrained(root / "model")
-    paths = {"model": str(root / "model")}
-    for name, part in (("forget", lines[:4]), ("retain", lines[4:])):
-        paths[name] = str(root / f"{name}.jsonl")
-        Path(paths[name]).write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
-    return paths
+    lines = random_lines(random.Random(1), 8)
+    return write_memorised_text(tmp_path_factory.mktemp("advice"), {"forget": lines[:4], "retain": lines[4:]},
+                                ("forget", "retain"), steps=80)
 
 
 def _run(memorised, *flags: str) -> tuple[str, Path]:

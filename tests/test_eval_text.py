@@ -9,41 +9,17 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-
-WORDS = "Zorb Quil Marn Tesk Vory Plim Drax Holt red blue green amber violet grey".split()
-
-
-def _line(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(12))
 
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory) -> dict[str, str]:
     """A tiny Llama trained until it recites 4 random forget lines; 4 other random lines are the holdout."""
-    from mansu.models.demo import build_tokenizer
-    from mansu.testing import TINY_WORDS, tiny_llama
+    from mansu.testing import random_lines, write_memorised_text
 
-    root = tmp_path_factory.mktemp("eval_text")
-    tok = build_tokenizer([TINY_WORDS])
-    model = tiny_llama(vocab_size=len(tok), layers=2, hidden=64, heads=4)
-    model.config.pad_token_id = tok.pad_token_id
     rng = random.Random(0)
-    forget, holdout = [_line(rng) for _ in range(4)], [_line(rng) for _ in range(4)]
-    ids = torch.tensor([tok(t)["input_ids"] for t in forget])  # equal lengths: 12 words each
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(60):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    model.save_pretrained(root / "model", safe_serialization=True)
-    tok.save_pretrained(root / "model")
-    paths = {"model": str(root / "model")}
-    for name, lines in (("forget", forget), ("holdout", holdout)):
-        paths[name] = str(root / f"{name}.jsonl")
-        Path(paths[name]).write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    return paths
+    forget, holdout = random_lines(rng, 4), random_lines(rng, 4)
+    return write_memorised_text(tmp_path_factory.mktemp("eval_text"), {"forget": forget, "holdout": holdout},
+                                ("forget",), steps=60)
 
 
 def _eval(capsys, *argv: str) -> dict:
