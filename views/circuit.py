@@ -12,9 +12,11 @@ import streamlit as st
 from mansu.launch import exports_dir
 from mansu.runs import layout
 from mansu.runs.store import artifact
+from mansu.viz.artifacts import GraphData
 from mansu.viz.circuit import SPLIT_RULE, circuit_figure, graph_diff_figure, node_edges
 from mansu.viz.graph_ops import (
     GROUP_NODE_LIMIT,
+    Pruned,
     align,
     cad_split,
     circuit_edges_of,
@@ -160,6 +162,31 @@ if view == "spread":
     publish_view("spread")
     st.stop()
 
+def graph_version(r, stage_name: str) -> tuple[str, str, int]:
+    """(run path, stage, mtime of its graph file): the cache key of everything derived from one stage's graph."""
+    path = artifact(r.path, layout.attribution_json(Path(r.path), stage_name))
+    return str(r.path), stage_name, path.stat().st_mtime_ns if path.is_file() else -1
+
+
+# Derived from the cached graph once per graph version, not on every rerun (a pin, a search, a download click):
+# on a 543k-edge graph grouping costs 0.2 s, pruning 0.04 s and the figure 0.1 s. Shared read-only across sessions.
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _grouped(version: tuple, _graph: GraphData) -> GraphData:
+    return group_by_layer(_graph)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _pruned(version: tuple, grouped: bool, top_k: int, min_score: float, _drawn: GraphData) -> Pruned:
+    return prune(_drawn.weight, top_k, min_score)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _figure(version: tuple, grouped: bool, top_k: int, min_score: float, pinned: tuple, marked: tuple, title: str,
+            _drawn: GraphData, _full: GraphData | None):
+    return circuit_figure(_drawn, top_n=top_k, threshold=min_score, pinned=list(pinned), highlight=list(marked),
+                          full=_full, title=title)
+
+
 stage = st.radio("stage", list(STAGE_LABELS), format_func=STAGE_LABELS.get, horizontal=True, key="circuit-stage")
 graph = load_graph(run, stage)
 if graph is None:
@@ -186,17 +213,18 @@ pins = st.multiselect("pinned nodes (click a node to add it)", graph.names, key=
                       help="the pinned nodes' edges are highlighted and the rest dimmed; with pins set, the subgraph "
                            "export below is the subgraph of the pins")
 
-drawn = group_by_layer(graph) if grouped else graph
-pruned = prune(drawn.weight, top_n, threshold)
+version = graph_version(run, stage)
+drawn = _grouped(version, graph) if grouped else graph
+pruned = _pruned(version, grouped, top_n, threshold, drawn)
 if query:
     st.caption(f"search '{query}': {len(matches)} node(s)" + (f": {', '.join(matches[:12])}" if matches else "")
                + ("…" if len(matches) > 12 else ""))
 st.caption(pruned.summary() + (f" · {len(graph.names):,} nodes grouped into {len(drawn.names)} (a layer's heads "
                                f"as one node a{{L}}.*, edge scores summed)" if grouped else ""))
 highlight = sorted({n.split(".h")[0] + ".*" if grouped and ".h" in n else n for n in matches})
-fig = circuit_figure(drawn, top_n=top_n, threshold=threshold, pinned=pins, highlight=highlight,
-                     full=graph if grouped else None,
-                     title=f"{STAGE_LABELS[stage]}: top {pruned.kept.shape[0]:,} of {drawn.n_edges:,} edges")
+fig = _figure(version, grouped, top_n, threshold, tuple(pins), tuple(highlight),
+              f"{STAGE_LABELS[stage]}: top {pruned.kept.shape[0]:,} of {drawn.n_edges:,} edges", drawn,
+              graph if grouped else None)
 chart_key = f"circuit-chart-{stage}"
 
 
@@ -249,12 +277,13 @@ else:
 
 st.subheader("export")
 e1, e3, e2 = st.columns(3)
+# every export is produced when its button is clicked (a callable), not on every rerun, and the click does not rerun
 json_path = artifact(run.path, layout.attribution_json(Path(run.path), stage))
-e1.download_button("graph JSON", json_path.read_bytes(), file_name=f"{run.run_id}-{stage}.json",
-                   mime="application/json", key="circuit-json")
+e1.download_button("graph JSON", json_path.read_bytes, file_name=f"{run.run_id}-{stage}.json",
+                   mime="application/json", key="circuit-json", on_click="ignore")
 tracer_path = artifact(run.path, layout.attribution_tracer_json(Path(run.path), stage))
 if tracer_path.is_file():  # runs made before this export existed have none
-    e3.download_button("circuit-tracer JSON", tracer_path.read_bytes(), key="circuit-tracer-json",
+    e3.download_button("circuit-tracer JSON", tracer_path.read_bytes, key="circuit-tracer-json", on_click="ignore",
                        file_name=f"{run.run_id}-{stage}.circuit-tracer.json", mime="application/json",
                        help="the circuit's edges in circuit-tracer's graph shape (metadata, nodes, links)")
 images_key = f"circuit-images-{run.run_id}-{stage}"  # kept across the rerun a download click triggers
@@ -277,12 +306,14 @@ if pins:
                "with node labels")
     slug = f"{run.run_id}-{stage}-pins-{'+'.join(pins)}"[:120]
 else:
-    sub = prune(graph.weight, top_n, threshold).kept
+    sub = _pruned(version, False, top_n, threshold, graph).kept
     st.caption(f"subgraph: {len(sub):,} edges (the top {top_n:,} by |score| of the ungrouped graph), with node "
                "labels; pin nodes to export the subgraph of the pins instead")
     slug = f"{run.run_id}-{stage}-top{top_n}"
 s1, s2 = st.columns(2)
-s1.download_button("subgraph: circuit-tracer JSON", json.dumps(subgraph_tracer_json(graph, sub, slug=slug)),
-                   file_name=f"{slug}.circuit-tracer.json", mime="application/json", key="circuit-sub-tracer")
-s2.download_button("subgraph: CSV", subgraph_csv(graph, sub, circuit_edges(run, graph)), file_name=f"{slug}.csv",
-                   mime="text/csv", key="circuit-sub-csv")
+edges_of_circuit = circuit_edges(run, graph)
+s1.download_button("subgraph: circuit-tracer JSON", lambda: json.dumps(subgraph_tracer_json(graph, sub, slug=slug)),
+                   file_name=f"{slug}.circuit-tracer.json", mime="application/json", key="circuit-sub-tracer",
+                   on_click="ignore")
+s2.download_button("subgraph: CSV", lambda: subgraph_csv(graph, sub, edges_of_circuit), file_name=f"{slug}.csv",
+                   mime="text/csv", key="circuit-sub-csv", on_click="ignore")

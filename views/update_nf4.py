@@ -23,8 +23,9 @@ overlay_ids = st.multiselect("overlay runs (one line per run)", [r.run_id for r 
                              default=[sel.compare.run_id] if sel.compare in others else [], key="survival-overlay")
 runs = [run, *[r for r in others if r.run_id in overlay_ids]]
 # the view in the URL (?scope=&node=&kappa=): a deep link reopens it
+KAPPA_FIELD = url_state.UrlField("kappa", "floor-kappa", url_state.number(0.1, 4.0), show=lambda k: f"{k:g}")
 URL_FIELDS = [url_state.UrlField("scope", "survival-scope"), url_state.UrlField("node", "nodeweights-node"),
-              url_state.UrlField("kappa", "floor-kappa", url_state.number(0.1, 4.0), show=lambda k: f"{k:g}")]
+              KAPPA_FIELD]
 url_state.restore(URL_FIELDS)
 surv = {f"{run_name(r)}": load_json(r, layout.SURVIVAL) for r in runs}
 
@@ -110,22 +111,33 @@ gap_fig = vq.ptq_gap_by_quantizer_figure(run.metrics, max_gap) if isinstance(run
 if gap_fig is not None:
     st.plotly_chart(gap_fig, key="ptq-gap-by-quantizer", width="stretch")
 
-st.subheader("magnitude floor κ: live preview")
-st.caption("Every updated parameter must move at least κ NF4 bin widths so its 4-bit code changes. "
-           "The preview recomputes, from this run's saved update, how many parameters would change code, "
-           "the Fisher budget the floor would spend and how many parameters it would drop.")
-spec = run.config.get("spec") if isinstance(run.config.get("spec"), dict) else run.config
-default_kappa = float((spec.get("unlearn") or {}).get("kappa", 1.0) or 1.0)
-kappa = st.slider("κ (bin widths)", 0.1, 4.0, min(4.0, max(0.1, default_kappa)), step=0.1, key="floor-kappa")
-fields, elapsed, message = preview(run, kappa)
-if message:
-    st.info(message)
-else:
-    show_preview(fields, elapsed)
-    if st.button(f"apply κ = {kappa:.1f} and evaluate (new run)", key="floor-apply"):
-        try:
-            ui_launch.launch([child_spec(run.run_id, kappa=round(kappa, 4))], label=f"{run.run_id[:15]}-kappa{kappa:g}")
-        except (ValueError, FileNotFoundError) as exc:
-            st.error(f"not started: {exc}")
+@st.fragment
+def floor_tuner() -> None:
+    """The κ slider and its preview as a fragment: moving the slider reruns only this, not the page's histograms,
+    heatmap and per-node table (the preview itself takes a few ms; the full page rerun was most of the latency)."""
+    st.subheader("magnitude floor κ: live preview")
+    st.caption("Every updated parameter must move at least κ NF4 bin widths so its 4-bit code changes. "
+               "The preview recomputes, from this run's saved update, how many parameters would change code, "
+               "the Fisher budget the floor would spend and how many parameters it would drop.")
+    spec = run.config.get("spec") if isinstance(run.config.get("spec"), dict) else run.config
+    default_kappa = float((spec.get("unlearn") or {}).get("kappa", 1.0) or 1.0)
+    kappa = st.slider("κ (bin widths)", 0.1, 4.0, min(4.0, max(0.1, default_kappa)), step=0.1, key="floor-kappa")
+    fields, elapsed, message = preview(run, kappa)
+    if message:
+        st.info(message)
+    else:
+        show_preview(fields, elapsed)
+        if st.button(f"apply κ = {kappa:.1f} and evaluate (new run)", key="floor-apply"):
+            try:
+                ui_launch.launch([child_spec(run.run_id, kappa=round(kappa, 4))],
+                                 label=f"{run.run_id[:15]}-kappa{kappa:g}")
+            except (ValueError, FileNotFoundError) as exc:
+                st.error(f"not started: {exc}")
+            else:
+                st.rerun()                  # the whole page, so its progress panel shows the new run
+    url_state.publish([KAPPA_FIELD])        # a fragment rerun does not reach the page's own publish
+
+
+floor_tuner()
 url_state.publish(URL_FIELDS)
 ui_launch.progress_panel()
