@@ -46,6 +46,13 @@ def test_quick_sweep_writes_page_json_and_figures_from_the_runs_own_metrics(demo
     assert "## Verdict" in page and "graddiff lr 0.001" in page and "frontiers.png" in page
     assert ("Shown on this grid" in page) == (not graddiff["holds"])
 
+    merged = tmp_path / "merged" / "frontiers.md"  # --merge alone: the same points, no new run
+    assert main(["sweep", "frontier", "--methods", "", "--mansu-fractions", "", "--fisher-epsilons", "",
+                 "--merge", str(out.with_suffix(".json")), "--out", str(merged), "--runs", str(runs)]) == 0
+    again = json.loads(merged.with_suffix(".json").read_text())
+    assert again["points"] == points and len(list(runs.iterdir())) == len(points)
+    assert again["commands"] == data["commands"] and "--quick" in merged.read_text()
+
 
 @pytest.mark.parametrize("flags, message", [
     (["--methods", "mansu"], "--methods: mansu not lr-driven baselines"),
@@ -57,6 +64,8 @@ def test_quick_sweep_writes_page_json_and_figures_from_the_runs_own_metrics(demo
     (["--out", "frontiers.txt"], "--out must be a markdown file ending in .md"),
     (["--threads", "0"], "--threads must be in [1, 256]"),
     (["--fisher-epsilons", "-1"], "--fisher-epsilons: -1.0 not accepted"),
+    (["--methods", "", "--mansu-fractions", "", "--fisher-epsilons", ""], "nothing to plot"),
+    (["--merge", "missing.json"], "missing.json"),
 ])
 def test_bad_options_end_in_one_line_before_anything_is_written(flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

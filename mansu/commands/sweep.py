@@ -107,8 +107,9 @@ def _register_frontier(experiments) -> None:
     fr.add_argument("--quick", action="store_true",
                     help="a tiny grid (graddiff at lr 1e-3 and MANSU, 2 steps, seed 0, 20 retain questions): a smoke "
                          "test of the whole path; the other grid options then override it")
-    fr.add_argument("--methods", help="comma-separated lr-driven baselines (default graddiff,npo,ga,gu,simnpo,rmu)")
-    fr.add_argument("--lrs", help="comma-separated learning rates (default 3e-5,1e-4,3e-4,1e-3)")
+    fr.add_argument("--methods", help="comma-separated lr-driven baselines ('' for none; default "
+                                      "graddiff,npo,ga,gu,simnpo,rmu)")
+    fr.add_argument("--lrs", help="comma-separated learning rates (default 3e-5,1e-4,3e-4,5e-4,1e-3)")
     fr.add_argument("--steps", help="comma-separated step counts of the baselines (default 20)")
     fr.add_argument("--seeds", help="comma-separated seeds of the baselines (default 0,1,2)")
     fr.add_argument("--mansu-fractions", help="MANSU's update_fraction values ('' for no MANSU points; default "
@@ -119,12 +120,15 @@ def _register_frontier(experiments) -> None:
     fr.add_argument("--retain-eval-limit", type=int, help="retain questions scored (default 200)")
     fr.add_argument("--runs", help="folder for the run folders (default the runs folder, MANSU_RUNS)")
     fr.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other processes share the cores)")
+    fr.add_argument("--merge", default="", metavar="JSON,...",
+                    help="also put the points of earlier frontier sweeps (their JSON) on the page, before this "
+                         "sweep's: a sweep split over processes, or extended later, without redoing its runs")
     fr.set_defaults(func=run_frontier)
 
 
 FRONTIER_LISTS = {"methods": str, "lrs": float, "steps": int, "seeds": int, "mansu_fractions": float,
                   "mansu_seeds": int, "fisher_epsilons": float}
-MAY_BE_EMPTY = ("mansu_fractions", "fisher_epsilons")
+MAY_BE_EMPTY = ("methods", "mansu_fractions", "fisher_epsilons")
 
 
 def frontier_config(args: argparse.Namespace):
@@ -148,8 +152,9 @@ def frontier_config(args: argparse.Namespace):
 def run_frontier(args: argparse.Namespace) -> int:
     import torch
 
+    from mansu.io import write_json_atomic
     from mansu.paths import runs_root
-    from mansu.science.frontier import frontier_sweep
+    from mansu.science.frontier import frontier_sweep, read_points, settings
     from mansu.science.frontier_report import write_frontier_page
 
     out = Path(args.out)
@@ -161,14 +166,25 @@ def run_frontier(args: argparse.Namespace) -> int:
     if runs.exists() and not runs.is_dir():
         raise ValueError(f"--runs {args.runs!r} exists and is not a folder")
     cfg = frontier_config(args)
+    merged = [read_points(Path(p.strip())) for p in args.merge.split(",") if p.strip()]  # read before any run
+    if not settings(cfg) and not merged:
+        raise ValueError("nothing to plot: no baseline, MANSU or Fisher run and no --merge")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    points = frontier_sweep(cfg, runs, progress=lambda i, n, s: print(
-        f"run {i + 1}/{n}: {s.label} seed {s.seed}", file=sys.stderr, flush=True))
     rest = sys.argv[sys.argv.index("frontier") + 1:] if "frontier" in sys.argv else ["--out", str(out)]
     command = " ".join(["mansu sweep frontier", *map(shlex.quote, rest)])
-    for path in write_frontier_page(points, cfg, out, seconds=time.perf_counter() - start, command=command,
-                                    runs=runs):
+    partial = out.with_suffix(".partial.json")  # the points so far, for --merge if the sweep is stopped
+
+    def save_partial(points) -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(partial, {"commands": [command + " (partial)"], "points": [p.to_dict() for p in points]})
+
+    start = time.perf_counter()
+    points = frontier_sweep(cfg, runs, on_point=save_partial, progress=lambda i, n, s: print(
+        f"run {i + 1}/{n}: {s.label} seed {s.seed}", file=sys.stderr, flush=True))
+    commands = [c for _, cs in merged for c in cs] + ([command] if points or not merged else [])
+    for path in write_frontier_page([p for ps, _ in merged for p in ps] + points, cfg, out,
+                                    seconds=time.perf_counter() - start, commands=commands or [command], runs=runs):
         print(path)
+    partial.unlink(missing_ok=True)
     return 0

@@ -43,19 +43,19 @@ FRONTIER_METHODS = tuple(m for m, cls in METHODS.items() if "lr" in cls.fields a
 HELD = ("forgetting", "retain", "ptq_gap")  # the three properties a point must pass at once
 Group = Literal["baseline", "mansu", "fisher"]
 # the Fisher pair's setting: more candidates per step and no retain term, so the unbounded run damages retain
-FISHER_CHANGES = {"update_fraction": 0.01, "mansu_retain_weight": 0.0}
+FISHER_CHANGES = {"update_fraction": 0.005, "mansu_retain_weight": 0.0}
 
 
 @dataclass(frozen=True)
 class FrontierConfig:
     methods: tuple[str, ...] = ("graddiff", "npo", "ga", "gu", "simnpo", "rmu")
-    lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3)
+    lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 5e-4, 1e-3)
     steps: tuple[int, ...] = (20,)
     seeds: tuple[int, ...] = (0, 1, 2)
     mansu_fractions: tuple[float, ...] = (0.002, 0.004)  # 0.002: the demo's (UnlearnConfig default)
     mansu_seeds: tuple[int, ...] = (0, 1, 2)
     mansu_steps: int | None = None  # None: MANSU's demo steps
-    fisher_epsilons: tuple[float, ...] = (2e-5,)  # () skips the Fisher pair; chosen after seeing runs (docs)
+    fisher_epsilons: tuple[float, ...] = (1e-5, 3e-6)  # () skips the pair; chosen after seeing runs (docs)
     retain_eval_limit: int = 200  # compare's: the first 200 retain questions
 
     def __post_init__(self) -> None:
@@ -63,6 +63,7 @@ class FrontierConfig:
         if bad:
             raise ValueError(f"--methods: {', '.join(bad)} not lr-driven baselines; accepted are "
                              f"{', '.join(FRONTIER_METHODS)}")
+        _check(self.methods, "--methods", "baselines", lambda v: True, empty=True)
         _check(self.lrs, "--lrs", "learning rates in (0, 10]", lambda v: 0 < v <= 10)
         _check(self.steps, "--steps", "step counts in [1, 1000]", lambda v: isinstance(v, int) and 1 <= v <= 1000)
         for name, seeds in (("--seeds", self.seeds), ("--mansu-seeds", self.mansu_seeds)):
@@ -193,10 +194,10 @@ def specs(cfg: FrontierConfig, plan: Sequence[Setting]) -> list:
                       attribution_records=8, ig_steps=2) for s in plan]
 
 
-def frontier_sweep(cfg: FrontierConfig, root: Path, *, progress: Callable[[int, int, Setting], None] | None = None
-                   ) -> list[FrontierPoint]:
-    """Run every setting (runs under `root`) and return their points.  Baselines share one base cache (no
-    attribution), MANSU's runs another (the circuit is found once)."""
+def frontier_sweep(cfg: FrontierConfig, root: Path, *, progress: Callable[[int, int, Setting], None] | None = None,
+                   on_point: Callable[[list[FrontierPoint]], None] | None = None) -> list[FrontierPoint]:
+    """Run every setting (runs under `root`) and return their points; `on_point` sees the points so far after each
+    run.  Baselines share one base cache (no attribution), MANSU's runs another (the circuit is found once)."""
     from mansu.pipeline import BaseCache, run_pipeline, start_run
 
     plan = settings(cfg)
@@ -210,8 +211,21 @@ def frontier_sweep(cfg: FrontierConfig, root: Path, *, progress: Callable[[int, 
         run_pipeline(run, caches["baseline" if setting.group == "baseline" else "circuit"])
         points.append(read_point(setting, run))
         (run / layout.MODEL_UPDATE).unlink(missing_ok=True)
+        if on_point:
+            on_point(points)
     return points
 
 
 def config_to_json(cfg: FrontierConfig) -> dict[str, Any]:
     return {**asdict(cfg), "fisher_changes": FISHER_CHANGES}
+
+
+def read_points(path: Path) -> tuple[list[FrontierPoint], list[str]]:
+    """The points of an earlier sweep's JSON (the page's twin) and the commands that made them; ValueError when
+    the file is not one."""
+    data = read_json(path)
+    try:
+        points = [FrontierPoint(**p) for p in data["points"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a frontier sweep's JSON (no points of the expected fields: {exc})") from None
+    return points, list(data.get("commands", []))
