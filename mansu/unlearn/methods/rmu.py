@@ -25,7 +25,9 @@ class RMU(Method):
     name = "rmu"
     summary = "representation misdirection: steer forget activations to a random direction"
     fields = ("lr", "optimizer", "rmu_steering", "rmu_alpha")
-    demo = {"steps": 20, "lr": 5e-5}  # untuned: WMDP's coefficients are sized for 4096-wide models
+    # WMDP's coefficients; scaled to the demo's width (c ~ 5 x activation norm) RMU still cannot forget the demo's
+    # facts without losing retain as fast (docs/demo_search.md, section 1c), so they stay as published
+    demo = {"steps": 20, "lr": 5e-5}
 
     @classmethod
     def coordinates(cls, model, config: UnlearnConfig, masks) -> ParamIndex:
