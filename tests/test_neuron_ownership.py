@@ -206,3 +206,33 @@ def test_old_format_circuit_loads_as_whole_mlp(tok, tmp_path):
     assert circuit.neurons == {}
     assert all(bool(m.all()) for n, m in masks.items() if ".mlp." in n)
     assert masks.keys() == circuit_parameter_masks(model, circuit).keys()
+
+
+def test_pipeline_records_the_grain_and_unlearns_only_kept_neurons(tmp_path, tmp_runs):
+    """A tiny run at mass 0.5: metrics and circuit.json carry the fractions and kept neurons, and the unlearning's
+    coordinates are exactly the neuron-grain masks' quantizable entries."""
+    from mansu.io import read_json
+    from mansu.models.loading import load_model
+    from mansu.pipeline import RunSpec, run_pipeline, start_run
+    from mansu.runs import layout
+    from mansu.testing import write_tiny_world
+    from mansu.unlearn.params import quantizable_names
+
+    world = write_tiny_world(tmp_path / "world", hidden=128)    # its 0.8-faithful circuit holds m0 and m1
+    unlearn = {"method": "mansu", "steps": 1, "batch_size": 4, "k": 2, "n_fisher": 4, "update_fraction": 0.01,
+               "epsilon": 1e6}
+    run = start_run(RunSpec(model=world["model"], forget=world["forget"], retain=world["retain"], unlearn=unlearn,
+                            attribution_records=4, ig_steps=2, mlp_neuron_mass=0.5))
+    run_pipeline(run)
+    grain = read_json(run / layout.METRICS)["attribution"]["neuron_grain"]
+    data = read_json(run / layout.CIRCUIT)
+    assert {"m0", "m1"} <= set(data["nodes"]), "precondition: the tiny world's circuit has MLP nodes"
+    assert set(data["neurons"]) == set(data["node_neurons"]) == {"m0", "m1"}
+    assert grain["quantizable_fraction"] < grain["quantizable_fraction_whole_mlp"]
+    _, masks = load_circuit(run)
+    model = load_model(world["model"]).model
+    quant = quantizable_names(model)
+    owned = sum(int(masks[n].sum()) for n in quant if n in masks)
+    assert owned == round(grain["quantizable_fraction"] * sum(dict(model.named_parameters())[n].numel()
+                                                              for n in quant))
+    assert read_json(run / layout.METRICS)["unlearn"]["n_coordinates"] == owned
