@@ -17,7 +17,8 @@ the whole MLP (no scoring), as before the neuron grain. The owned rows/columns p
 
 Memory, per batch of b examples of s positions on the model's device: for each circuit MLP (width I) the clean and
 corrupted hidden activations, 8 b s I bytes (float32), and one IG step's gradient, 4 b s I; the scores are 4 B per
-neuron, the kept lists a few bytes per kept neuron in circuit.json.
+neuron, the kept lists a few bytes per kept neuron in circuit.json; the masks built from them
+(`circuit_parameter_masks`) are 1 B per weight of the parameters the circuit touches, as for heads.
 """
 
 from __future__ import annotations
