@@ -122,29 +122,59 @@ def check_records_fit(tokenizer, limit: int | None, records: Sequence[MCQRecord]
 def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64,
                           owners: Sequence[int] | None = None, source: str | None = None) -> list[float]:
     """sum_t log p(cont_t | context, cont_<t) for each (context, continuation) pair, batched with right padding;
-    `owners` (the record index of each pair) and `source` (their file) only name the record in a too-long error."""
+    `owners` (the record index of each pair) and `source` (their file) only name the record in a too-long error.
+
+    Single-token continuations of one context (the usual MCQ: answer words or letters) are read from one forward
+    pass over the context alone, its last position's next-token distribution: a 4-choice question costs one
+    sequence instead of four (the same value by causality, up to float rounding of other batch shapes)."""
     import torch
 
     encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
     check_context(model, [len(ctx) + len(cont) for ctx, cont in encoded], owners=owners, source=source)
-    scores: list[float] = []
-    device = input_device(model)
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        seqs = [ctx + cont for ctx, cont in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1).cpu()  # [batch, seq, vocab]
-        for i, (ctx, cont) in enumerate(chunk):
+    scores: list[float] = [0.0] * len(encoded)
+    contexts: dict[tuple[int, ...], list[int]] = {}   # context -> the pairs scored from its last position
+    longer = []
+    for i, (ctx, cont) in enumerate(encoded):
+        if len(cont) == 1:
+            contexts.setdefault(tuple(ctx), []).append(i)
+        else:
+            longer.append(i)
+    shared = list(contexts)
+    for ctx, logp in zip(shared, _next_token_logprobs(model, [list(c) for c in shared], batch_size)):
+        for i in contexts[ctx]:
+            scores[i] = logp[encoded[i][1][0]].item()
+    for start in range(0, len(longer), batch_size):
+        chunk = longer[start:start + batch_size]
+        logprobs = _sequence_logprobs(model, [encoded[i][0] + encoded[i][1] for i in chunk])
+        for row, i in enumerate(chunk):
+            ctx, cont = encoded[i]
             positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
-            scores.append(logprobs[i, positions, torch.tensor(cont)].sum().item())
+            scores[i] = logprobs[row, positions, torch.tensor(cont)].sum().item()
     return scores
+
+
+def _sequence_logprobs(model, seqs: list[list[int]]):
+    """log-softmax of the model's logits over right-padded `seqs`: CPU fp32 [batch, width, vocab]."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    device = input_device(model)
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    return torch.log_softmax(logits, dim=-1).cpu()
+
+
+def _next_token_logprobs(model, contexts: list[list[int]], batch_size: int):
+    """Per context, log p(next token) at its last position: CPU fp32 [vocab] each."""
+    for start in range(0, len(contexts), batch_size):
+        chunk = contexts[start:start + batch_size]
+        logprobs = _sequence_logprobs(model, chunk)
+        yield from (logprobs[row, len(ctx) - 1] for row, ctx in enumerate(chunk))
 
 
 def predict(model, tokenizer, records: Sequence[MCQRecord], *, fmt: Format = "cloze", batch_size: int = 64,
