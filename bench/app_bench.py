@@ -223,11 +223,13 @@ def bench_browser(repeats: int) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+    import torch
     from safetensors.torch import load_file
 
     from mansu.runs import layout
     from mansu.unlearn.floor import preview_floor
 
+    torch.set_num_threads(1)  # as the app does for the preview (ui/floor.py)
     tensors = load_file(str(small / layout.UPDATE))
     in_process = _median_time(lambda: preview_floor(tensors, 1.1), 5)
     emit("floor_preview_in_browser", preview * 1000, "ms", "preview_floor in process (the same run)",

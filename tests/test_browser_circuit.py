@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(300)
 _DRAWN = """() => { const gd = document.querySelector('.js-plotly-plot');
     return gd._fullData.filter(t => t.mode === 'lines' && ['+', '-'].includes(t.legendgroup))
         .reduce((n, t) => n + t.x.filter(v => v === null || Number.isNaN(v)).length, 0); }"""
-_TRACE_NAMES = "() => document.querySelector('.js-plotly-plot')._fullData.map(t => t.name || '')"
+_TRACE_NAMES = "() => (document.querySelector('.js-plotly-plot')?._fullData || []).map(t => t.name || '')"
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_large_graph_opens_pruned_and_grouped(server, tab, circuit_runs):
     assert tab.evaluate("() => document.querySelector('.js-plotly-plot')._fullData.at(-1).x.length") == 66
     tab.get_by_text("group heads per layer").click()    # ungrouped: the top-k of all 543,281 edges
     tab.get_by_text("of 543,281 edges drawn").first.wait_for(timeout=60_000)
-    tab.wait_for_function("() => document.querySelector('.js-plotly-plot')._fullData.at(-1).x.length === 1058",
+    tab.wait_for_function("() => document.querySelector('.js-plotly-plot')?._fullData?.at(-1)?.x.length === 1058",
                           timeout=60_000)
     assert tab.evaluate(_DRAWN) == 300
     tab.screenshot(path=str(REPO / "tests" / "_screenshots" / "circuit-large.png"), full_page=True)
@@ -166,12 +166,12 @@ def test_diff_view_shows_the_cad_split_on_one_layout(server, tab, circuit_runs):
     assert 0 < shrink < cad and reroute > 0 and reverse >= 0
     assert shrink + reverse + reroute == pytest.approx(cad, abs=3e-3)
     # the one-graph chart is replaced by the diff chart: signed change, green up and purple down
-    tab.wait_for_function("() => ['Δ+', 'Δ-'].every(g => document.querySelector('.js-plotly-plot')._fullData"
+    tab.wait_for_function("() => ['Δ+', 'Δ-'].every(g => (document.querySelector('.js-plotly-plot')?._fullData || [])"
                           ".some(t => t.legendgroup === g))", timeout=60_000)
     tab.screenshot(path=str(DOCS_SHOTS / "circuit-diff-change.png"), full_page=True)
     tab.get_by_text("CAD split").first.click()
-    tab.wait_for_function("() => ['shrinkage', 'rerouting', 'grew outside circuit'].every(g => document"
-                          ".querySelector('.js-plotly-plot')._fullData.some(t => t.legendgroup === g))",
+    tab.wait_for_function("() => ['shrinkage', 'rerouting', 'grew outside circuit'].every(g => (document"
+                          ".querySelector('.js-plotly-plot')?._fullData || []).some(t => t.legendgroup === g))",
                           timeout=60_000)
     groups = set(tab.evaluate("() => document.querySelector('.js-plotly-plot')._fullData.map(t => t.legendgroup)"))
     assert {"shrinkage", "rerouting", "grew outside circuit"} <= groups, tab.evaluate(_TRACE_NAMES)

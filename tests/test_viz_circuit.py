@@ -346,3 +346,29 @@ def test_pins_draw_their_subgraph_and_dim_the_rest():
     plain = [t.opacity for t in circuit_figure(g).data if t.mode == "lines" and t.legendgroup in ("+", "-")]
     assert max(dimmed) < min(plain)
     assert circuit_figure(g, pinned=["nowhere"]).data[-1].marker.opacity is None   # an unknown pin: no focus
+
+
+def test_figures_draw_svg_below_the_webgl_marker_count_and_webgl_above():
+    import plotly.graph_objects as go
+
+    from mansu.viz.circuit import WEBGL_MARKERS, for_renderer
+
+    fig = circuit_figure(synthetic_graph(4, 4, seed=0), top_n=300, pinned="m1")
+    assert {t.type for t in fig.data} == {"scatter"}                  # a few hundred markers: SVG
+    assert fig.data[-1].customdata[0] == "input" and fig.data[-1].marker.symbol is not None
+    many = [go.Scattergl(x=np.arange(WEBGL_MARKERS), y=np.arange(WEBGL_MARKERS), mode="markers"),
+            go.Scattergl(x=[0, 1, None], y=[0, 1, None], mode="lines")]
+    assert [t.type for t in for_renderer(many)] == ["scatter", "scatter"]     # exactly WEBGL_MARKERS: still SVG
+    many.append(go.Scattergl(x=[2], y=[2], mode="markers+text"))
+    assert [t.type for t in for_renderer(many)] == ["scattergl"] * 3
+
+
+def test_edge_hover_points_never_sit_on_a_node():
+    g = synthetic_graph(4, 8, seed=0)          # symmetric: a0.h1 -> a1.h6 has its midpoint on m0
+    fig = circuit_figure(g, top_n=None)
+    hover = next(t for t in fig.data if t.name == "edges")
+    nodes = {(float(x), float(y)) for x, y in zip(fig.data[-1].x, fig.data[-1].y)}
+    pos = layout_positions(g)
+    mids = {(float(x), float(y)) for x, y in (pos[g.src] + pos[g.dst]) / 2}
+    assert mids & nodes                                                   # the midpoints would collide
+    assert not {(float(x), float(y)) for x, y in zip(hover.x, hover.y)} & nodes

@@ -1,5 +1,6 @@
 """Circuit: the layered attribution graph of the selected run, by stage, pruned on the server (top-k edges by
-|score|, the pruned mass reported, a layer's heads grouped when the graph has hundreds of nodes) and drawn in WebGL;
+|score|, the pruned mass reported, a layer's heads grouped when the graph has hundreds of nodes) and drawn as SVG
+(WebGL above a few thousand markers);
 node search and pinning; the diff of any two stages or runs on one layout with the CAD split; exports of the whole
 graph and of the drawn subgraph (circuit-tracer JSON, CSV with node labels, PNG / SVG)."""
 
@@ -244,8 +245,8 @@ def _pin_clicked_node() -> None:
 
 st.plotly_chart(fig, key=chart_key, on_select=_pin_clicked_node, selection_mode="points", width="stretch",
                 config={"scrollZoom": True})
-st.caption("Heads ○, MLPs □, a layer's grouped heads ◇; outlined nodes are in the selected circuit. Hover an edge's "
-           "midpoint for its score. Blue edges support the answer (positive score), red oppose it.")
+st.caption("Heads ○, MLPs □, a layer's grouped heads ◇; outlined nodes are in the selected circuit. Hover an edge "
+           "near its middle for its score. Blue edges support the answer (positive score), red oppose it.")
 
 
 

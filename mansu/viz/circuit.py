@@ -1,10 +1,13 @@
-"""Circuit figures: a deterministic layered layout and edge-bucketed Scattergl traces.
+"""Circuit figures: a deterministic layered layout and edge-bucketed scatter traces (WebGL for many markers).
 
 Layout: x = position in the residual stream (input at 0, the heads of layer L at 2L+1, the MLP of
 layer L at 2L+2, logits last); y = head index for heads, centred for input, MLPs and logits.
 Edges are pruned before drawing (top-n by |score|, optional |score| threshold, at most
-`max_edges`), then drawn as at most 2 x `n_width_buckets` Scattergl traces (sign x width bucket),
-so a 30k-edge graph costs one argpartition and a handful of traces.
+`max_edges`), then drawn as at most 2 x `n_width_buckets` line traces (sign x width bucket),
+so a 30k-edge graph costs one argpartition and a handful of traces. Traces are built as Scattergl and drawn in
+WebGL when a figure has more than `WEBGL_MARKERS` markers, else as SVG: each line trace is one SVG path, and
+below a few thousand markers SVG draws faster than WebGL, which in a browser without a GPU (software GL, headless
+Chromium) took 2-7 s to draw the 300 edges of the default view (measured, bench/app_bench.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ POS_COLOR = "#1f77b4"   # positive edge score (supports the forget behaviour)
 NEG_COLOR = "#d62728"   # negative edge score
 HIGHLIGHT = "#ff7f0e"  # search matches and the pinned node's edges
 MAX_EDGES = 2000
+WEBGL_MARKERS = 5000    # above this many markers (nodes and edge hover points) a figure is drawn in WebGL
+
+
+def for_renderer(traces: list[go.BaseTraceType]) -> list[go.BaseTraceType]:
+    """The traces as SVG `go.Scatter` when they hold at most WEBGL_MARKERS markers (module docstring), else as
+    built (Scattergl, WebGL)."""
+    markers = sum(len(t.x) for t in traces if t.x is not None and "markers" in (t.mode or ""))
+    if markers > WEBGL_MARKERS:
+        return traces
+    return [go.Scatter({k: v for k, v in t.to_plotly_json().items() if k != "type"})
+            if isinstance(t, go.Scattergl) else t for t in traces]
 
 
 def _head_index(names: list[str]) -> np.ndarray:
@@ -129,8 +143,13 @@ def grouped_edge_traces(src: np.ndarray, dst: np.ndarray, kept: np.ndarray, pos:
 
 def edge_hover_trace(names: list[str], src: np.ndarray, dst: np.ndarray, kept: np.ndarray, pos: np.ndarray,
                      lines: list[str]) -> go.Scattergl:
-    """Invisible markers at the kept edges' midpoints carrying their hover text (lines cannot hover in WebGL)."""
-    mid = (pos[src[kept]] + pos[dst[kept]]) / 2
+    """Invisible markers near the kept edges' midpoints carrying their hover text (lines cannot hover in WebGL).
+    Not at the midpoint itself: on the symmetric layout it can be a node's position (the MLP between two heads),
+    and a hover point there takes the node's clicks; 45% along the edge, or 55% where that is a node too."""
+    a, b = pos[src[kept]], pos[dst[kept]]
+    mid = a + 0.45 * (b - a)
+    on_node = np.isin(mid[:, 0] + 1j * mid[:, 1], pos[:, 0] + 1j * pos[:, 1])
+    mid[on_node] = (a + 0.55 * (b - a))[on_node]
     text = [f"<b>{names[s]} → {names[d]}</b><br>{line}" for s, d, line in zip(src[kept].tolist(),
                                                                            dst[kept].tolist(), lines)]
     return go.Scattergl(x=mid[:, 0], y=mid[:, 1], mode="markers", marker={"size": 6, "opacity": 0},
@@ -286,7 +305,7 @@ def circuit_figure(graph: GraphData, *, top_n: int | None = 300, threshold: floa
     traces += pin_traces
     traces.append(node_trace(graph, pos, pins, score_max, labels=len(graph.names) <= GROUP_NODE_LIMIT,
                              bright=bright if focus else None))
-    fig = go.Figure(traces)
+    fig = go.Figure(for_renderer(traces))
     _axes(fig, graph.names, graph.layers, title or pruned.summary())
     return fig
 
@@ -369,7 +388,7 @@ def graph_diff_figure(diff: GraphDiff, *, colour: DiffColour = "change", relativ
     node.marker.colorscale = "Greys"
     node.marker.cmin = 0
     traces.append(node)
-    fig = go.Figure(traces)
+    fig = go.Figure(for_renderer(traces))
     kind = "relative change (after − before)/|before|, clipped at ±200%" if relative else "change (after − before)"
     _axes(fig, diff.names, diff.layers, f"{title + ' · ' if title else ''}{kind}"
           f"<br><sup>{pruned.summary().replace('|score|', '|change|')}</sup>")
