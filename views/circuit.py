@@ -64,7 +64,41 @@ url_state.restore([f for fields in URL_FIELDS.values() for f in fields])
 def publish_view(name: str) -> None:
     """Write this view's state into the URL and drop the other views' parameters."""
     url_state.publish(URL_FIELDS[name], drop=[f for v, fields in URL_FIELDS.items() if v != name for f in fields])
+
+
 view = st.radio("view", list(VIEWS), format_func=VIEWS.get, horizontal=True, key="circuit-view")
+
+
+def graph_version(r, stage_name: str) -> tuple[str, str, int]:
+    """(run path, stage, mtime of its graph file): the cache key of everything derived from one stage's graph."""
+    path = artifact(r.path, layout.attribution_json(Path(r.path), stage_name))
+    return str(r.path), stage_name, path.stat().st_mtime_ns if path.is_file() else -1
+
+
+# Derived from the cached graphs once per graph version, not on every rerun (a pin, a search, a download click):
+# on a 543k-edge graph grouping costs 0.2 s, pruning 0.04 s, the figure 0.1 s, aligning two graphs for a diff 0.1 s.
+# Shared read-only across sessions.
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _grouped(version: tuple, _graph: GraphData) -> GraphData:
+    return group_by_layer(_graph)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _pruned(version: tuple, grouped: bool, top_k: int, min_score: float, _drawn: GraphData) -> Pruned:
+    return prune(_drawn.weight, top_k, min_score)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _diff(version_a: tuple, version_b: tuple, circuit: tuple, _a: GraphData, _b: GraphData) -> tuple:
+    diff = align(_a, _b, list(circuit))
+    return diff, cad_split(diff)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _figure(version: tuple, grouped: bool, top_k: int, min_score: float, pinned: tuple, marked: tuple, title: str,
+            _drawn: GraphData, _full: GraphData | None):
+    return circuit_figure(_drawn, top_n=top_k, threshold=min_score, pinned=list(pinned), highlight=list(marked),
+                          full=_full, title=title)
 
 
 def circuit_edges(r, graph) -> list[tuple[str, str]]:
@@ -97,8 +131,8 @@ def diff_view() -> None:
     relative = c2.toggle("relative change", key="diff-relative", help="(B − A) / |A|, clipped at ±200%")
     top_n = c3.slider("top-k edges by |change|", 10, 2000, 300, step=10, key="diff-topn")
     query = c4.text_input("search nodes", key="diff-search", placeholder="e.g. a1.h3 or m0")
-    diff = align(a, b, circuit_edges(runs[run_a], a))
-    split = cad_split(diff)
+    diff, split = _diff(graph_version(runs[run_a], stage_a), graph_version(runs[run_b], stage_b),
+                        tuple(circuit_edges(runs[run_a], a)), a, b)
     m = st.columns(5)
     m[0].metric("CAD (A → B)", f"{split.cad:.3g}", help="over graph A's run's circuit edges (mansu.attribution.cad)")
     m[1].metric("shrinkage part", f"{split.shrinkage:.3g}", help="|S−T|/(S+T): CAD's lower bound")
@@ -162,31 +196,6 @@ if view == "spread":
     spread_view()
     publish_view("spread")
     st.stop()
-
-def graph_version(r, stage_name: str) -> tuple[str, str, int]:
-    """(run path, stage, mtime of its graph file): the cache key of everything derived from one stage's graph."""
-    path = artifact(r.path, layout.attribution_json(Path(r.path), stage_name))
-    return str(r.path), stage_name, path.stat().st_mtime_ns if path.is_file() else -1
-
-
-# Derived from the cached graph once per graph version, not on every rerun (a pin, a search, a download click):
-# on a 543k-edge graph grouping costs 0.2 s, pruning 0.04 s and the figure 0.1 s. Shared read-only across sessions.
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _grouped(version: tuple, _graph: GraphData) -> GraphData:
-    return group_by_layer(_graph)
-
-
-@st.cache_resource(show_spinner=False, max_entries=32)
-def _pruned(version: tuple, grouped: bool, top_k: int, min_score: float, _drawn: GraphData) -> Pruned:
-    return prune(_drawn.weight, top_k, min_score)
-
-
-@st.cache_resource(show_spinner=False, max_entries=32)
-def _figure(version: tuple, grouped: bool, top_k: int, min_score: float, pinned: tuple, marked: tuple, title: str,
-            _drawn: GraphData, _full: GraphData | None):
-    return circuit_figure(_drawn, top_n=top_k, threshold=min_score, pinned=list(pinned), highlight=list(marked),
-                          full=_full, title=title)
-
 
 stage = st.radio("stage", list(STAGE_LABELS), format_func=STAGE_LABELS.get, horizontal=True, key="circuit-stage")
 graph = load_graph(run, stage)
