@@ -121,6 +121,8 @@ def test_several_pins_make_a_highlighted_subgraph_kept_in_the_url(server, tab, c
     from mansu.viz.graph_ops import pin_subgraph
 
     name = circuit_runs[2]["small"]
+    DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+    tab.set_viewport_size({"width": 1400, "height": 1400})      # the controls, the chart and the pins' tabs
     _open(tab, f"{server}/circuit?run={name}&pin=a1.h3,a2.h5")
     _wait_chart(tab)
     for prefix in ("edges of a1.h3", "edges of a2.h5", "edges among the pins"):
@@ -128,6 +130,7 @@ def test_several_pins_make_a_highlighted_subgraph_kept_in_the_url(server, tab, c
     opacities = tab.evaluate("() => document.querySelector('.js-plotly-plot')._fullData"
                              ".filter(t => ['+', '-'].includes(t.legendgroup)).map(t => t.opacity)")
     assert opacities and max(opacities) < 0.35, opacities                 # the rest of the graph dimmed
+    tab.screenshot(path=str(DOCS_SHOTS / "circuit-pins.png"))
     tabs = tab.get_by_role("tab")
     assert tabs.count() == 2 and tabs.first.inner_text().startswith("a2.h5")   # one panel per pin, latest first
     x, y = tab.evaluate(_NODE_XY, "a3.h6")
@@ -145,7 +148,6 @@ def test_several_pins_make_a_highlighted_subgraph_kept_in_the_url(server, tab, c
     rows = list(csv.DictReader(io.StringIO(Path(info.value.path()).read_text())))
     assert len(rows) == expected.shape[0] and all(r["source"] in pins or r["target"] in pins for r in rows)
     assert sum(r["source"] in pins and r["target"] in pins for r in rows) >= 1      # edges among the pins
-    tab.screenshot(path=str(REPO / "tests" / "_screenshots" / "circuit-pins.png"), full_page=True)
     _open(tab, tab.url)                                                      # the deep link reopens all three
     _wait_chart(tab)
     for pin in pins:
