@@ -139,6 +139,8 @@ def test_several_pins_make_a_highlighted_subgraph_kept_in_the_url(server, tab, c
     tab.wait_for_function("() => decodeURIComponent(location.search).includes('pin=a1.h3,a2.h5,a3.h6')",
                           timeout=30_000)
     assert tab.get_by_role("tab").count() == 3
+    tab.wait_for_function("() => document.querySelector('[role=tab][aria-selected=true]')?.innerText"
+                          ".startsWith('a3.h6')", timeout=30_000)               # the new pin's tab is open
     pins = ["a1.h3", "a2.h5", "a3.h6"]
     graph = load_graph(circuit_runs[1] / name, "before")
     expected = pin_subgraph(graph, pins)

@@ -272,8 +272,10 @@ def pin_panel(node: str) -> None:
 
 if len(pins) == 1:
     pin_panel(pins[0])
-elif pins:  # one tab per pin, the latest pinned first (the open tab)
-    for tab, node in zip(st.tabs([f"{n} · {node_label(n)}" for n in reversed(pins)]), reversed(pins)):
+elif pins:  # one tab per pin, the latest pinned first and open
+    names = [f"{n} · {node_label(n)}" for n in reversed(pins)]
+    # keyed by the pins: a new pin makes new tabs, opened at the default (a kept key would keep the old tab open)
+    for tab, node in zip(st.tabs(names, default=names[0], key=f"circuit-pin-tabs-{','.join(pins)}"), reversed(pins)):
         with tab:
             pin_panel(node)
 publish_view("graph")
