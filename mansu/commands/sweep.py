@@ -149,6 +149,16 @@ def frontier_config(args: argparse.Namespace):
     return dataclasses.replace(QUICK, **kwargs) if args.quick else FrontierConfig(**kwargs)
 
 
+def frontier_command(args: argparse.Namespace) -> str:
+    """The command line of this sweep, rebuilt from the parsed flags (also right when called as main(argv))."""
+    flags = ["--quick"] if args.quick else []
+    for name in ("out", *FRONTIER_LISTS, "mansu_steps", "retain_eval_limit", "runs", "threads", "merge"):
+        value = getattr(args, name)
+        if value is not None and (value != "" or name in MAY_BE_EMPTY):
+            flags += ["--" + name.replace("_", "-"), shlex.quote(str(value))]
+    return " ".join(["mansu sweep frontier", *flags])
+
+
 def run_frontier(args: argparse.Namespace) -> int:
     import torch
 
@@ -171,20 +181,21 @@ def run_frontier(args: argparse.Namespace) -> int:
         raise ValueError("nothing to plot: no baseline, MANSU or Fisher run and no --merge")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rest = sys.argv[sys.argv.index("frontier") + 1:] if "frontier" in sys.argv else ["--out", str(out)]
-    command = " ".join(["mansu sweep frontier", *map(shlex.quote, rest)])
+    command = frontier_command(args)
     partial = out.with_suffix(".partial.json")  # the points so far, for --merge if the sweep is stopped
 
     def save_partial(points) -> None:
         partial.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(partial, {"commands": [command + " (partial)"], "points": [p.to_dict() for p in points]})
+        write_json_atomic(partial, {"commands": [command + " (partial)"], "points": [p.to_dict() for p in points],
+                                    "wall_seconds": time.perf_counter() - start})
 
     start = time.perf_counter()
     points = frontier_sweep(cfg, runs, on_point=save_partial, progress=lambda i, n, s: print(
         f"run {i + 1}/{n}: {s.label} seed {s.seed}", file=sys.stderr, flush=True))
-    commands = [c for _, cs in merged for c in cs] + ([command] if points or not merged else [])
-    for path in write_frontier_page([p for ps, _ in merged for p in ps] + points, cfg, out,
-                                    seconds=time.perf_counter() - start, commands=commands or [command], runs=runs):
+    commands = [c for _, cs, _ in merged for c in cs] + ([command] if points or not merged else [])
+    seconds = sum(s for _, _, s in merged) + (time.perf_counter() - start if points else 0.0)
+    for path in write_frontier_page([p for ps, _, _ in merged for p in ps] + points, cfg, out, seconds=seconds,
+                                    commands=commands):
         print(path)
     partial.unlink(missing_ok=True)
     return 0

@@ -220,12 +220,12 @@ def config_to_json(cfg: FrontierConfig) -> dict[str, Any]:
     return {**asdict(cfg), "fisher_changes": FISHER_CHANGES}
 
 
-def read_points(path: Path) -> tuple[list[FrontierPoint], list[str]]:
-    """The points of an earlier sweep's JSON (the page's twin) and the commands that made them; ValueError when
-    the file is not one."""
+def read_points(path: Path) -> tuple[list[FrontierPoint], list[str], float]:
+    """The points of an earlier sweep's JSON (the page's twin), the commands that made them and their wall time
+    (s); ValueError when the file is not one."""
     data = read_json(path)
     try:
         points = [FrontierPoint(**p) for p in data["points"]]
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a frontier sweep's JSON (no points of the expected fields: {exc})") from None
-    return points, list(data.get("commands", []))
+    return points, list(data.get("commands", [])), float(data.get("wall_seconds", 0.0))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mansu.io import atomic_write_bytes, write_json_atomic
-from mansu.science.frontier import HELD, FrontierConfig, FrontierPoint, config_to_json
+from mansu.science.frontier import FRONTIER_METHODS, HELD, FrontierConfig, FrontierPoint, config_to_json
 from mansu.scorecard import ScorecardConfig
 
 CARD = ScorecardConfig()
@@ -33,7 +33,7 @@ def _panels(points: Sequence[FrontierPoint]) -> list[tuple[str, list[FrontierPoi
     if not methods and mansu:
         out.append(("mansu", mansu))
     fisher = [p for p in points if p.group == "fisher"]
-    return out + ([("Fisher bound: MANSU update_fraction large, no retain term", fisher)] if fisher else [])
+    return out + ([("Fisher bound: bounded vs unbounded MANSU", fisher)] if fisher else [])
 
 
 def write_figure(points: Sequence[FrontierPoint], stem: Path) -> list[Path]:
@@ -48,7 +48,7 @@ def write_figure(points: Sequence[FrontierPoint], stem: Path) -> list[Path]:
     panels = _panels(points)
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 4.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols + 1, 4.2 * nrows), squeeze=False, layout="constrained")
     gaps = [p.ptq_gap for p in points]
     norm = TwoSlopeNorm(vcenter=0.0, vmin=min(min(gaps), -0.05), vmax=max(max(gaps), 0.05))
     cmap = plt.get_cmap("coolwarm")
@@ -57,7 +57,7 @@ def write_figure(points: Sequence[FrontierPoint], stem: Path) -> list[Path]:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8,
-                 label="PTQ gap / forget headroom (red: NF4 brings answers back)")
+                 label="PTQ gap / forget headroom (red: NF4 restores answers)")
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for ext in ("png", "svg"):
@@ -91,8 +91,8 @@ def _panel(ax, title: str, pts: Sequence[FrontierPoint], cmap, norm) -> None:
     ax.axhline(CARD.retain_margin, color="g", ls="--", lw=0.8)
     ax.axvline(CARD.forget_margin, color="g", ls="--", lw=0.8)
     ax.set_xlim(right=right)
-    ax.set(title=title, xlabel="forgotten: fraction of the base's above-chance forget accuracy removed",
-           ylabel="retain lost: fraction of above-chance retain accuracy")
+    ax.set(title=title, xlabel="forgotten (fraction of above-chance forget accuracy)",
+           ylabel="retain lost (fraction of above-chance retain accuracy)")
     ax.title.set_fontsize(9)
     ax.xaxis.label.set_fontsize(7)
     ax.yaxis.label.set_fontsize(7)
@@ -169,6 +169,15 @@ def rmu_lines(points: Sequence[FrontierPoint]) -> list[str]:
             f"{best.retain_lost_fp:+.3f}.", ""]
 
 
+def missing_lines(points: Sequence[FrontierPoint]) -> list[str]:
+    """The lr-driven baselines not on the page, and how to add them without redoing the others."""
+    missing = [m for m in FRONTIER_METHODS if m not in {p.method for p in points}]
+    if not missing:
+        return []
+    return [f"Not on this page: {', '.join(missing)} (add them with `mansu sweep frontier --methods "
+            f"{','.join(missing)} --mansu-fractions '' --fisher-epsilons '' --merge docs/frontiers.json`).", ""]
+
+
 def fisher_section(points: Sequence[FrontierPoint]) -> list[str]:
     pts = [p for p in points if p.group == "fisher"]
     if not pts:
@@ -193,23 +202,38 @@ def fisher_section(points: Sequence[FrontierPoint]) -> list[str]:
                      f"{_ms([p.forgot_fp for p in free])}, budget used {_ms([p.budget_used for p in bound], '{:.3g}')}"
                      f", weights moved {_ms([p.params_touched for p in bound], '{:.0f}')} vs "
                      f"{_ms([p.params_touched for p in free], '{:.0f}')}.")
-    return [*lines, ""]
+    return [*lines, "", *cost_vs_damage([p for p in points if p.fisher_cost is not None]), ""]
+
+
+def cost_vs_damage(points: Sequence[FrontierPoint]) -> list[str]:
+    """Every MANSU run's Fisher cost (the bound's estimate of retain damage) next to its measured retain loss,
+    sorted by cost: whether the second-order estimate ranks runs by the damage they do."""
+    if len(points) < 2:
+        return []
+    rows = sorted(points, key=lambda p: p.fisher_cost)
+    return ["Fisher cost (the bound's second-order estimate of retain damage, nats) against the retain loss each "
+            "MANSU run measured, sorted by cost:", "",
+            "| run | seed | Fisher cost | retain lost | forgotten fp |", "|---|---|---|---|---|",
+            *(f"| {p.label} | {p.seed} | {p.fisher_cost:.3g} | {p.retain_lost_fp:+.3f} | {p.forgot_fp:.3f} |"
+              for p in rows)]
 
 
 def write_frontier_page(points: Sequence[FrontierPoint], cfg: FrontierConfig, out: Path, *, seconds: float,
-                        commands: Sequence[str], runs: Path) -> list[Path]:
+                        commands: Sequence[str]) -> list[Path]:
     """out (markdown), out.with_suffix('.json') (the points) and the figure next to it; returns the paths.
     `commands`: the sweeps that made the points (earlier ones merged with --merge first, this one last)."""
     out = Path(out)
     figure = write_figure(points, out.with_suffix(""))
     data = out.with_suffix(".json")
-    write_json_atomic(data, {"config": config_to_json(cfg), "scorecard": CARD.__dict__, "runs": str(runs),
-                             "commands": list(commands), "points": [p.to_dict() for p in points]}, add_stamp=True)
+    write_json_atomic(data, {"config": config_to_json(cfg),  # the last command's (merged points: their commands)
+                             "scorecard": CARD.__dict__, "commands": list(commands), "wall_seconds": seconds,
+                             "points": [p.to_dict() for p in points]}, add_stamp=True)
     made = "; ".join(f"`{c}`" for c in commands)
     base = points[0]
     lines = [
         "# Baselines as frontiers: can any gradient baseline forget, keep retain and survive NF4 at once?", "",
-        f"Generated by {made} (the last in {seconds / 60:.1f} min, CPU); {len(points)} runs (each point's folder is "
+        f"Generated by {made}" + (f" ({seconds / 60:.0f} min of sweep wall time)" if seconds else "")
+        + f"; {len(points)} runs (each point's run folder is "
         f"in the JSON); the points are in [{data.name}]({data.name}). Method and definitions: "
         "`mansu/science/frontier.py`.", "",
         "**Setup.** The demo world on its NF4-grid-aligned base (the base of the dual failure), each method's demo "
@@ -222,7 +246,7 @@ def write_frontier_page(points: Sequence[FrontierPoint], cfg: FrontierConfig, ou
         f"= the PTQ gap relative to the forget headroom (passes when its 95% CI high end is <= {CARD.max_ptq_gap}). "
         "Circles: the baseline of the panel; stars: MANSU (the same on every panel). A run *holds* when it passes "
         "forgetting, retain and PTQ gap at once (the green band is forgetting's; retain's line is dashed).", "",
-        "## Verdict", "", *verdict(points), "", *rmu_lines(points),
+        "## Verdict", "", *verdict(points), "", *rmu_lines(points), *missing_lines(points),
         f"![frontiers]({figure[0].name})  ([SVG]({figure[1].name}))", "",
         "## Baselines (mean ± sd over seeds; passes = seeds passing / seeds)", "",
         *table([p for p in points if p.group == "baseline"]), "",
