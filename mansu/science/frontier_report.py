@@ -120,7 +120,10 @@ def table(points: Sequence[FrontierPoint], extra: Sequence[tuple[str, str, str]]
     cols = (*COLUMNS, *extra)
     lines = ["| setting | seeds | " + " | ".join(c[0] for c in cols) + " | " + " | ".join(HELD) + " | all three |",
              "|" + "---|" * (len(cols) + len(HELD) + 3)]
-    for (_, label), pts in _by_setting(points).items():
+    methods = list(dict.fromkeys(p.method for p in points))
+    rows = sorted(_by_setting(points).items(),  # by method (first seen), then lr; stable for settings without one
+                  key=lambda kv: (methods.index(kv[1][0].method), kv[1][0].changes.get("lr", 0.0)))
+    for (_, label), pts in rows:
         cells = [_ms([getattr(p, key) for p in pts], fmt) for _, key, fmt in cols]
         passes = [f"{sum(p.passes[h] for p in pts)}/{len(pts)}" for h in HELD]
         lines.append(f"| {label} | {len(pts)} | " + " | ".join(cells) + " | " + " | ".join(passes)
