@@ -99,8 +99,8 @@ def check_engine_memory(method: str, n_coordinates: int, limit_gb: float | None,
     if need > have:
         raise ValueError(f"{method}'s unlearning state for the circuit's {n_coordinates:,} weights needs "
                          f"~{_gib(need)} GiB ({METHODS[method].peak_bytes_per_coordinate} B each) but {device} has "
-                         f"{_gib(have)} GiB free: lower --circuit-target (a smaller circuit) or use a device "
-                         "with more memory")
+                         f"{_gib(have)} GiB free: give --mlp-neuron-mass 0.8 (a circuit MLP owns only its top "
+                         "neurons), lower --circuit-target (a smaller circuit) or use a device with more memory")
 
 
 def _what_lowers(spec, need: dict) -> str:

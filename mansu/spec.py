@@ -65,9 +65,12 @@ class RunSpec:
     nf4_mode: NF4Mode = opt("simulated", "NF4 twin: simulated (bit-exact dequantized) or real (bitsandbytes)")
     attribution: bool = opt(True, "EAP-IG circuit and CAD (off: MANSU uses every Linear weight)")
     circuit_target: float = opt(0.8, "faithfulness of the smallest faithful circuit", lo=0.0, hi=1.5, lo_open=True)
-    mlp_neuron_mass: float = opt(0.8, "neuron grain of the circuit's MLPs: each keeps its fewest top-attributed "
+    # 1 by default: at the same number of moved weights the finer grain neither forgot more nor kept retain better
+    # on the demo (docs/demo_search.md, section 5); it shrinks an 8B circuit's engine memory ~3x (mansu/memory.py)
+    mlp_neuron_mass: float = opt(1.0, "neuron grain of the circuit's MLPs: each keeps its fewest top-attributed "
                                       "hidden neurons covering this fraction of its attribution (at most "
-                                      f"{MAX_FRACTION:.0%} of them; mansu/attribution/neurons.py); 1: the whole MLP",
+                                      f"{MAX_FRACTION:.0%} of them; mansu/attribution/neurons.py), e.g. 0.8 (the "
+                                      "demo's circuit then owns 30% of the weights, not 86%); 1: the whole MLP",
                                  lo=0.0, hi=1.0, lo_open=True)
     attribution_records: int = opt(32, "forget records attributed (EAP-IG cost grows with it)", lo=1, hi=100_000)
     ig_steps: int = opt(5, "EAP-IG integration steps (5-30 typical)", lo=1, hi=1000)

@@ -166,7 +166,8 @@ def test_selection_rule():
 def test_spec_flag_is_validated():
     from mansu.spec import RunSpec
 
-    assert RunSpec().mlp_neuron_mass == 0.8
+    assert RunSpec().mlp_neuron_mass == 1.0           # whole MLPs unless asked (docs/demo_search.md, section 5)
+    assert RunSpec(mlp_neuron_mass=0.8).mlp_neuron_mass == 0.8
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="mlp_neuron_mass"):
             RunSpec(mlp_neuron_mass=bad)
