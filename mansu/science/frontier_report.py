@@ -166,7 +166,8 @@ def rmu_lines(points: Sequence[FrontierPoint]) -> list[str]:
         return []
     best = max(rmu, key=lambda p: p.forgot_fp)
     forgets = [p for p in rmu if p.passes["forgetting"]]
-    return [f"RMU (coefficients of its `demo` dict, scaled to the demo's width; docs/demo_search.md section 1c): "
+    return [f"RMU (its `demo` coefficients, WMDP's; scaled to the demo's width they do not help either: "
+            f"docs/demo_search.md section 1c): "
             f"{len(forgets)} of {len(rmu)} runs pass forgetting; the most forgotten is {best.label} seed "
             f"{best.seed}: forget {best.forget_fp:.3f} fp, {best.forget_nf4:.3f} NF4, retain lost "
             f"{best.retain_lost_fp:+.3f}.", ""]
@@ -253,7 +254,8 @@ def write_frontier_page(points: Sequence[FrontierPoint], cfg: FrontierConfig, ou
         f"![frontiers]({figure[0].name})  ([SVG]({figure[1].name}))", "",
         "## Baselines (mean ± sd over seeds; passes = seeds passing / seeds)", "",
         *table([p for p in points if p.group == "baseline"]), "",
-        "## MANSU", "", *table([p for p in points if p.group == "mansu"]), "",
+        "## MANSU", "", *table([p for p in points if p.group == "mansu"],
+                               (("weights moved", "params_touched", "{:.0f}"),)), "",
         *fisher_section(points)]
     atomic_write_bytes(out, ("\n".join(lines).rstrip() + "\n").encode())
     return [out, data, *figure]
