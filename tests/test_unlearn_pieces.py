@@ -165,3 +165,20 @@ def test_adam_in_place_step_equals_the_copying_step():
         g = torch.randn(1000, generator=gen)
         expected = a.step(g)
         assert torch.equal(b.step_(g.clone()), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_radix_top_indices_equal_topk(dtype, monkeypatch):
+    """Beyond TOPK_DIRECT the selection is a chunked radix select: the same values as torch.topk (ties included),
+    largest first, on scores with negatives, -inf and many ties, across chunk boundaries."""
+    from mansu.unlearn.methods import base
+
+    monkeypatch.setattr(base, "SELECT_CHUNK", 1000)
+    gen = torch.Generator().manual_seed(0)
+    score = torch.randn(10_007, generator=gen).mul_(3).round_().to(dtype)  # few distinct values: ties at the cut
+    score[::7] = -math.inf
+    for k in (1, 5, 999, 4000, 10_007):
+        got = base.top_indices(score, k, direct_limit=100)
+        want = torch.topk(score.float(), k).values
+        assert got.unique().numel() == k
+        assert torch.equal(score[got].float(), want)  # same multiset, largest first

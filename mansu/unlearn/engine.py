@@ -67,6 +67,7 @@ def run_unlearning(model, forget: TokenBatch, retain: TokenBatch, config: Unlear
     summary = {"prepare_seconds": round(prep, 3), "loop_seconds": round(time.perf_counter() - t0 - prep, 3),
                "n_coordinates": index.numel, "n_params_touched": int(torch.count_nonzero(total))}
     state = max(state, state_bytes(method))
+    method.release()
     summary.update(state_bytes=state, state_bytes_per_coordinate=round(state / max(index.numel, 1), 2))
     return UnlearnResult(index, total, steps, method.proposals, method.fisher, summary)
 

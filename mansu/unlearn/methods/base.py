@@ -81,23 +81,55 @@ def make_optimizer(config: UnlearnConfig, n: int, lr: float | None = None, devic
 
 
 RECORD_CHUNK = 1 << 24  # coordinates per chunk of a step's bookkeeping (64 MB of fp32)
-TOPK_CHUNK = 1 << 30  # torch.topk is not trusted past 2^31 elements (an 8B model's circuit has ~6e9 coordinates)
+TOPK_DIRECT = 1 << 24  # torch.topk on CPU keeps a (value, index) pair per element (16 B each): only this far
+SELECT_CHUNK = 1 << 22  # elements per chunk of the radix selection beyond it (32 MB of int64 keys)
 
 
-def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries of a flat score (torch.topk; for vectors past TOPK_CHUNK entries, the top
-    k of each chunk first, then the top k of those: the same set)."""
+def top_indices(score: torch.Tensor, k: int, *, direct_limit: int = TOPK_DIRECT) -> torch.Tensor:
+    """Indices of the k largest entries of a flat score, largest first.
+
+    Up to `direct_limit` entries: torch.topk.  Beyond it, a radix selection (4 passes of 8-bit histograms over
+    order-preserving int keys, then one collecting pass), a chunk at a time: ~0 B per entry beyond one chunk,
+    where torch.topk would hold 16 B per entry (the 304M-coordinate GradDiff run's peak).  Ties at the k-th value
+    go to the lowest indices."""
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=score.device)
-    if score.numel() <= TOPK_CHUNK:
+    if score.numel() <= direct_limit:
         return torch.topk(score, k).indices
-    vals, idx = [], []
-    for lo in range(0, score.numel(), TOPK_CHUNK):
-        top = torch.topk(score[lo: lo + TOPK_CHUNK], min(k, score[lo: lo + TOPK_CHUNK].numel()))
-        vals.append(top.values)
-        idx.append(top.indices + lo)
-    vals, idx = torch.cat(vals), torch.cat(idx)
-    return idx[torch.topk(vals, k).indices]
+    k = min(k, score.numel())
+    threshold, n_ties = _kth_key(score, k)
+    above, ties = [], []
+    for lo, key in _keys(score):
+        above.append(torch.nonzero(key > threshold).reshape(-1) + lo)
+        if n_ties > 0:
+            eq = torch.nonzero(key == threshold).reshape(-1)[:n_ties] + lo
+            n_ties -= eq.numel()
+            ties.append(eq)
+    idx = torch.cat(above + ties)
+    return idx[torch.sort(score[idx].float(), descending=True, stable=True).indices]
+
+
+def _keys(score: torch.Tensor):
+    """(offset, int64 key) per chunk: the float32 bit pattern mapped so that keys order as the values do."""
+    for lo in range(0, score.numel(), SELECT_CHUNK):
+        bits = score[lo: lo + SELECT_CHUNK].float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        yield lo, torch.where(bits >= 1 << 31, 0xFFFFFFFF - bits, bits + (1 << 31))
+
+
+def _kth_key(score: torch.Tensor, k: int) -> tuple[int, int]:
+    """(the k-th largest key, how many entries equal to it belong to the top k)."""
+    prefix, remaining = 0, k
+    for shift in (24, 16, 8, 0):
+        counts = torch.zeros(256, dtype=torch.long, device=score.device)
+        for _, key in _keys(score):
+            if shift < 24:
+                key = key[(key >> (shift + 8)) == prefix]
+            counts += torch.bincount((key >> shift) & 255, minlength=256)
+        above = counts.flip(0).cumsum(0).flip(0) - counts   # entries in higher bins of this prefix
+        b = int(torch.nonzero(above < remaining).min())     # the bin holding the remaining-th largest
+        remaining -= int(above[b])
+        prefix = (prefix << 8) | b
+    return prefix, remaining
 
 
 def abs_score(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -212,14 +244,23 @@ class Method:
         if self.ref is None:
             self.ref = obj.reference_logprobs(self.model, self.forget.to(self.device)).cpu()
 
+    def release(self) -> None:
+        """Drop what only the steps need once they are done (Adam's moments, 8 B per coordinate); the cumulative
+        update and the proposals stay for the artifacts and the floor tuner."""
+        self.opt = None
+
     def proposals(self, limit: int) -> Proposals:
         """At most `limit` proposed-or-updated coordinates, by priority (see `Proposals`)."""
-        proposed = (self.proposal != 0) | (self.total != 0)
-        n_total = int(torch.count_nonzero(proposed))  # no int64 upcast of an [n] bool
+        score = self.priority.clone()  # -inf where nothing was proposed; built a chunk at a time
+        n_total = 0
+        for lo in range(0, self.n, RECORD_CHUNK):
+            proposed = (self.proposal[lo: lo + RECORD_CHUNK] != 0) | (self.total[lo: lo + RECORD_CHUNK] != 0)
+            n_total += int(torch.count_nonzero(proposed))
+            score[lo: lo + RECORD_CHUNK].masked_fill_(~proposed, -math.inf)
         if n_total > limit:
-            pos = top_indices(self.priority.float().masked_fill_(~proposed, -math.inf), limit)
+            pos = top_indices(score, limit)
         else:
-            pos = torch.nonzero(proposed).reshape(-1)
+            pos = torch.nonzero(score > -math.inf).reshape(-1)
         return Proposals(pos, self.proposal[pos].float(), self.priority[pos].float(), n_total)
 
     def record_proposal(self, delta: torch.Tensor, score: torch.Tensor) -> None:
