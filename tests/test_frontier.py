@@ -36,6 +36,8 @@ def test_quick_sweep_writes_page_json_and_figures_from_the_runs_own_metrics(demo
         assert p["forgot_nf4"] == pytest.approx((base - nf4) / (base - chance), abs=1e-9)
         assert p["ptq_gap"] == pytest.approx(p["forgot_fp"] - p["forgot_nf4"], abs=1e-9)
         assert p["retain_fp"] == metrics["unlearned_fp"]["retain"]["accuracy"]
+        assert (p["params_touched"], p["n_coordinates"]) == (metrics["unlearn"]["n_params_touched"],
+                                                             metrics["unlearn"]["n_coordinates"])
         assert p["holds"] == all(card[h]["pass"] for h in ("forgetting", "retain", "ptq_gap"))
         assert json.loads((runs / p["run"].rsplit("/", 1)[-1] / "config.json").read_text())["spec"]["unlearn"][
             "steps"] == 2

@@ -149,6 +149,7 @@ class FrontierPoint:
     budget_used: float | None  # fisher_cost / epsilon (0 when unbounded)
     n_dropped: int | None      # floored candidates the bound dropped in the last step
     wall_seconds: float
+    n_coordinates: int | None = None  # coordinates the method may move (MANSU: its circuit's); None in old JSONs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,7 +177,7 @@ def read_point(setting: Setting, run: Path) -> FrontierPoint:
         median_ratio=(m.get("survival") or {}).get("median_ratio"),
         params_touched=int(m["unlearn"]["n_params_touched"]),
         fisher_cost=last.get("fisher_cost"), budget_used=last.get("budget_used"), n_dropped=last.get("n_dropped"),
-        wall_seconds=float(m["unlearn"]["wall_seconds"]))
+        wall_seconds=float(m["unlearn"]["wall_seconds"]), n_coordinates=m["unlearn"].get("n_coordinates"))
 
 
 def _last_step(run: Path) -> dict[str, Any]:
