@@ -60,6 +60,31 @@ def write_json_atomic(path: Path, obj: Any, *, add_stamp: bool = False) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
 
+def save_figure(fig: Any, stem: Path, *, dpi: int = 100, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Save a matplotlib figure as stem.png and stem.svg (each via temp file + rename); the paths written."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ext in formats:
+        path = stem.with_suffix(f".{ext}")
+        tmp = path.with_name(f".{path.name}.tmp")
+        fig.savefig(tmp, format=ext, dpi=dpi)
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def mean_sd(values: Any, fmt: str = "{:.3f}") -> str:
+    """'mean ± sd' of the values that are not None ('n/a' for none, the value alone for one)."""
+    import statistics
+
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return fmt.format(vals[0])
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
+
+
 def decode_utf8(data: bytes, where: str) -> str:
     """UTF-8 text of `data` (a leading byte-order mark dropped); anything else is a ValueError naming `where`."""
     try:

@@ -19,12 +19,11 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mansu.io import read_json, write_json_atomic
+from mansu.io import mean_sd, read_json, write_json_atomic
 from mansu.matrix import GapCell, MatrixRun, gap_matrix, markdown_table, summary
 from mansu.models.demo import demo_assets, ensure_demo, is_complete
 from mansu.paths import runs_root
@@ -219,14 +218,6 @@ def _matrix_run(row: dict) -> MatrixRun:
     return MatrixRun(row["base"], row["method"], read_metrics(runs_root() / row["run_id"]))
 
 
-def _ms(values: list, fmt: str = "{:.3f}") -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "n/a"
-    if len(vals) == 1:
-        return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
-
 
 COLUMNS = [("forget fp", "forget_fp", "{:.3f}"), ("forget NF4", "forget_nf4", "{:.3f}"),
            ("PTQ gap", "ptq_gap", "{:+.3f}"), ("retain fp", "retain_fp", "{:.3f}"), ("CAD (NF4)", "cad_nf4", "{:.3f}"),
@@ -243,7 +234,7 @@ def table(rows: list[dict], base: str) -> str:
     for method in methods:
         rs = [r for r in rows if r["base"] == base and r["method"] == method and "error" not in r]
         errs = [r for r in rows if r["base"] == base and r["method"] == method and "error" in r]
-        cells = [_ms([r.get(key) for r in rs], fmt) for _, key, fmt in COLUMNS]
+        cells = [mean_sd([r.get(key) for r in rs], fmt) for _, key, fmt in COLUMNS]
         passing = f"{sum(r['all_pass'] for r in rs)}/{len(rs) + len(errs)}"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {passing} |")
     return "\n".join(lines)

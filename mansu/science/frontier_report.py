@@ -11,7 +11,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from mansu.io import atomic_write_bytes, write_json_atomic
+from mansu.io import atomic_write_bytes, save_figure, write_json_atomic
+from mansu.io import mean_sd as _ms
 from mansu.science.frontier import FRONTIER_METHODS, HELD, FrontierConfig, FrontierPoint, config_to_json
 from mansu.scorecard import ScorecardConfig
 
@@ -58,14 +59,7 @@ def write_figure(points: Sequence[FrontierPoint], stem: Path) -> list[Path]:
         ax.set_visible(False)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8,
                  label="PTQ gap / forget headroom (red: NF4 restores answers)")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for ext in ("png", "svg"):
-        path = stem.with_suffix(f".{ext}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=ext, dpi=100)
-        tmp.replace(path)
-        written.append(path)
+    written = save_figure(fig, stem, dpi=100)
     plt.close(fig)
     return written
 
@@ -98,14 +92,6 @@ def _panel(ax, title: str, pts: Sequence[FrontierPoint], cmap, norm) -> None:
     ax.yaxis.label.set_fontsize(7)
     ax.grid(alpha=0.3)
 
-
-def _ms(values: Sequence[float | None], fmt: str = "{:.3f}") -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "n/a"
-    if len(vals) == 1:
-        return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
 
 
 COLUMNS = (("forget fp", "forget_fp", "{:.3f}"), ("forget NF4", "forget_nf4", "{:.3f}"),

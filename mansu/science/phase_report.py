@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from mansu.io import atomic_write_bytes, write_json_atomic
+from mansu.io import atomic_write_bytes, save_figure, write_json_atomic
 from mansu.science.phase import REGIMES, PhaseConfig, PhasePoint, gaussian_gap, points_to_json, predicted_gap
 
 SHAPE_TITLES = {"gradient": "gradient-shaped update (|delta| ~ |x_j|, unlearning-like)",
@@ -53,14 +53,7 @@ def write_figure(points: Sequence[PhasePoint], cfg: PhaseConfig, stem: Path) -> 
         _collapse_panel(axes[r][-1], _select(points, shape=shape), cfg)
     axes[0][0].legend(fontsize=7, title="solid: measured\ndashed: SNR prediction", title_fontsize=7)
     fig.tight_layout()
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for ext in ("png", "svg"):
-        path = stem.with_suffix(f".{ext}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=ext, dpi=110)
-        tmp.replace(path)
-        written.append(path)
+    written = save_figure(fig, stem, dpi=110)
     plt.close(fig)
     return written
 
