@@ -145,3 +145,28 @@ def test_tensor_by_tensor_alignment_matches_the_whole_model_alignment(family):
     expected = dict(whole.named_parameters())
     assert all(aligned[n].equal(expected[n].detach()) for n in names)
     assert any(not aligned[n].equal(base[n]) for n in names)                   # something was aligned
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_neuron_grain_mlp_owns_what_its_circuit_mask_owns(family):
+    """With the circuit's kept neurons, an MLP node's weights are exactly its circuit mask's entries (Conv1D too):
+    the owned count equals the mask's, and the parts cover the mask and nothing else."""
+    import torch
+
+    from mansu.attribution.circuit import Circuit, circuit_parameter_masks
+    from mansu.testing import tiny_model
+    from mansu.viz import node_weights as nw
+
+    model = tiny_model(family, hidden=64)
+    neurons = {"m1": [1, 5, 6, 40]}
+    masks = circuit_parameter_masks(model, Circuit([("m0", "m1"), ("m1", "logits")], neurons=neurons))
+    params = dict(model.named_parameters())
+    covered = {}
+    for pname, parts in nw.ownership(model, ["m1"], neurons).items():
+        mask = covered.setdefault(pname, torch.zeros(params[pname].shape, dtype=torch.bool))
+        for _, dim, part in parts:
+            mask.index_fill_(dim, part, True)
+    m1 = {n: m for n, m in masks.items() if ".1.mlp." in n or ".h.1.mlp." in n}
+    assert set(covered) == set(m1) and all(torch.equal(covered[n], m1[n]) for n in m1)
+    report = nw.report_for_model(model, {}, nodes=["m1"], neurons=neurons)
+    assert report.nodes["m1"].owned == sum(int(m.sum()) for m in m1.values())

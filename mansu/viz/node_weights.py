@@ -4,7 +4,8 @@ Per node (a head a{L}.h{H} or an MLP m{L}; `input` and `logits` own nothing):
 
     owned           elements of the parameters the node owns (mansu.models.components: a head's q rows, its kv
                     head's k/v rows -- shared by the heads of a GQA group, so counted for each -- and its o_proj
-                    columns; an MLP its whole module), as the circuit masks define them
+                    columns; an MLP its whole module, or at the neuron grain only its kept neurons' rows/columns),
+                    as the circuit masks define them
     touched         of those, the coordinates the run wrote (model_update.safetensors)
     updated         touched coordinates whose value differs from the aligned base (delta != 0)
     codes changed   per quantizer, owned elements of quantized weights whose code differs between the aligned base
@@ -95,10 +96,23 @@ def node_weight_report(run: Path, *, nodes: Sequence[str] | None = None) -> Node
 
     run = Path(run)
     values, meta = read_model_update(run / run_layout.MODEL_UPDATE)  # before the base loads
+    neurons = _circuit_neurons(run)
     alignment, blocksize = meta.get("base_alignment", "natural"), int(meta.get("blocksize", 64))
     lean = _lean_base(_base_path(run), meta.get("dtype", "fp32"), alignment, blocksize, list(values))
     model, base = lean if lean is not None else (_aligned_base(run, meta), None)
-    return report_for_model(model, values, base=base, alignment=alignment, blocksize=blocksize, nodes=nodes)
+    return report_for_model(model, values, base=base, alignment=alignment, blocksize=blocksize, nodes=nodes,
+                            neurons=neurons)
+
+
+def _circuit_neurons(run: Path) -> dict[str, list[int]]:
+    """The kept neurons of the run's circuit MLPs ({} without a circuit or at whole-MLP ownership)."""
+    from mansu.io import read_json
+    from mansu.runs.store import artifact
+
+    try:
+        return read_json(artifact(run, run_layout.CIRCUIT)).get("neurons") or {}
+    except FileNotFoundError:
+        return {}
 
 
 def _base_path(run: Path) -> str:
@@ -176,10 +190,12 @@ def _aligned_base(run: Path, meta: dict[str, str]) -> Any:
 
 
 def report_for_model(model: Any, values: dict[str, tuple[Any, Any]], *, base: dict[str, Any] | None = None,
-                     alignment: str = "?", blocksize: int = 64, nodes: Sequence[str] | None = None) -> NodeWeightReport:
+                     alignment: str = "?", blocksize: int = 64, nodes: Sequence[str] | None = None,
+                     neurons: dict[str, list[int]] | None = None) -> NodeWeightReport:
     """The per-node report of `values` ({param: (flat indices or None, new values)}, read_model_update's) written
     over the aligned base: `base` {param: value} for every written parameter when given (then `model` may be a
-    meta-device skeleton: only its names and shapes are read), else `model`'s own weights (not modified)."""
+    meta-device skeleton: only its names and shapes are read), else `model`'s own weights (not modified).
+    `neurons` {MLP node: kept hidden neurons}: those MLPs own only their neurons' rows/columns."""
     import torch
 
     from mansu.models.components import model_layout
@@ -188,7 +204,7 @@ def report_for_model(model: Any, values: dict[str, tuple[Any, Any]], *, base: di
     from mansu.quant.targets import quant_layout, quantizable_parameter_names
 
     names = list(nodes) if nodes is not None else [n for n in model_layout(model).upstream_nodes() if n != "input"]
-    owners = ownership(model, names)
+    owners = ownership(model, names, neurons)
     quantized, qlayout = set(quantizable_parameter_names(model)), quant_layout(model)
     params = dict(model.named_parameters())
     out = {n: NodeWeights(n, codes_changed=dict.fromkeys(QUANTIZERS, 0), coverage=dict.fromkeys(QUANTIZERS, 0))
@@ -198,18 +214,31 @@ def report_for_model(model: Any, values: dict[str, tuple[Any, Any]], *, base: di
         weight = (base or {}).get(pname, params[pname])
         effect = parameter_effect(pname, weight.detach().float(), values.get(pname),
                                   qlayout if pname in quantized else None, QUANTIZERS, blocksize)
-        for node, dim, start, stop in slices:
-            _accumulate(out[node], ratios[node], effect, dim, start, stop)
+        for node, dim, part in slices:
+            _accumulate(out[node], ratios[node], effect, dim, part)
     for node, parts in ratios.items():
         _finish(out[node], torch.cat(parts) if parts else torch.zeros(0))
     n_touched = sum(int(v.numel()) for _, v in values.values())
     return NodeWeightReport(out, histogram_edges(), tuple(QUANTIZERS), alignment, n_touched)
 
 
-def ownership(model: Any, nodes: Iterable[str]) -> dict[str, list[tuple[str, int, int, int]]]:
-    """{parameter: [(node, dim, start, stop), ...]}: the slices each node owns, per parameter (the circuit masks'
-    rule, mansu.models.components; an MLP owns its parameters whole)."""
-    from mansu.models.components import head_parameter_slices, model_layout, node_parameters, parse_node
+Part = Any  # a slice (rows/columns start:stop) or an int64 tensor of indices along a dim
+
+
+def ownership(model: Any, nodes: Iterable[str],
+              neurons: dict[str, list[int]] | None = None) -> dict[str, list[tuple[str, int, Part]]]:
+    """{parameter: [(node, dim, part), ...]}: what each node owns, per parameter (the circuit masks' rule,
+    mansu.models.components): a head its slices, an MLP its parameters whole or, when `neurons` lists its kept
+    hidden neurons, their entries along each parameter's neuron axis (the output bias is then nobody's)."""
+    import torch
+
+    from mansu.models.components import (
+        head_parameter_slices,
+        mlp_neuron_axes,
+        model_layout,
+        node_parameters,
+        parse_node,
+    )
 
     layout = model_layout(model)
     params = dict(model.named_parameters())
@@ -219,10 +248,15 @@ def ownership(model: Any, nodes: Iterable[str]) -> dict[str, list[tuple[str, int
         if kind == "head":
             for key, (dim, sl) in head_parameter_slices(layout, layer, head).items():
                 if key.split("#")[0] in params:
-                    out.setdefault(key.split("#")[0], []).append((node, dim, sl.start, sl.stop))
+                    out.setdefault(key.split("#")[0], []).append((node, dim, sl))
+        elif kind == "mlp" and node in (neurons or {}):
+            kept = torch.tensor(sorted(neurons[node]), dtype=torch.long)
+            for pname, dim in mlp_neuron_axes(layout, layer).items():
+                if pname in params:
+                    out.setdefault(pname, []).append((node, dim, kept))
         elif kind == "mlp":
             for pname in node_parameters(model, layout, node):
-                out.setdefault(pname, []).append((node, 0, 0, int(params[pname].shape[0])))
+                out.setdefault(pname, []).append((node, 0, slice(0, int(params[pname].shape[0]))))
     return out
 
 
@@ -283,23 +317,31 @@ def nf4_bin_width(view: Any, blocksize: int) -> Any:
     return width
 
 
-def _accumulate(acc: NodeWeights, ratios: list[Any], effect: ParameterEffect, dim: int, start: int,
-                stop: int) -> None:
-    """Add one owned slice (rows or columns start:stop along `dim`) of one parameter to a node's counts."""
-    n = int(np.prod(effect.shape)) // effect.shape[dim] * (stop - start)
+def _take(t: Any, dim: int, part: Part) -> Any:
+    """The owned part of t along dim: a narrow view for a slice, an index_select for listed indices."""
+    if isinstance(part, slice):
+        return t.narrow(dim, part.start, part.stop - part.start)
+    return t.index_select(dim, part)
+
+
+def _accumulate(acc: NodeWeights, ratios: list[Any], effect: ParameterEffect, dim: int, part: Part) -> None:
+    """Add one owned part (rows or columns along `dim`: a slice or listed indices) of one parameter to a node's
+    counts."""
+    width_along = part.stop - part.start if isinstance(part, slice) else int(part.numel())
+    n = int(np.prod(effect.shape)) // effect.shape[dim] * width_along
     acc.owned += n
     for q, mask in effect.changed.items():
         acc.coverage[q] += n
         if mask is not None:
-            acc.codes_changed[q] += int(mask.narrow(dim, start, stop - start).sum())
+            acc.codes_changed[q] += int(_take(mask, dim, part).sum())
     if effect.touched is None:
         return
-    acc.touched += int(effect.touched.narrow(dim, start, stop - start).sum())
-    delta = effect.delta.narrow(dim, start, stop - start)
+    acc.touched += int(_take(effect.touched, dim, part).sum())
+    delta = _take(effect.delta, dim, part)
     moved = delta != 0
     acc.updated += int(moved.sum())
     if effect.bin_width is not None:
-        width = effect.bin_width.narrow(dim, start, stop - start)
+        width = _take(effect.bin_width, dim, part)
         ratios.append((delta[moved].abs() / width[moved]).float().reshape(-1))
 
 
