@@ -111,7 +111,7 @@ def top_indices(score: torch.Tensor, k: int, *, direct_limit: int = TOPK_DIRECT)
 
 def _keys(score: torch.Tensor):
     """(offset, int64 key) per chunk: the float32 bit pattern mapped so that keys order as the values do."""
-    for lo in range(0, score.numel(), SELECT_CHUNK):
+    for lo in chunks(score.numel(), SELECT_CHUNK):
         bits = score[lo: lo + SELECT_CHUNK].float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         yield lo, torch.where(bits >= 1 << 31, 0xFFFFFFFF - bits, bits + (1 << 31))
 
@@ -132,10 +132,15 @@ def _kth_key(score: torch.Tensor, k: int) -> tuple[int, int]:
     return prefix, remaining
 
 
+def chunks(n: int, size: int = RECORD_CHUNK) -> range:
+    """Start offsets of the chunks of a flat [n] vector that the step's bookkeeping works through one at a time."""
+    return range(0, n, size)
+
+
 def abs_score(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """|g| in `dtype`, cast a chunk at a time (no fp32 [n] temporary before a bf16 score)."""
     out = torch.empty(g.numel(), dtype=dtype, device=g.device)
-    for lo in range(0, g.numel(), RECORD_CHUNK):
+    for lo in chunks(g.numel()):
         out[lo: lo + RECORD_CHUNK] = g[lo: lo + RECORD_CHUNK].abs()
     return out
 
@@ -143,7 +148,7 @@ def abs_score(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def all_finite(g: torch.Tensor) -> bool:
     """No NaN or Inf in g, checked a chunk at a time (torch.isfinite over all of g costs ~7 B per coordinate in
     temporaries: the step's peak at scale)."""
-    return all(bool(torch.isfinite(g[lo: lo + RECORD_CHUNK]).all()) for lo in range(0, g.numel(), RECORD_CHUNK))
+    return all(bool(torch.isfinite(g[lo: lo + RECORD_CHUNK]).all()) for lo in chunks(g.numel()))
 
 
 def check_finite(loss: torch.Tensor, g: torch.Tensor | None, step: int) -> None:
@@ -253,7 +258,7 @@ class Method:
         """At most `limit` proposed-or-updated coordinates, by priority (see `Proposals`)."""
         score = self.priority.clone()  # -inf where nothing was proposed; built a chunk at a time
         n_total = 0
-        for lo in range(0, self.n, RECORD_CHUNK):
+        for lo in chunks(self.n):
             proposed = (self.proposal[lo: lo + RECORD_CHUNK] != 0) | (self.total[lo: lo + RECORD_CHUNK] != 0)
             n_total += int(torch.count_nonzero(proposed))
             score[lo: lo + RECORD_CHUNK].masked_fill_(~proposed, -math.inf)
@@ -266,7 +271,7 @@ class Method:
     def record_proposal(self, delta: torch.Tensor, score: torch.Tensor) -> None:
         """Keep each coordinate's first proposed move and its largest priority (the floor tuner's input), a chunk
         at a time (the comparison and the casts then cost a chunk, not [n] bytes)."""
-        for lo in range(0, self.n, RECORD_CHUNK):
+        for lo in chunks(self.n):
             hi = min(lo + RECORD_CHUNK, self.n)
             proposal = self.proposal[lo:hi]
             torch.where(proposal == 0, delta[lo:hi].to(proposal.dtype), proposal, out=proposal)
