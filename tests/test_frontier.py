@@ -68,6 +68,7 @@ def test_quick_sweep_writes_page_json_and_figures_from_the_runs_own_metrics(demo
     (["--fisher-epsilons", "-1"], "--fisher-epsilons: -1.0 not accepted"),
     (["--methods", "", "--mansu-fractions", "", "--fisher-epsilons", ""], "nothing to plot"),
     (["--merge", "missing.json"], "missing.json"),
+    (["--model-seed", "-1"], "--model-seed must be an integer in [0, "),
 ])
 def test_bad_options_end_in_one_line_before_anything_is_written(flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -91,3 +92,21 @@ def test_the_default_grid_covers_every_baseline_lr_and_seed_and_pairs_the_fisher
         pair = [s for s in fisher if s.seed == seed]
         free = next(s for s in pair if s.method == "mansu_no_fisher")
         assert all({k: v for k, v in s.changes.items() if k != "epsilon"} == free.changes for s in pair)
+
+
+def test_the_model_seed_reaches_every_runs_config_and_the_command_line(tmp_path):
+    from mansu.cli import build_parser
+    from mansu.commands.sweep import frontier_command, frontier_config
+    from mansu.pipeline import start_run
+    from mansu.runs.store import read_config
+    from mansu.science.frontier import specs
+
+    args = build_parser().parse_args(["sweep", "frontier", "--quick", "--model-seed", "3", "--mansu-steps", "4"])
+    cfg = frontier_config(args)
+    plan = settings(cfg)
+    runs = [start_run(spec, root=tmp_path) for spec in specs(cfg, plan)]  # the runs frontier_sweep would make
+    assert [read_config(run)["spec"]["model_seed"] for run in runs] == [3, 3] and all("-m3-" in r.name for r in runs)
+    assert "--model-seed 3" in frontier_command(args)
+    assert plan[-1].label == "mansu update_fraction 0.002, 4 steps"  # MANSU step grids stay apart when merged
+    plain = frontier_config(build_parser().parse_args(["sweep", "frontier", "--quick"]))
+    assert {spec.model_seed for spec in specs(plain, settings(plain))} == {0}

@@ -118,6 +118,10 @@ def _register_frontier(experiments) -> None:
     fr.add_argument("--mansu-steps", type=int, help="MANSU's steps (default its demo setting)")
     fr.add_argument("--fisher-epsilons", help="epsilons of the bounded Fisher-pair runs ('' to skip the pair)")
     fr.add_argument("--retain-eval-limit", type=int, help="retain questions scored (default 200)")
+    fr.add_argument("--model-seed", type=int, metavar="N",
+                    help="the demo model's training seed, as `mansu run --demo --model-seed` (default 0, the demo "
+                         "model; 3 is the held-out model the demo settings are chosen on; build it first with "
+                         "`mansu demo --model-seed N`)")
     fr.add_argument("--runs", help="folder for the run folders (default the runs folder, MANSU_RUNS)")
     fr.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other processes share the cores)")
     fr.add_argument("--merge", default="", metavar="JSON,...",
@@ -143,7 +147,7 @@ def frontier_config(args: argparse.Namespace):
         if text is not None:
             empty = name in MAY_BE_EMPTY and not text.strip()
             kwargs[name] = () if empty else _csv(text, cast, "--" + name.replace("_", "-"))
-    for name in ("mansu_steps", "retain_eval_limit"):
+    for name in ("mansu_steps", "retain_eval_limit", "model_seed"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     return dataclasses.replace(QUICK, **kwargs) if args.quick else FrontierConfig(**kwargs)
@@ -152,7 +156,7 @@ def frontier_config(args: argparse.Namespace):
 def frontier_command(args: argparse.Namespace) -> str:
     """The command line of this sweep, rebuilt from the parsed flags (also right when called as main(argv))."""
     flags = ["--quick"] if args.quick else []
-    for name in ("out", *FRONTIER_LISTS, "mansu_steps", "retain_eval_limit", "runs", "threads", "merge"):
+    for name in ("out", *FRONTIER_LISTS, "mansu_steps", "retain_eval_limit", "model_seed", "runs", "threads", "merge"):
         value = getattr(args, name)
         if value is not None and (value != "" or name in MAY_BE_EMPTY):
             flags += ["--" + name.replace("_", "-"), shlex.quote(str(value))]

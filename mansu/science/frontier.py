@@ -1,7 +1,9 @@
 """Baselines as frontiers (issue 13, item 6) and the Fisher bound doing its job (item 7), on the demo world.
 
 Every point is one normal run of the pipeline (`mansu.pipeline.run_pipeline`, the entry point `compare` uses) on
-the NF4-grid-aligned demo base, with the method's demo settings (mansu.unlearn.demo_settings) except the swept ones:
+the NF4-grid-aligned base of the demo model trained with `model_seed` (0: the demo model; 3: the held-out model
+the demo settings are chosen on, docs/demo_search.md section 6), with the method's demo settings
+(mansu.unlearn.demo_settings) except the swept ones:
 
     baselines  each lr-driven baseline (FRONTIER_METHODS) x learning rate x step count x seed
     mansu      MANSU (its demo settings) x update_fraction x seed
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mansu.io import read_json
+from mansu.models.demo import check_model_seed
 from mansu.runs import layout
 from mansu.scorecard import chance
 from mansu.unlearn.config import MAX_SEED
@@ -57,8 +60,10 @@ class FrontierConfig:
     mansu_steps: int | None = None  # None: MANSU's demo steps
     fisher_epsilons: tuple[float, ...] = (1e-5, 3e-6)  # () skips the pair; chosen after seeing runs (docs)
     retain_eval_limit: int = 200  # compare's: the first 200 retain questions
+    model_seed: int = 0  # the demo model's training seed (mansu.models.demo), as `mansu run --demo --model-seed`
 
     def __post_init__(self) -> None:
+        check_model_seed(self.model_seed, "--model-seed")
         bad = [m for m in self.methods if m not in FRONTIER_METHODS]
         if bad:
             raise ValueError(f"--methods: {', '.join(bad)} not lr-driven baselines; accepted are "
@@ -105,7 +110,9 @@ def settings(cfg: FrontierConfig) -> list[Setting]:
     out = [Setting("baseline", m, _label(m, lr=lr, steps=s, multi=len(cfg.steps) > 1), {"lr": lr, "steps": s}, seed)
            for seed in cfg.seeds for m in cfg.methods for s in cfg.steps for lr in cfg.lrs]
     mansu_steps = {} if cfg.mansu_steps is None else {"steps": cfg.mansu_steps}
-    out += [Setting("mansu", "mansu", f"mansu update_fraction {f:g}", {"update_fraction": f, **mansu_steps}, seed)
+    steps_label = "" if cfg.mansu_steps is None else f", {cfg.mansu_steps} steps"  # step grids merge over sweeps
+    out += [Setting("mansu", "mansu", f"mansu update_fraction {f:g}{steps_label}", {"update_fraction": f,
+                                                                                   **mansu_steps}, seed)
             for seed in cfg.mansu_seeds for f in cfg.mansu_fractions]
     if cfg.fisher_epsilons:
         pair = {**FISHER_CHANGES, **mansu_steps}
@@ -150,6 +157,7 @@ class FrontierPoint:
     n_dropped: int | None      # floored candidates the bound dropped in the last step
     wall_seconds: float
     n_coordinates: int | None = None  # coordinates the method may move (MANSU: its circuit's); None in old JSONs
+    model_seed: int = 0  # the demo model's training seed (0 in JSONs from before the option)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,7 +185,8 @@ def read_point(setting: Setting, run: Path) -> FrontierPoint:
         median_ratio=(m.get("survival") or {}).get("median_ratio"),
         params_touched=int(m["unlearn"]["n_params_touched"]),
         fisher_cost=last.get("fisher_cost"), budget_used=last.get("budget_used"), n_dropped=last.get("n_dropped"),
-        wall_seconds=float(m["unlearn"]["wall_seconds"]), n_coordinates=m["unlearn"].get("n_coordinates"))
+        wall_seconds=float(m["unlearn"]["wall_seconds"]), n_coordinates=m["unlearn"].get("n_coordinates"),
+        model_seed=int(read_json(run / layout.CONFIG)["spec"].get("model_seed", 0)))
 
 
 def _last_step(run: Path) -> dict[str, Any]:
@@ -190,7 +199,8 @@ def specs(cfg: FrontierConfig, plan: Sequence[Setting]) -> list:
     only quantizer scored), attribution only where MANSU needs its circuit."""
     from mansu.spec import demo_spec
 
-    return [demo_spec(s.method, **{**s.changes, "seed": s.seed}, retain_eval_limit=cfg.retain_eval_limit,
+    return [demo_spec(s.method, **{**s.changes, "seed": s.seed}, model_seed=cfg.model_seed,
+                      retain_eval_limit=cfg.retain_eval_limit,
                       save_model=False, store_update=False, quantizers="nf4", attribution=s.group != "baseline",
                       attribution_records=8, ig_steps=2) for s in plan]
 

@@ -208,6 +208,12 @@ def cost_vs_damage(points: Sequence[FrontierPoint]) -> list[str]:
               for p in rows)]
 
 
+def _model_seeds(points: Sequence[FrontierPoint]) -> str:
+    """The demo models the points ran on, e.g. "seed 0 (the demo model)" or "seed 3"."""
+    seeds = sorted({p.model_seed for p in points})
+    return "seed" + ("s " if len(seeds) > 1 else " ") + ", ".join(map(str, seeds)) + (
+        " (the demo model)" if seeds == [0] else "")
+
 def write_frontier_page(points: Sequence[FrontierPoint], cfg: FrontierConfig, out: Path, *, seconds: float,
                         commands: Sequence[str]) -> list[Path]:
     """out (markdown), out.with_suffix('.json') (the points) and the figure next to it; returns the paths.
@@ -226,8 +232,9 @@ def write_frontier_page(points: Sequence[FrontierPoint], cfg: FrontierConfig, ou
         + f"; {len(points)} runs (each point's run folder is "
         f"in the JSON); the points are in [{data.name}]({data.name}). Method and definitions: "
         "`mansu/science/frontier.py`.", "",
-        "**Setup.** The demo world on its NF4-grid-aligned base (the base of the dual failure), each method's demo "
-        "settings (mansu/unlearn/demo_settings.py) except the swept ones; every point is a normal pipeline run, "
+        "**Setup.** The demo world on its NF4-grid-aligned base (the base of the dual failure), demo model "
+        f"{_model_seeds(points)}, each method's demo settings (mansu/unlearn/demo_settings.py) except the swept "
+        "ones; every point is a normal pipeline run, "
         f"scored as `compare` scores it (120 forget questions, the first {cfg.retain_eval_limit} retain questions, "
         f"NF4 simulated bit-exact). Base: forget {base.forget_base:.3f}, retain {base.retain_base:.3f}.", "",
         f"**Axes.** x: *forgotten* = (forget(base) - forget) / (forget(base) - chance), the scorecard's forgetting "
