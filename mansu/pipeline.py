@@ -35,6 +35,7 @@ from mansu.attribution.cad import cad
 from mansu.attribution.circuit import circuit_parameter_masks, smallest_faithful_circuit
 from mansu.attribution.data import Prompts, prepare_prompts, resolve_kind
 from mansu.attribution.eap import attribute
+from mansu.attribution.localisation import localise
 from mansu.attribution.neurons import with_neuron_grain
 from mansu.attribution.serialize import load_circuit, load_graph, save_circuit, save_graph
 from mansu.data.records import load_records
@@ -418,6 +419,7 @@ def stage_unlearn(ctx: Context) -> None:
         write_status(ctx.run, "unlearn", record["step"] + 1, cfg.steps)
 
     masks = ctx.cache.masks if ctx.cache.masks is not None else _saved_masks(ctx.run)
+    masks = _localised(ctx, model, masks)
     if masks is None and METHODS[cfg.method].circuit_restricted:  # said, and recorded below: never silent
         log.warning("%s updates every quantizable weight, not a circuit: %s", cfg.method, _no_circuit_reason(ctx))
     if masks is not None and METHODS[cfg.method].circuit_restricted:  # the circuit's size is known only now
@@ -429,7 +431,7 @@ def stage_unlearn(ctx: Context) -> None:
     with recording(model, restore):  # the unlearning writes into the base itself
         result = run_unlearning(model, ctx.batch("forget"),
                                 ctx.batch("retain"), cfg, masks=masks, on_step=on_step,
-                                cache=ctx.cache.stats)
+                                cache=_engine_stats(ctx))
     seconds = time.perf_counter() - t0
     ctx.unlearned = model
     write_model_update(ctx.run / layout.MODEL_UPDATE, model, restore,
@@ -444,6 +446,26 @@ def stage_unlearn(ctx: Context) -> None:
                                         "circuit_restricted": masks is not None and
                                         METHODS[cfg.method].circuit_restricted,
                                         **({} if masks is not None else {"no_circuit": _no_circuit_reason(ctx)})})
+
+
+def _localised(ctx: Context, model, masks: dict | None) -> dict | None:
+    """The masks the run's `localisation` names: the circuit's, or a mask of as many coordinates
+    (mansu.attribution.localisation), recorded as metrics.json "localisation"."""
+    if masks is None or not METHODS[ctx.config.method].circuit_restricted:
+        return masks
+    cfg, prompts = ctx.config, ctx.prompts()
+    out = localise(ctx.spec.localisation, model, masks, tokenizer=ctx.tokenizer(), prompts=prompts.prompts,
+                   metric=prompts.metric, corruption=prompts.corruption, forget=ctx.batch("forget"),
+                   retain=ctx.batch("retain"), seed=cfg.seed, n_fisher=cfg.n_fisher, damping=cfg.fisher_damping)
+    update_metrics(ctx.run, "localisation", out.info)
+    return out.masks
+
+
+def _engine_stats(ctx: Context) -> dict:
+    """The engine's shared base statistics: keyed by the coordinates' names and count, so each localisation keeps
+    its own (a random and a saliency mask name the same weights with the same count)."""
+    where = ctx.spec.localisation
+    return ctx.cache.stats if where == "circuit" else ctx.cache.stats.setdefault(("localisation", where), {})
 
 
 def _saved_masks(run: Path):

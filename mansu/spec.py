@@ -15,6 +15,7 @@ from typing import Any
 
 from mansu.attribution.budget import CACHE_MB
 from mansu.attribution.data import CorruptionKind
+from mansu.attribution.localisation import Localisation
 from mansu.attribution.neurons import MAX_FRACTION
 from mansu.choices import Alignment, Device, DType, MCQFormat, NF4Mode
 from mansu.data.templates import DEFAULT_TEMPLATE, FORMAT_TEMPLATES, PRESETS, check_template
@@ -72,6 +73,10 @@ class RunSpec:
                                       f"{MAX_FRACTION:.0%} of them; mansu/attribution/neurons.py), e.g. 0.8 (the "
                                       "demo's circuit then owns 30% of the weights, not 86%); 1: the whole MLP",
                                  lo=0.0, hi=1.0, lo_open=True)
+    localisation: Localisation = opt("circuit", "where MANSU's update may go: circuit (the EAP-IG circuit), or a mask "
+                                                "of the circuit's size: random, fact_mlp (causal tracing's fact-lookup "
+                                                "MLPs), saliency (top |forget grad| / retain Fisher); "
+                                                "mansu/attribution/localisation.py")
     attribution_records: int = opt(32, "forget records attributed (EAP-IG cost grows with it)", lo=1, hi=100_000)
     ig_steps: int = opt(5, "EAP-IG integration steps (5-30 typical)", lo=1, hi=1000)
     attribution_cache_mb: int = opt(CACHE_MB, "MiB of corrupted activations the circuit search keeps on the device "
@@ -105,9 +110,19 @@ class RunSpec:
         if self.model != DEMO and not (self.forget and self.retain):
             raise ValueError("give forget and retain data files (or model 'demo' for the demo world's splits)")
         check_template(self.template)
+        if self.localisation != "circuit":
+            self._check_localisation()
         if self.fmt == "letter" and self.template != DEFAULT_TEMPLATE:
             raise ValueError(f"give fmt 'letter' or template {self.template!r}, not both (fmt letter is the template "
                              "'letter')")
+
+    def _check_localisation(self) -> None:
+        from mansu.unlearn.methods import METHODS
+
+        if not METHODS[self.method].circuit_restricted or not self.attribution:
+            raise ValueError(f"localisation {self.localisation!r} replaces a circuit-restricted method's circuit: give "
+                             f"a method among {', '.join(m for m, c in METHODS.items() if c.circuit_restricted)} with "
+                             "attribution on, or localisation 'circuit'")
 
     @property
     def config(self) -> UnlearnConfig:
@@ -150,7 +165,8 @@ def run_slug(spec: RunSpec) -> str:
     """The folder slug of a run: method, base, demo model seed (when not 0) and seed (a --from-run child adds its
     kappa)."""
     model = f"-m{spec.model_seed}" if spec.model_seed else ""  # a demo model other than seed 0
-    slug = f"{spec.method}-{spec.base_alignment}{model}-s{spec.unlearn.seed}"
+    where = "" if spec.localisation == "circuit" else f"-{spec.localisation.replace('_', '')}"  # issue 13, item 5
+    slug = f"{spec.method}{where}-{spec.base_alignment}{model}-s{spec.unlearn.seed}"
     return f"{slug}-k{spec.unlearn.kappa:g}" if spec.parent_run else slug
 
 
