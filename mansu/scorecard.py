@@ -15,7 +15,8 @@ and text metrics. With m the split's metric (below), "fp" the unlearned model in
     3. non-positive PTQ gap    gap = (m_f(nf4) - m_f(fp)) / H_f, with the paired bootstrap 95% CI of the gap
                                pass iff the CI's HIGH end <= max_ptq_gap: no gap, or one NF4 brings back, is
                                "passed" by a noisy point estimate; `recovery_significant` when the low end > 0
-    4. structural erasure      CAD(before, after NF4) over the original circuit, and the CAD split's evidence that
+    4. structural erasure      CAD(before, after NF4) over the original circuit, per fact (each example's CAD,
+                               averaged: mansu.attribution.cad), and the pooled CAD split's evidence that
                                attribution moved (mansu.attribution.cad_parts: redistribution or outside_shift)
                                pass iff CAD's CI low end >= cad_threshold AND some evidence's CI low end >=
                                reroute_threshold: shrinkage of the circuit's attribution alone is what forgetting
@@ -274,24 +275,37 @@ def _gap_prop(gap: dict, metrics: dict, config: ScorecardConfig, **extra: Any) -
                  recovery_significant=(gap.get("ci_low") or 0) > 0, **extra)
 
 
+def _cad_gate(nf4: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The CAD estimate the threshold reads: per fact when cad.json has it (mansu.attribution.cad), else pooled."""
+    fact = (nf4.get("per_fact") or {}).get("cad")
+    if fact:
+        return fact, "per fact"
+    return {"value": nf4.get("value"), "ci_low": nf4.get("ci_low"), "ci_high": nf4.get("ci_high")}, \
+        "pooled (cad.json predates per-fact CAD)"
+
+
 def _erasure(cad: dict[str, Any] | None, config: ScorecardConfig) -> dict[str, Any]:
     """Property 4: CAD's CI low end >= cad_threshold and the CAD split shows attribution that moved."""
     nf4, fp = (cad or {}).get("after_nf4") or {}, (cad or {}).get("after_fp") or {}
     parts = nf4.get("parts") or {}
-    extra = {"ci_low": nf4.get("ci_low"), "ci_high": nf4.get("ci_high"), "cad_fp": fp.get("value"),
+    gate, estimator = _cad_gate(nf4)
+    fp_gate = _cad_gate(fp)[0]
+    extra = {"ci_low": gate.get("ci_low"), "ci_high": gate.get("ci_high"), "cad_fp": fp_gate.get("value"),
+             "estimator": estimator, "cad_pooled": nf4.get("value"), "cad_pooled_ci_low": nf4.get("ci_low"),
+             "cad_pooled_ci_high": nf4.get("ci_high"),
              **{p: parts[p] for p in ("shrinkage", "reversal", "rerouting", *REROUTE_EVIDENCE) if p in parts},
              "reroute_threshold": config.reroute_threshold,
-             "rule": f"CAD(before, after NF4) CI low >= threshold and the CI low of "
+             "rule": f"CAD(before, after NF4) per fact, CI low >= threshold, and the CI low of pooled "
                      f"{' or '.join(REROUTE_EVIDENCE)} >= reroute_threshold"}
-    if nf4.get("value") is None:
+    if gate.get("value") is None:
         return _unscored("not available", config.cad_threshold, (cad or {}).get("reason") or "no CAD computed",
                          **extra)
     moved = reroutes(parts, config.reroute_threshold)
     if moved is None:
         return _unscored("not available", config.cad_threshold, "cad.json predates the CAD split into shrinkage "
                          "and rerouting (mansu.attribution.cad_parts): rerun its cad stage", **extra)
-    low = nf4.get("ci_low") if isinstance(nf4.get("ci_low"), (int, float)) else nf4["value"]
-    prop = _prop(float(nf4["value"]), config.cad_threshold, True, tested=float(low), moved=moved, **extra)
+    low = gate.get("ci_low") if isinstance(gate.get("ci_low"), (int, float)) else gate["value"]
+    prop = _prop(float(gate["value"]), config.cad_threshold, True, tested=float(low), moved=moved, **extra)
     if prop["pass"] and not moved:
         prop.update({"status": "fail", "pass": False, "reason": "the circuit's attribution shrank or reversed but "
                      "did not move (CAD split): behavioural suppression is not ruled out"})

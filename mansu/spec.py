@@ -25,7 +25,7 @@ from mansu.options import from_dict, opt, validate
 from mansu.quant.alignment import DEFAULT_QUANTIZERS, parse_alignment, parse_quantizers
 from mansu.scorecard import ScorecardConfig
 from mansu.unlearn.config import UnlearnConfig
-from mansu.unlearn.demo_settings import DEMO_ALIGNMENT, demo_settings
+from mansu.unlearn.demo_settings import DEMO_ALIGNMENT, DEMO_ATTRIBUTION, demo_settings
 
 DEMO = "demo"
 
@@ -195,4 +195,5 @@ def demo_spec(method: str, **changes: Any) -> RunSpec:
     unlearn_names = {f.name for f in dataclasses.fields(UnlearnConfig)}
     unlearn = {**demo_settings(method), "method": method, **{k: v for k, v in changes.items() if k in unlearn_names}}
     rest = {k: v for k, v in changes.items() if k not in unlearn_names}
-    return RunSpec(**{"base_alignment": DEMO_ALIGNMENT, **rest, "model": DEMO, "unlearn": UnlearnConfig(**unlearn)})
+    return RunSpec(**{"base_alignment": DEMO_ALIGNMENT, **DEMO_ATTRIBUTION, **rest, "model": DEMO,
+                      "unlearn": UnlearnConfig(**unlearn)})

@@ -98,3 +98,40 @@ def test_cad_ci_width_on_a_fixed_case():
     half = (r.ci_high - r.ci_low) / 2
     assert 0.005 < half <= 0.05, half
     assert r.ci_low <= r.value <= r.ci_high
+
+
+def test_per_fact_cad_is_the_mean_of_each_records_cad():
+    before, after = _scores([1.0, 2.0, -3.0], noise=0.5), _scores([0.2, 1.5, 1.0], noise=0.5, seed=1)
+    r = cad(_graph(before), _graph(after), CIRCUIT, n_boot=400)
+    idx = [(NAMES[0].index(u), NAMES[1].index(v)) for u, v in CIRCUIT.edges]
+    by_hand = [sum(abs(b[i][j] - a[i][j]) for i, j in idx) / sum(abs(b[i][j]) + abs(a[i][j]) for i, j in idx)
+               for b, a in zip(before.tolist(), after.tolist())]
+    fact = r.per_fact
+    assert fact["cad"]["value"] == pytest.approx(sum(by_hand) / len(by_hand))
+    split = fact["shrinkage"]["value"] + fact["reversal"]["value"] + fact["rerouting"]["value"]
+    assert split == pytest.approx(fact["cad"]["value"])          # each record's split adds up, so their means do
+    for p in fact.values():
+        assert p["ci_low"] <= p["value"] <= p["ci_high"]
+
+
+def test_per_fact_split_sees_per_record_rescaling_as_shrinkage():
+    # each record's circuit shrinks by its own factor: the mean graph's profile changes (pooled redistribution > 0)
+    # but no record's attribution moved (per fact: none)
+    before = _scores([1.0, 2.0, -3.0], n=8)
+    before[:4, 0, 0] = 3.0                                       # half the records lean on input->a0.h0
+    factors = torch.tensor([0.1] * 4 + [1.0] * 4).view(-1, 1, 1)
+    r = cad(_graph(before), _graph(before * factors), CIRCUIT, n_boot=0)
+    assert r.parts["redistribution"]["value"] > 0.05
+    assert r.per_fact["redistribution"]["value"] == pytest.approx(0.0, abs=1e-6)   # float32 scores
+    assert r.per_fact["rerouting"]["value"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_per_fact_cad_ci_width_on_a_fixed_case():
+    # 120 records (the demo's forget set) each shrinking by its own factor, 0.1 to 1: each record's CAD spreads
+    # over 0-0.82 (sd ~0.24, as on a MANSU run of the demo), and the per-fact CI half-width is ~0.04 (the
+    # paired draw of the records' own CADs); 64 records give ~0.056
+    before = _scores([1.0, 2.0, -3.0], n=120, noise=0.5)
+    after = before * torch.linspace(0.1, 1.0, 120).view(-1, 1, 1)
+    r = cad(_graph(before), _graph(after), CIRCUIT, n_boot=1000)
+    half = (r.per_fact["cad"]["ci_high"] - r.per_fact["cad"]["ci_low"]) / 2
+    assert 0.005 < half <= 0.05, half

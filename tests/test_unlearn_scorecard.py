@@ -88,6 +88,17 @@ def test_erasure_needs_attribution_that_moved_not_just_shrank():
     assert not build_scorecard(_metrics(), low_ci)["properties"]["structural_erasure"]["pass"]
 
 
+def test_erasure_reads_the_per_fact_cad_when_cad_json_has_it():
+    fact = {"cad": {"value": 0.5, "ci_low": 0.28, "ci_high": 0.6}}          # pooled passes, per fact does not
+    card = {**CAD, "after_nf4": {**CAD["after_nf4"], "per_fact": fact}}
+    p = build_scorecard(_metrics(), card)["properties"]["structural_erasure"]
+    assert not p["pass"] and p["estimator"] == "per fact" and p["tested"] == 0.28 and p["cad_pooled"] == 0.5
+    fact["cad"]["ci_low"] = 0.45
+    p = build_scorecard(_metrics(), card)["properties"]["structural_erasure"]
+    assert p["pass"] and p["tested"] == 0.45 and p["cad_pooled_ci_low"] == 0.4
+    assert build_scorecard(_metrics(), CAD)["properties"]["structural_erasure"]["estimator"].startswith("pooled")
+
+
 def test_each_property_can_fail_and_missing_cad_is_not_a_pass():
     card = build_scorecard(_metrics(uf=0.9, ur=0.8, gap=0.3), None)
     p = card["properties"]

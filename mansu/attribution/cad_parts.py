@@ -39,6 +39,20 @@ after seeing these demo numbers (point values; 32 forget records, 8 IG steps):
 
 so 0.30 separates these five cases on one model; it is not validated on other models.
 
+Per fact (`split_parts`' second result: each part of each record's own s_i, t_i, averaged over records; the
+scorecard's CAD threshold reads its CAD, mansu.attribution.cad): under a per-record rescaling t_i = r_i s_i its
+redistribution is 0 where the pooled one is not (facts shrinking unequally change the mean graph's profile), but
+on the same five cases (same records, 8 IG steps; /tmp script of 2026-12-01, values [95% CI]) it does not separate
+suppression from erasure at any one threshold together with MANSU's runs, so the reroute evidence stays pooled:
+
+    change                          CAD per fact          redistribution per fact   outside_shift per fact
+    answer-logit bias -30           0.000                 0.000                     0.000
+    unembedding fine-tuned          0.916 [0.869, 0.952]  0.393 [0.343, 0.438]      0.100 [0.070, 0.131]
+    last MLP fine-tuned             0.963 [0.937, 0.983]  0.357 [0.316, 0.398]     -0.029 [-0.058, -0.005]
+    last layer + norm fine-tuned    0.923 [0.876, 0.956]  0.431 [0.386, 0.477]      0.316 [0.280, 0.353]
+    top 3 circuit components zeroed 0.841 [0.814, 0.869]  0.742 [0.715, 0.772]      0.485 [0.452, 0.517]
+    (a MANSU run, 120 records, 2 steps: 0.575 [0.535, 0.617], redistribution 0.363 [0.330, 0.393])
+
 CIs: percentile bootstrap over examples, the same paired draws (same seed, same chunks) as cad.py's CAD CI.
 Memory beyond the [n, U, D] per-example scores: a float32 copy of the other edges' scores (4 B per example and
 edge: 139 MB for 64 examples of a 543k-edge graph), per chunk of 256 resamples 256 x E_C float64 for s and t and
@@ -47,6 +61,7 @@ edge: 139 MB for 64 examples of a 543k-edge graph), per chunk of 256 resamples 2
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,7 +70,7 @@ from mansu.attribution.circuit import Circuit, named_edge_indices
 from mansu.attribution.eap import AttributionGraph
 from mansu.scorecard import REROUTE_EVIDENCE, reroutes
 
-__all__ = ["PARTS", "REROUTE_EVIDENCE", "cad_parts", "parts_of", "reroutes"]
+__all__ = ["PARTS", "REROUTE_EVIDENCE", "cad_parts", "draw_counts", "parts_of", "reroutes", "split_parts"]
 
 PARTS = ("cad", "shrinkage", "reversal", "rerouting", "sign_flip", "redistribution", "outside_shift")
 _EDGE_BLOCK = 1024
@@ -109,32 +124,53 @@ def _abs_sum(counts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _resampled(s_ex, t_ex, s_out_ex, t_out_ex, n_boot: int, seed: int) -> dict[str, torch.Tensor]:
-    """Every part on each of n_boot paired resamples of the examples (cad.py's draws), {part: [n_boot]}."""
-    n = s_ex.shape[0]
+def draw_counts(n: int, n_boot: int, seed: int) -> Iterator[torch.Tensor]:
+    """The paired bootstrap's draws, [B, n] counts of each example per resample, in chunks of _CHUNK resamples:
+    one generator, so CAD, its split and the per-fact estimates all see the same resamples."""
     gen = torch.Generator().manual_seed(seed)
-    chunks: dict[str, list[torch.Tensor]] = {p: [] for p in PARTS}
     for start in range(0, n_boot, _CHUNK):
         idx = torch.randint(0, n, (min(_CHUNK, n_boot - start), n), generator=gen)
-        counts = torch.zeros(idx.shape[0], n, dtype=torch.float64).scatter_add_(
+        yield torch.zeros(idx.shape[0], n, dtype=torch.float64).scatter_add_(
             1, idx, torch.ones(idx.shape, dtype=torch.float64))
+
+
+def _resampled(s_ex, t_ex, s_out_ex, t_out_ex, per_fact: dict[str, torch.Tensor], n_boot: int,
+               seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every part on each of n_boot paired resamples of the examples, pooled and per fact, {part: [n_boot]} each."""
+    n = s_ex.shape[0]
+    pooled: dict[str, list[torch.Tensor]] = {p: [] for p in PARTS}
+    facts: dict[str, list[torch.Tensor]] = {p: [] for p in PARTS}
+    for counts in draw_counts(n, n_boot, seed):
         got = parts_of(counts @ s_ex, counts @ t_ex, _abs_sum(counts, s_out_ex), _abs_sum(counts, t_out_ex))
         for p in PARTS:
-            chunks[p].append(got[p])
-    return {p: torch.cat(v) for p, v in chunks.items()}
+            pooled[p].append(got[p])
+            facts[p].append(counts @ per_fact[p] / n)
+    return {p: torch.cat(v) for p, v in pooled.items()}, {p: torch.cat(v) for p, v in facts.items()}
 
 
-def cad_parts(before: AttributionGraph, after: AttributionGraph, circuit: Circuit, *, n_boot: int = 1000,
-              seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
-    """{part: {value, ci_low, ci_high}} for every part of PARTS (module docstring); graphs as for `cad`."""
+def _interval(point: torch.Tensor, boots: torch.Tensor | None, level: float) -> dict[str, float]:
+    if boots is None:
+        return asdict(Part(float(point), float(point), float(point)))
+    alpha = (1 - level) / 2
+    return asdict(Part(float(point), float(torch.quantile(boots, alpha)), float(torch.quantile(boots, 1 - alpha))))
+
+
+def split_parts(before: AttributionGraph, after: AttributionGraph, circuit: Circuit, *, n_boot: int = 1000,
+                seed: int = 0, level: float = 0.95) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """({part: {value, ci_low, ci_high}} pooled, the same per fact) for every part of PARTS (module docstring);
+    graphs as for `cad`."""
     s_ex, s_out_ex = _split_scores(before, circuit)
     t_ex, t_out_ex = _split_scores(after, circuit)
     point = parts_of(s_ex.mean(0), t_ex.mean(0), s_out_ex.double().mean(0).abs().sum(),
                      t_out_ex.double().mean(0).abs().sum())
-    if n_boot < 1 or s_ex.shape[0] < 2:
-        return {p: asdict(Part(float(point[p]), float(point[p]), float(point[p]))) for p in PARTS}
-    boots = _resampled(s_ex, t_ex, s_out_ex, t_out_ex, n_boot, seed)
-    alpha = (1 - level) / 2
-    return {p: asdict(Part(float(point[p]), float(torch.quantile(boots[p], alpha)),
-                           float(torch.quantile(boots[p], 1 - alpha)))) for p in PARTS}
+    per_fact = parts_of(s_ex, t_ex, s_out_ex.double().abs().sum(-1), t_out_ex.double().abs().sum(-1))   # [n] each
+    boots, fact_boots = ({}, {}) if n_boot < 1 or s_ex.shape[0] < 2 else \
+        _resampled(s_ex, t_ex, s_out_ex, t_out_ex, per_fact, n_boot, seed)
+    return ({p: _interval(point[p], boots.get(p), level) for p in PARTS},
+            {p: _interval(per_fact[p].mean(), fact_boots.get(p), level) for p in PARTS})
 
+
+def cad_parts(before: AttributionGraph, after: AttributionGraph, circuit: Circuit, *, n_boot: int = 1000,
+              seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
+    """{part: {value, ci_low, ci_high}} for every part of PARTS, pooled (module docstring)."""
+    return split_parts(before, after, circuit, n_boot=n_boot, seed=seed, level=level)[0]

@@ -32,7 +32,7 @@ from mansu.runs import layout
 from mansu.runs.store import read_metrics
 from mansu.scorecard import ScorecardConfig
 from mansu.spec import RunSpec, demo_spec
-from mansu.unlearn.demo_settings import demo_settings
+from mansu.unlearn.demo_settings import DEMO_ATTRIBUTION, demo_settings
 from mansu.unlearn.methods import METHODS
 
 NATURAL_METHODS = ("mansu", "graddiff")
@@ -55,8 +55,11 @@ def register(subparsers) -> None:
     p.add_argument("--natural-methods", default=",".join(NATURAL_METHODS),
                    help="comma-separated methods also run on the natural base ('' for none)")
     p.add_argument("--retain-eval-limit", type=int, default=200, help="retain records scored (default 200)")
-    p.add_argument("--attribution-records", type=int, default=8, help="forget records attributed for CAD")
-    p.add_argument("--ig-steps", type=int, default=2, help="EAP-IG steps for CAD (default 2)")
+    p.add_argument("--attribution-records", type=int, default=DEMO_ATTRIBUTION["attribution_records"],
+                   help="forget records attributed for CAD (default %(default)s, the demo's whole forget set: "
+                        "per-fact CAD's 95%% CI is about +-0.04 there; mansu.attribution.cad)")
+    p.add_argument("--ig-steps", type=int, default=DEMO_ATTRIBUTION["ig_steps"],
+                   help="EAP-IG steps for CAD (default %(default)s)")
     p.add_argument("--output", default="docs/results.md", help="where to write the table (default docs/results.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is much faster when other processes share the cores)")
@@ -186,9 +189,12 @@ def _run_one(spec: RunSpec, cache: BaseCache, i: int, n: int) -> dict:
 
 
 def _cad_split(entry: dict) -> dict[str, float | None]:
-    """CAD's shrinkage and the share of attribution that moved (mansu.attribution.cad_parts), after NF4."""
-    parts = entry.get("parts") or {}
-    return {f"cad_{p}_nf4": (parts.get(p) or {}).get("value") for p in ("shrinkage", "redistribution")}
+    """CAD per fact with its CI's half-width, CAD's shrinkage and the share of attribution that moved
+    (mansu.attribution.cad_parts), after NF4."""
+    parts, fact = entry.get("parts") or {}, (entry.get("per_fact") or {}).get("cad") or {}
+    half = (fact["ci_high"] - fact["ci_low"]) / 2 if fact else None
+    return {"cad_fact_nf4": fact.get("value"), "cad_fact_half_width_nf4": half,
+            **{f"cad_{p}_nf4": (parts.get(p) or {}).get("value") for p in ("shrinkage", "redistribution")}}
 
 
 def headline(scores: dict) -> float | None:
@@ -221,6 +227,7 @@ def _matrix_run(row: dict) -> MatrixRun:
 
 COLUMNS = [("forget fp", "forget_fp", "{:.3f}"), ("forget NF4", "forget_nf4", "{:.3f}"),
            ("PTQ gap", "ptq_gap", "{:+.3f}"), ("retain fp", "retain_fp", "{:.3f}"), ("CAD (NF4)", "cad_nf4", "{:.3f}"),
+           ("CAD per fact (NF4)", "cad_fact_nf4", "{:.3f}"), ("its 95% CI +-", "cad_fact_half_width_nf4", "{:.3f}"),
            ("CAD shrinkage part", "cad_shrinkage_nf4", "{:.3f}"), ("attribution moved", "cad_redistribution_nf4",
                                                                    "{:.3f}"),
            ("median abs(delta)/bin", "median_ratio", "{:.3g}"), ("params touched", "params_touched", "{:.0f}"),
@@ -311,14 +318,16 @@ def render(rows: list[dict], caches: dict, settings: dict, total: float, args, p
              "(simulated, bit-exact bitsandbytes dequantization, blocksize 64); PTQ gap = forget NF4 - forget fp "
              "(positive: NF4 brought forgotten answers back); retain accuracy on the first "
              f"{args.retain_eval_limit} retain questions; CAD of the forget circuit before vs after unlearning + NF4 "
-             f"({args.attribution_records} forget records, {args.ig_steps} EAP-IG steps); median |delta| / NF4 bin "
+             f"({args.attribution_records} forget records, {args.ig_steps} EAP-IG steps): pooled (SPEC's, over the "
+             "records' mean graph) and per fact (each record's CAD, averaged; the scorecard's), with the half-width "
+             "of the per-fact CAD's paired-bootstrap 95% CI; median |delta| / NF4 bin "
              "width over updated Linear weights; Linear weights changed; unlearning wall time (s).", "",
              f"Scorecard thresholds (defaults; mansu/scorecard.py), each relative to chance and the base: at least "
              f"{card.forget_margin} of the base's above-chance forget accuracy removed, at most {card.retain_margin} "
              f"of its above-chance retain accuracy lost, PTQ gap's 95% CI high end <= {card.max_ptq_gap} of the "
-             f"forget headroom, CAD (NF4) CI low >= {card.cad_threshold} with attribution that moved (CAD split, "
-             f"CI low >= {card.reroute_threshold}); a base below chance + {card.min_base_above_chance} of the room "
-             "above it has nothing to forget.", ""]
+             f"forget headroom, CAD per fact (NF4) CI low >= {card.cad_threshold} with attribution that moved "
+             f"(CAD split, CI low >= {card.reroute_threshold}); a base below chance + "
+             f"{card.min_base_above_chance} of the room above it has nothing to forget.", ""]
     for base, title in (("nf4-grid", "NF4-grid-aligned base"), ("natural", "Natural fp32 base")):
         if not any(r["base"] == base for r in rows):
             continue

@@ -14,6 +14,8 @@ from mansu.unlearn.methods import method_class
 
 COMMON = {"n_fisher": 32, "k": 8, "batch_size": 32}
 DEMO_ALIGNMENT = "nf4-grid"  # the base where SPEC.md measured the dual failure (docs/results.md)
+# CAD on the demo: all 120 forget records at 2 IG steps (per-fact CAD's 95% CI about +-0.04; mansu.attribution.cad)
+DEMO_ATTRIBUTION = {"attribution_records": 120, "ig_steps": 2}
 
 
 def demo_settings(method: str) -> dict:
