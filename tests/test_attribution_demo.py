@@ -8,13 +8,13 @@ and shrinkage, not rerouting; ablating the circuit's top components erases it (h
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 
 from mansu.attribution.cad import cad
+from mansu.attribution.cad_cases import answer_bias, fine_tuned, top_components, zeroed
 from mansu.attribution.cad_parts import reroutes
 from mansu.attribution.circuit import (
     FaithfulnessEvaluator,
@@ -76,18 +76,11 @@ def test_smallest_faithful_circuit(demo_lm, forget, graph, circuit):
     assert len(circuit.edges) < int(graph.valid.sum()) / 4
 
 
-def _answer_bias(model, tokenizer, records, value: float = -30.0) -> torch.Tensor:
-    answers = {tokenizer(" " + r.choices[r.answer], add_special_tokens=False)["input_ids"][0] for r in records}
-    bias = torch.zeros(model.config.vocab_size)
-    bias[sorted(answers)] = value
-    return bias
-
-
 def test_cad_invariant_to_an_answer_logit_bias(demo_lm, forget, graph, circuit):
     from mansu.metrics.accuracy import mcq_accuracy
 
     model, tok = demo_lm.model, demo_lm.tokenizer
-    bias = _answer_bias(model, tok, forget)
+    bias = answer_bias(model, tok, forget)
 
     def add_bias(module, args, output):
         return output + bias
@@ -97,23 +90,7 @@ def test_cad_invariant_to_an_answer_logit_bias(demo_lm, forget, graph, circuit):
     assert mcq_accuracy(model, tok, forget).accuracy - suppressed_acc >= 0.5
     result = cad(graph, after, circuit, n_boot=500)
     assert result.value < 0.05 and result.ci_high < 0.05
-
-
-def _avoid_answers(model, tokenizer, records, params, *, steps: int = 5, lr: float = 1e-2) -> None:
-    """Adam on `params` only, lowering each record's answer share of the softmax over its choices' first tokens."""
-    from mansu.metrics.accuracy import encode_pair, format_texts
-
-    items = []
-    for r in records:
-        context, continuations = format_texts(r, "cloze")
-        pairs = [encode_pair(tokenizer, context, c) for c in continuations]
-        items.append((torch.tensor([pairs[0][0]]), [cont[0] for _, cont in pairs], r.answer))
-    opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps):
-        loss = sum(torch.log_softmax(model(ids).logits[0, -1, choices], -1)[answer] for ids, choices, answer in items)
-        opt.zero_grad()
-        (loss / len(items)).backward()
-        opt.step()
+    assert result.per_fact["cad"]["ci_high"] < 0.05      # every record's own CAD is unchanged too
 
 
 def test_cad_rerouting_low_for_unembedding_finetune(demo_lm, forget, graph, circuit):
@@ -121,10 +98,7 @@ def test_cad_rerouting_low_for_unembedding_finetune(demo_lm, forget, graph, circ
     # component computes what it did, so the circuit's attribution may rescale or reverse but must not move
     from mansu.metrics.accuracy import mcq_accuracy
 
-    model = copy.deepcopy(demo_lm.model).requires_grad_(False)
-    model.lm_head.weight.requires_grad_(True)
-    _avoid_answers(model, demo_lm.tokenizer, forget, [model.lm_head.weight])
-    model.requires_grad_(False)
+    model = fine_tuned(demo_lm.model, demo_lm.tokenizer, forget, lambda m: [m.lm_head.weight])
     assert mcq_accuracy(model, demo_lm.tokenizer, forget).accuracy <= 0.3
     after = attribute(model, demo_lm.tokenizer, forget, ig_steps=8, batch_size=32, per_example=True)
     parts = cad(graph, after, circuit, n_boot=500).parts
@@ -137,24 +111,16 @@ def test_cad_rerouting_low_for_unembedding_finetune(demo_lm, forget, graph, circ
 def test_cad_high_for_structural_erasure(demo_lm, forget, graph, circuit):
     from mansu.metrics.accuracy import mcq_accuracy
 
-    model = copy.deepcopy(demo_lm.model)
-    hd = model.config.hidden_size // model.config.num_attention_heads
-    inner = [n for n in circuit.nodes if n not in ("input", "logits")]
-    scores = {n: sum(abs(graph.score(u, v)) for u, v in circuit.edges if n in (u, v)) for n in inner}
-    top = sorted(inner, key=lambda n: -scores[n])[:3]
-    with torch.no_grad():                                 # zero the top components' writes into the stream
-        for node in top:
-            if node.startswith("a"):
-                layer, head = map(int, node[1:].split(".h"))
-                model.model.layers[layer].self_attn.o_proj.weight[:, head * hd:(head + 1) * hd] = 0
-            else:
-                model.model.layers[int(node[1:])].mlp.down_proj.weight.zero_()
+    top = top_components(graph, circuit)
+    model = zeroed(demo_lm.model, top)
     after = attribute(model, demo_lm.tokenizer, forget, ig_steps=8, batch_size=32, per_example=True)
     result = cad(graph, after, circuit, n_boot=500)
     print(f"structural erasure of {top}: CAD {result.value:.3f} ({result.ci_low:.3f}-{result.ci_high:.3f})")
     assert result.value > 0.5 and result.ci_low > 0.4
     assert reroutes(result.parts, 0.3) is True           # the circuit's attribution moved, not just shrank
     assert (result.ci_high - result.ci_low) / 2 <= 0.05  # CAD's CI on this fixed case (0.033 measured)
+    fact = result.per_fact["cad"]                        # per fact: 0.841 [0.814, 0.869] measured
+    assert fact["value"] > 0.5 and (fact["ci_high"] - fact["ci_low"]) / 2 <= 0.05
     accuracy = mcq_accuracy(model, demo_lm.tokenizer, forget).accuracy
     print(f"forget accuracy after erasure: {accuracy:.3f}")
     assert accuracy < 1.0

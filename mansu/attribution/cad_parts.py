@@ -42,15 +42,16 @@ so 0.30 separates these five cases on one model; it is not validated on other mo
 Per fact (`split_parts`' second result: each part of each record's own s_i, t_i, averaged over records; the
 scorecard's CAD threshold reads its CAD, mansu.attribution.cad): under a per-record rescaling t_i = r_i s_i its
 redistribution is 0 where the pooled one is not (facts shrinking unequally change the mean graph's profile), but
-on the same five cases (same records, 8 IG steps; /tmp script of 2026-12-01, values [95% CI]) it does not separate
-suppression from erasure at any one threshold together with MANSU's runs, so the reroute evidence stays pooled:
+on the same five cases (`python scripts/cad_cases.py`: 32 records, 8 IG steps, 500 draws; value [95% CI]) the
+suppressions' per-fact redistribution (0.36-0.43) is where a MANSU run's is (0.36): per record, a changed readout
+moves attribution among edges too. So the reroute evidence stays pooled:
 
     change                          CAD per fact          redistribution per fact   outside_shift per fact
     answer-logit bias -30           0.000                 0.000                     0.000
-    unembedding fine-tuned          0.916 [0.869, 0.952]  0.393 [0.343, 0.438]      0.100 [0.070, 0.131]
-    last MLP fine-tuned             0.963 [0.937, 0.983]  0.357 [0.316, 0.398]     -0.029 [-0.058, -0.005]
-    last layer + norm fine-tuned    0.923 [0.876, 0.956]  0.431 [0.386, 0.477]      0.316 [0.280, 0.353]
-    top 3 circuit components zeroed 0.841 [0.814, 0.869]  0.742 [0.715, 0.772]      0.485 [0.452, 0.517]
+    unembedding fine-tuned          0.916 [0.866, 0.953]  0.393 [0.343, 0.439]      0.100 [0.070, 0.130]
+    last MLP fine-tuned             0.963 [0.935, 0.984]  0.357 [0.318, 0.398]     -0.029 [-0.059, -0.006]
+    last layer + norm fine-tuned    0.923 [0.876, 0.958]  0.431 [0.386, 0.480]      0.316 [0.278, 0.353]
+    top 3 circuit components zeroed 0.841 [0.816, 0.871]  0.742 [0.717, 0.775]      0.485 [0.453, 0.517]
     (a MANSU run, 120 records, 2 steps: 0.575 [0.535, 0.617], redistribution 0.363 [0.330, 0.393])
 
 CIs: percentile bootstrap over examples, the same paired draws (same seed, same chunks) as cad.py's CAD CI.
