@@ -125,3 +125,47 @@ def test_a_bad_localisation_fails_in_one_line_before_any_run(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "localisation" in lines[0], out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--localisations", "circuit,everywhere"], "--localisations everywhere: give some of circuit, random"),
+    (["--seeds", "a"], "--seeds 'a' is not a comma-separated list of int values"),
+    (["--mlp-neuron-mass", "0"], "--mlp-neuron-mass must be in (0, 1]"),
+    (["--out", "page.txt"], "--out must be a markdown file ending in .md"),
+    (["--page-only"], "--page-only writes the page from --merge's points"),
+    (["--merge", "missing.json"], "missing.json"),
+])
+def test_bad_sweep_options_end_in_one_line_before_anything_is_written(flags, message, tmp_path, capsys, monkeypatch):
+    from mansu.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["sweep", "localisation", "--out", str(tmp_path / "l.md"), "--runs", str(tmp_path / "runs"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def _point(mask: str, seed: int, forgot: float, gap: float = 0.0, **passes):
+    from mansu.science.localisation import LocalisationPoint
+
+    ok = {"forgetting": forgot >= 0.5, "retain": True, "ptq_gap": gap <= 0.05, "structural_erasure": False, **passes}
+    return LocalisationPoint(mask, seed, f"/nonexistent/{mask}-{seed}", 1000, 40 + seed, [1] if mask == "fact_mlp"
+                             else None, None, 1.0, 1 - 0.75 * forgot, 1 - 0.75 * (forgot - gap), 1.0, 1.0, 1.0, 0.99,
+                             forgot, 0.0, 0.0133, gap, (gap - 0.01, gap + 0.01), 0.4, (0.35, 0.45), ok, 10.0)
+
+
+def test_the_page_states_the_table_and_the_verdict_by_its_rule(tmp_path):
+    from mansu.science.localisation import LocalisationConfig
+    from mansu.science.localisation_report import write_localisation_page
+
+    forgot = {"circuit": (0.40, 0.45, 0.50), "random": (0.20, 0.22, 0.18), "fact_mlp": (0.41, 0.44, 0.52),
+              "saliency": (0.80, 0.85, 0.90)}
+    points = [_point(m, s, f) for m, fs in forgot.items() for s, f in enumerate(fs)]
+    paths = write_localisation_page(points, LocalisationConfig(), tmp_path / "l.md", seconds=60.0, commands=["x"])
+    page = paths[0].read_text()
+    assert [p.suffix for p in paths] == [".md", ".json", ".png", ".svg"]
+    assert "| EAP-IG circuit | 3 | 1,000 ± 0 |" in page and "| 1/3 | 3/3 | 3/3 | 0/3 |" in page
+    assert "**random** is less robust than the circuit" in page
+    assert "**saliency** is more robust than the circuit" in page
+    assert "**fact-lookup MLP** is not resolved from the circuit" in page and "**cannot decide**" in page

@@ -2,6 +2,7 @@
 
     sweep phase --out docs/phase.md    the reversal's phase diagram on synthetic layers (mansu.science.phase)
     sweep frontier --out docs/frontiers.md    baselines over a learning-rate grid vs MANSU (mansu.science.frontier)
+    sweep localisation --out docs/localisation.md    MANSU restricted to equal-size masks (mansu.science.localisation)
 
 Every option is validated (PhaseConfig) before anything runs or is written.
 """
@@ -51,6 +52,7 @@ def register(subparsers) -> None:
                          "2 cores; builds the demo first when missing)")
     ph.set_defaults(func=run_phase)
     _register_frontier(experiments)
+    _register_localisation(experiments)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -200,6 +202,100 @@ def run_frontier(args: argparse.Namespace) -> int:
     seconds = sum(s for _, _, s in merged) + (time.perf_counter() - start if points else 0.0)
     for path in write_frontier_page([p for ps, _, _ in merged for p in ps] + points, cfg, out, seconds=seconds,
                                     commands=commands):
+        print(path)
+    partial.unlink(missing_ok=True)
+    return 0
+
+
+def _register_localisation(experiments) -> None:
+    lo = experiments.add_parser("localisation", help="MANSU restricted to equal-size masks: circuit, random, "
+                                                     "fact-lookup MLPs, gradient saliency (on the demo)",
+                                description="The same MANSU run on the NF4-grid demo base with its update restricted "
+                                            "to the EAP-IG circuit and to masks of the same coordinate count: random, "
+                                            "the fact-lookup MLPs (causal tracing) and gradient saliency "
+                                            "(mansu/attribution/localisation.py, mansu/science/localisation.py). "
+                                            "Seed s runs on demo model s. Writes OUT, OUT's .json and its figure "
+                                            "(.png, .svg); ~20-30 min on 2 cores.")
+    lo.add_argument("--out", default="docs/localisation.md", help="the markdown page (default docs/localisation.md)")
+    lo.add_argument("--quick", action="store_true", help="seed 0, 20 retain questions, 4 attributed records: a smoke "
+                                                         "test of the whole path")
+    lo.add_argument("--localisations", help="comma-separated masks (default circuit,random,fact_mlp,saliency)")
+    lo.add_argument("--seeds", help="comma-separated seeds, each the demo model's and the unlearning's (default 0,1,2)")
+    lo.add_argument("--mlp-neuron-mass", type=float, help="the circuit's neuron grain (default 0.8)")
+    lo.add_argument("--retain-eval-limit", type=int, help="retain questions scored (default 200)")
+    lo.add_argument("--attribution-records", type=int, help="forget records attributed (default the demo's)")
+    lo.add_argument("--ig-steps", type=int, help="EAP-IG steps (default the demo's)")
+    lo.add_argument("--runs", help="folder for the run folders (default the runs folder, MANSU_RUNS)")
+    lo.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other processes share the cores)")
+    lo.add_argument("--merge", default="", metavar="JSON,...", help="also put the points of earlier localisation "
+                                                                    "sweeps (their JSON) on the page")
+    lo.add_argument("--page-only", action="store_true", help="no runs: write the page from --merge's points")
+    lo.set_defaults(func=run_localisation)
+
+
+LOCALISATION_LISTS = {"localisations": str, "seeds": int}
+LOCALISATION_VALUES = ("mlp_neuron_mass", "retain_eval_limit", "attribution_records", "ig_steps")
+
+
+def localisation_config(args: argparse.Namespace):
+    """The LocalisationConfig the flags name (the default sweep, or QUICK); ValueError on bad values."""
+    import dataclasses
+
+    from mansu.science.localisation import QUICK, LocalisationConfig
+
+    kwargs = {name: _csv(getattr(args, name), cast, "--" + name) for name, cast in LOCALISATION_LISTS.items()
+              if getattr(args, name) is not None}
+    kwargs.update({name: getattr(args, name) for name in LOCALISATION_VALUES if getattr(args, name) is not None})
+    return dataclasses.replace(QUICK, **kwargs) if args.quick else LocalisationConfig(**kwargs)
+
+
+def localisation_command(args: argparse.Namespace) -> str:
+    flags = ["--quick"] if args.quick else []
+    for name in ("out", *LOCALISATION_LISTS, *LOCALISATION_VALUES, "runs", "threads", "merge"):
+        value = getattr(args, name)
+        if value is not None and value != "":
+            flags += ["--" + name.replace("_", "-"), shlex.quote(str(value))]
+    return " ".join(["mansu sweep localisation", *flags, *(["--page-only"] if args.page_only else [])])
+
+
+def run_localisation(args: argparse.Namespace) -> int:
+    import torch
+
+    from mansu.io import write_json_atomic
+    from mansu.paths import runs_root
+    from mansu.science.localisation import localisation_sweep, read_points
+    from mansu.science.localisation_report import write_localisation_page
+
+    out = Path(args.out)
+    if out.suffix != ".md":
+        raise ValueError(f"--out must be a markdown file ending in .md, got {args.out!r}")
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        raise ValueError(f"--threads must be in [1, 256], got {args.threads}")
+    runs = Path(args.runs) if args.runs else runs_root()
+    if runs.exists() and not runs.is_dir():
+        raise ValueError(f"--runs {args.runs!r} exists and is not a folder")
+    cfg = localisation_config(args)
+    merged = [read_points(Path(p.strip())) for p in args.merge.split(",") if p.strip()]  # read before any run
+    if args.page_only and not merged:
+        raise ValueError("--page-only writes the page from --merge's points: give --merge JSON")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    command = localisation_command(args)
+    partial = out.with_suffix(".partial.json")
+    start = time.perf_counter()
+
+    def save_partial(points) -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(partial, {"commands": [command + " (partial)"], "points": [p.to_dict() for p in points],
+                                    "wall_seconds": time.perf_counter() - start})
+
+    points = [] if args.page_only else localisation_sweep(cfg, runs, on_point=save_partial, progress=lambda i, n, w, s:
+                                                          print(f"run {i + 1}/{n}: {w} seed {s}", file=sys.stderr,
+                                                                flush=True))
+    commands = [c for _, cs, _ in merged for c in cs] + ([] if args.page_only else [command])
+    seconds = sum(s for _, _, s in merged) + (time.perf_counter() - start if points else 0.0)
+    for path in write_localisation_page([p for ps, _, _ in merged for p in ps] + points, cfg, out, seconds=seconds,
+                                        commands=commands):
         print(path)
     partial.unlink(missing_ok=True)
     return 0

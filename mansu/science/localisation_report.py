@@ -1,0 +1,239 @@
+"""docs/localisation.md from a localisation sweep (mansu.science.localisation): the rules, one table (mean ± sd over
+seeds and each scorecard property's pass count), the per-run numbers, the figure (PNG and SVG), the JSON of the
+points and the verdict on Guo et al. (ICML'25), every number computed from the points passed in.
+
+The verdict's rule (written while the sweep ran, after seed 0's circuit and random runs and before any fact-lookup
+or saliency result): a mask is *more robust* than the circuit when its forgetting
+after NF4 (relative, the scorecard's scale) is higher by more than the larger of the two masks' seed sd and its PTQ
+gap passes on at least as many seeds; *less robust* in the mirror case; otherwise the difference is not resolved at
+this number of seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from mansu.attribution.localisation import LOCALISATIONS
+from mansu.io import atomic_write_bytes, mean_sd, save_figure, write_json_atomic
+from mansu.runs import layout
+from mansu.science.localisation import LocalisationConfig, LocalisationPoint, by_seed
+from mansu.scorecard import PROPERTIES, ScorecardConfig
+
+CARD = ScorecardConfig()
+NAMES = {"circuit": "EAP-IG circuit", "random": "random", "fact_mlp": "fact-lookup MLP", "saliency": "saliency"}
+
+
+def forgot_nf4(p: LocalisationPoint) -> float:
+    """Forgetting after NF4, relative to the forget headroom (the scorecard's forgetting minus the PTQ gap)."""
+    return p.forgot - p.ptq_gap
+
+
+def candidates(p: LocalisationPoint) -> int | None:
+    """Coordinates MANSU proposed over its steps (sum of n_candidates in the run's step log; None without it)."""
+    path = Path(p.run) / layout.STEPS
+    if not path.is_file():
+        return None
+    return sum(int(json.loads(line).get("n_candidates", 0)) for line in path.read_text().splitlines() if line)
+
+
+def _by_mask(points: Sequence[LocalisationPoint]) -> list[tuple[str, list[LocalisationPoint]]]:
+    present = {p.localisation for p in points}
+    return [(m, [p for p in points if p.localisation == m]) for m in LOCALISATIONS if m in present]
+
+
+def _ci(pair) -> str:
+    lo, hi = pair
+    return "n/a" if lo is None or hi is None else f"[{lo:+.3f}, {hi:+.3f}]"
+
+
+def _passes(pts: Sequence[LocalisationPoint], prop: str) -> str:
+    scored = [p.passes.get(prop) for p in pts if p.passes.get(prop) is not None]
+    return f"{sum(scored)}/{len(pts)}" + ("" if len(scored) == len(pts) else f" ({len(pts) - len(scored)} unscored)")
+
+
+def table(points: Sequence[LocalisationPoint]) -> list[str]:
+    """The one table: a row per mask, mean ± sd over its seeds, each property's pass count."""
+    cols = ("mask", "seeds", "coordinates in mask", "proposed", "touched", "forget fp", "forget NF4",
+            "forgotten fp", "forgotten NF4", "PTQ gap (CI high)", "retain lost", "probe lost", "CAD (CI low)",
+            *PROPERTIES)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    sign = "{:+.3f}"
+    for mask, pts in _by_mask(points):
+        cells = [NAMES[mask], str(len(pts)), mean_sd([p.mask_coordinates for p in pts], "{:,.0f}"),
+                 mean_sd([candidates(p) for p in pts], "{:,.0f}"), mean_sd([p.touched for p in pts], "{:,.0f}"),
+                 mean_sd([p.forget_fp for p in pts]), mean_sd([p.forget_nf4 for p in pts]),
+                 mean_sd([p.forgot for p in pts]), mean_sd([forgot_nf4(p) for p in pts]),
+                 f"{mean_sd([p.ptq_gap for p in pts], sign)} ({mean_sd([p.ptq_gap_ci[1] for p in pts], sign)})",
+                 mean_sd([p.retain_lost for p in pts], "{:+.3f}"), mean_sd([p.probe_lost for p in pts], "{:+.3f}"),
+                 f"{mean_sd([p.cad for p in pts])} ({mean_sd([p.cad_ci[0] for p in pts])})",
+                 *(_passes(pts, prop) for prop in PROPERTIES)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def run_table(points: Sequence[LocalisationPoint]) -> list[str]:
+    """Every run: its coordinates, the numbers with their 95% CIs, the properties it passes."""
+    lines = ["| seed | mask | in mask | proposed | touched | forget fp / NF4 | PTQ gap [95% CI] | retain lost | "
+             "probe lost | CAD [95% CI] | passes | run |", "|" + "---|" * 12]
+    for seed, pts in sorted(by_seed(points).items()):
+        for p in sorted(pts, key=lambda p: LOCALISATIONS.index(p.localisation)):
+            passed = [prop for prop in PROPERTIES if p.passes.get(prop)]
+            cad = "n/a" if p.cad is None else f"{p.cad:.3f} {_ci(p.cad_ci)}"
+            layers = f" (m{', m'.join(map(str, p.layers))})" if p.layers else ""
+            lines.append(f"| {seed} | {NAMES[p.localisation]}{layers} | {p.mask_coordinates:,} | "
+                         f"{candidates(p) or 0:,} | {p.touched:,} | {p.forget_fp:.3f} / {p.forget_nf4:.3f} | "
+                         f"{p.ptq_gap:+.3f} {_ci(p.ptq_gap_ci)} | {p.retain_lost:+.3f} | {p.probe_lost:+.3f} | "
+                         f"{cad} | {', '.join(passed) or 'none'} | `{Path(p.run).name}` |")
+    return lines
+
+
+def trace_lines(points: Sequence[LocalisationPoint]) -> list[str]:
+    """What causal tracing found on each demo model (the fact-lookup rule's input)."""
+    out = []
+    for p in sorted((p for p in points if p.trace), key=lambda p: p.seed):
+        effects = ", ".join(f"m{i} {e:+.3f}" for i, e in enumerate(p.trace["effects"]))
+        out.append(f"- model seed {p.seed}: indirect effects {effects} of a total clean - corrupted "
+                   f"{p.trace['total']:+.3f} (logit difference, {p.trace['n_prompts']} prompts); the mask is "
+                   f"m{', m'.join(map(str, p.layers or []))}.")
+    return out
+
+
+def verdict(points: Sequence[LocalisationPoint]) -> list[str]:
+    """Each mask against the circuit by the module docstring's rule, and what it says about Guo et al."""
+    masks = dict(_by_mask(points))
+    if "circuit" not in masks:
+        return ["The circuit was not run: no comparison is made."]
+    ref = masks["circuit"]
+    lines, words = [], {}
+    for mask, pts in masks.items():
+        if mask == "circuit":
+            continue
+        diff = statistics.mean(map(forgot_nf4, pts)) - statistics.mean(map(forgot_nf4, ref))
+        sd = max(_sd([forgot_nf4(p) for p in pts]), _sd([forgot_nf4(p) for p in ref]))
+        gap = sum(bool(p.passes.get("ptq_gap")) for p in pts) - sum(bool(p.passes.get("ptq_gap")) for p in ref)
+        resolved = min(len(pts), len(ref)) >= 2  # a seed sd needs two seeds
+        word = ("more robust than" if resolved and diff > sd and gap >= 0 else
+                "less robust than" if resolved and diff < -sd and gap <= 0 else "not resolved from")
+        words[mask] = word
+        held = sum(all(p.passes.get(prop) for prop in PROPERTIES) for p in pts)
+        lines.append(f"- **{NAMES[mask]}** is {word} the circuit: forgetting after NF4 {diff:+.3f} (relative; the "
+                     f"larger seed sd {sd:.3f}), PTQ gap passes {gap:+d} seeds; all four properties on {held}/"
+                     f"{len(pts)} seeds (circuit: "
+                     f"{sum(all(p.passes.get(prop) for prop in PROPERTIES) for p in ref)}/{len(ref)}).")
+    if "fact_mlp" in words:
+        answer = {"more robust than": "**supports**", "less robust than": "**contradicts**"}.get(
+            words["fact_mlp"], "**cannot decide**")
+        lines = [f"On this demo, at this budget, the fact-lookup MLP localisation is {words['fact_mlp']} the EAP-IG "
+                 f"circuit: the demo {answer} Guo et al.'s finding (ICML'25: fact-lookup MLPs give more robust "
+                 "unlearning than output-tracing attribution).", "", *lines]
+    return lines
+
+
+def _sd(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def write_figure(points: Sequence[LocalisationPoint], stem: Path) -> list[Path]:
+    """stem.png / .svg: per mask, each seed's forgotten (fp filled, NF4 hollow), retain and probe lost, CAD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("forgotten (fp filled, NF4 hollow)", lambda p: p.forgot, forgot_nf4, CARD.forget_margin),
+              ("retain lost (filled), probe lost (hollow)", lambda p: p.retain_lost, lambda p: p.probe_lost,
+               CARD.retain_margin),
+              ("PTQ gap, 95% CI high end (hollow)", lambda p: p.ptq_gap, lambda p: p.ptq_gap_ci[1], CARD.max_ptq_gap),
+              ("CAD after NF4, 95% CI low end (hollow)", lambda p: p.cad, lambda p: p.cad_ci[0], CARD.cad_threshold))
+    groups = _by_mask(points)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    for ax, (title, filled, hollow, line) in zip(axes, panels):
+        for x, (_, pts) in enumerate(groups):
+            for j, p in enumerate(sorted(pts, key=lambda p: p.seed)):
+                dx = (j - (len(pts) - 1) / 2) * 0.12
+                f, h = filled(p), hollow(p)
+                if f is not None:
+                    ax.scatter(x + dx, f, color=f"C{x}", edgecolor="k", lw=0.5, zorder=3)
+                if h is not None:
+                    ax.scatter(x + dx, h, facecolor="none", edgecolor=f"C{x}", lw=1.2, zorder=2)
+        ax.axhline(line, color="g", ls="--", lw=0.8)
+        ax.set_xticks(range(len(groups)), [NAMES[m] for m, _ in groups], fontsize=7, rotation=15)
+        ax.set_title(title, fontsize=8)
+        ax.grid(alpha=0.3)
+    written = save_figure(fig, stem, dpi=100)
+    plt.close(fig)
+    return written
+
+
+def rules() -> list[str]:
+    b = "B = the EAP-IG circuit's quantizable coordinates"
+    return [
+        f"Every mask holds exactly {b} (the circuit at the neuron grain), so MANSU proposes the same number of "
+        "coordinates on every row of a seed (`update_fraction` x B per step); only where they lie differs. The "
+        "rules (mansu/attribution/localisation.py), fixed before any run:", "",
+        "- **EAP-IG circuit**: the smallest faithful circuit of the EAP-IG graph, each MLP node owning its top "
+        "neurons covering `mlp_neuron_mass` of its attribution (what a normal MANSU run uses).",
+        "- **random**: B coordinates drawn uniformly without replacement from all quantizable weights "
+        "(torch.Generator seeded with the run's seed).",
+        "- **fact-lookup MLP** (causal tracing, Meng et al. 2022; the localisation Guo et al. favour): on the "
+        "run's attribution prompts, the subject is corrupted (swapped for another record's, the circuit's own "
+        "corruption); for each layer L the clean MLP output at the subject's last token is restored in the corrupted "
+        "run, IE_L = mean of m(restored) - m(corrupted), m the logit difference. Layers in descending IE (ties: the "
+        "lower); whole MLPs while they fit in B; in the first that does not fit, its hidden neurons (gate/up rows and "
+        "down column) in descending sum of |forget-NLL gradient| over their weights, whole neurons while they fit, "
+        "the remainder from the next neuron by |gradient|.",
+        "- **saliency**: the top-B coordinates of |g_i| / (F_i + damping x mean F) over all quantizable weights, g "
+        "the forget-NLL gradient at the base (the direction of NPO's at its reference), F the retain diagonal Fisher "
+        "on `n_fisher` retain examples, damping = `fisher_damping` (1).", "",
+        "CAD is measured over the EAP-IG circuit for every mask (the same circuit: one base cache per model), so "
+        "it asks the same question of each update: how much of the circuit's attribution moved.",
+    ]
+
+
+def write_localisation_page(points: Sequence[LocalisationPoint], cfg: LocalisationConfig, out: Path, *,
+                            seconds: float, commands: Sequence[str]) -> list[Path]:
+    """out (markdown), out.with_suffix('.json') (the points) and the figure; returns the paths."""
+    out = Path(out)
+    if not points:
+        raise ValueError("no localisation points to write")
+    figure = write_figure(points, out.with_suffix(""))
+    data = out.with_suffix(".json")
+    write_json_atomic(data, {"config": asdict(cfg), "scorecard": CARD.__dict__, "commands": list(commands),
+                             "wall_seconds": seconds, "points": [p.to_dict() for p in points]}, add_stamp=True)
+    spec = json.loads((Path(points[0].run) / layout.CONFIG).read_text())["spec"] if \
+        (Path(points[0].run) / layout.CONFIG).is_file() else {}
+    made = "; ".join(f"`{c}`" for c in commands)
+    base = points[0]
+    lines = [
+        "# Localisation at a fixed budget: does it matter where MANSU's update goes?", "",
+        f"Generated by {made}" + (f" ({seconds / 60:.0f} min of sweep wall time)" if seconds else "")
+        + f"; {len(points)} runs; the points (and each run folder) are in [{data.name}]({data.name}). Method: "
+        "`mansu/science/localisation.py`.", "",
+        "**Setup.** The demo world on its NF4-grid-aligned base, MANSU with its demo settings (20 steps, "
+        f"update_fraction {spec.get('unlearn', {}).get('update_fraction', '?')}, kappa 1, retain term 1), the circuit "
+        f"at the neuron grain (mlp_neuron_mass {cfg.mlp_neuron_mass}), attribution on "
+        f"{spec.get('attribution_records', '?')} forget records x {spec.get('ig_steps', '?')} IG steps; seed s runs "
+        "on demo model s and unlearns with seed s. Scored as `compare` scores (120 forget questions, the first "
+        f"{cfg.retain_eval_limit} retain questions, NF4 simulated bit-exact) plus the demo's 80 held-out probe "
+        f"questions (facts nobody optimised for). Base (seed {base.seed}): forget {base.forget_base:.3f}, retain "
+        f"{base.retain_base:.3f}, probe {base.probe_base:.3f}.", "",
+        "**Columns.** *forgotten* = (forget(base) - forget) / (forget(base) - chance), the scorecard's forgetting "
+        f"(passes at >= {CARD.forget_margin}); *retain lost* and *probe lost* the same fraction of their headroom "
+        f"(retain passes at <= {CARD.retain_margin}); *PTQ gap* relative to the forget headroom (passes when its "
+        f"95% CI high end is <= {CARD.max_ptq_gap}); *CAD* after NF4 over the circuit (structural erasure also "
+        "needs attribution that moved: mansu.scorecard). *proposed*: the coordinates MANSU selected over its steps; "
+        "*touched*: those it moved (a proposal the floor cannot realise, at an absmax element or a grid edge, is "
+        "not moved, so touched can differ by a few percent at equal proposals).", "",
+        "## Rules", "", *rules(), "",
+        "## Result", "", *table(points), "", *verdict(points), "",
+        f"![localisation]({figure[0].name})  ([SVG]({figure[1].name}))", "",
+        "### Causal tracing", "", *(trace_lines(points) or ["No fact-lookup run."]), "",
+        "### Every run", "", *run_table(points), "",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, "\n".join(lines).encode())
+    return [out, data, *figure]
