@@ -225,7 +225,8 @@ def write_sample_run(root: Path, method: str = "mansu", seed: int = 0, forget_af
     write_json_atomic(run / layout.METRICS, metrics)
     cad = {f"after_{w}": {"value": v, "ci_low": v - 0.1, "ci_high": v + 0.1, "n_examples": 64,
                           "per_edge": {f"a0.h{i % 8}->m{i % 2}": 0.1 / (i + 1) for i in range(10)},
-                          "parts": _sample_cad_parts(v, moved=v * 0.8)}
+                          "parts": _sample_cad_parts(v, moved=v * 0.8),
+                          "per_fact": _sample_cad_parts(v + 0.05, moved=v * 0.6)}
            for w, v in (("fp", 0.6 if method == "mansu" else 0.1), ("nf4", 0.55 if method == "mansu" else 0.08))}
     write_cad(run, cad)
     write_scorecard(run, build_scorecard(metrics, cad))

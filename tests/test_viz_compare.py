@@ -50,7 +50,15 @@ def test_cad_values_and_contributions():
     assert edge_contributions({"after_nf4": {"value": 0.5, "per_edge": {"u->v": -0.5, "x->y": 0.1}}}) == [
         ("u->v", -0.5), ("x->y", 0.1)]
     fig = cad_figure(CAD)
-    assert [t.name for t in fig.data] == ["CAD fp", "CAD nf4", "contribution"]
+    assert [t.name for t in fig.data] == ["CAD fp pooled", "CAD nf4 pooled", "contribution"]
+    assert cad_value(CAD, "nf4", "per_fact") is None                   # a run from before per-fact CAD
+    fact = {**CAD, "after_nf4": {**CAD["after_nf4"], "per_fact": {"cad": {"value": 0.45, "ci_low": 0.42,
+                                                                          "ci_high": 0.48}}}}
+    assert cad_value(fact, "nf4", "per_fact") == (0.45, 0.42, 0.48)
+    assert [t.name for t in cad_figure(fact).data] == ["CAD fp pooled", "CAD nf4 pooled", "CAD nf4 per fact",
+                                                       "contribution"]
+    with pytest.raises(ValueError, match="estimator"):
+        cad_value(CAD, "nf4", "median")
 
 
 def test_bars_and_quadrant():

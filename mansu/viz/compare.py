@@ -64,11 +64,20 @@ def ptq_gap(metrics: Metrics | None) -> float | None:
     return None if fp is None or nf4 is None else nf4.value - fp.value
 
 
-def cad_value(cad: CadFile | None, which: str = "fp") -> tuple[float, float | None, float | None] | None:
-    """(CAD, low, high) after unlearning in `which` (fp/nf4) from cad.json (`mansu.runs.store.read_cad`), or None."""
+CAD_ESTIMATORS = {"pooled": "pooled", "per_fact": "per fact"}   # mansu.attribution.cad: the two estimators
+
+
+def cad_value(cad: CadFile | None, which: str = "fp",
+              estimator: str = "pooled") -> tuple[float, float | None, float | None] | None:
+    """(CAD, low, high) after unlearning in `which` (fp/nf4) from cad.json (`mansu.runs.store.read_cad`), pooled or
+    per fact (None for runs made before per-fact CAD), or None."""
     if which not in ("fp", "nf4"):
         raise ValueError(f"which must be 'fp' or 'nf4', got {which!r}")
+    if estimator not in CAD_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(CAD_ESTIMATORS)}, got {estimator!r}")
     entry = cad.get(f"after_{which}") if isinstance(cad, dict) else None  # a page may hold an unchecked file
+    if entry and estimator == "per_fact":
+        entry = (entry.get("per_fact") or {}).get("cad")
     if not entry:
         return None
     return float(entry["value"]), entry.get("ci_low"), entry.get("ci_high")
@@ -146,19 +155,23 @@ def quadrant_figure(points: dict[str, tuple[float, float]], *, drop_margin: floa
 
 
 def cad_figure(cad: CadFile | None, *, top: int = 20, which: str = "nf4") -> go.Figure:
-    """CAD fp and NF4 with intervals (left) and the top per-edge contributions of `which` (right)."""
+    """CAD fp and NF4, pooled and per fact, with intervals (left) and the top per-edge contributions of `which`
+    (right)."""
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, column_widths=[0.3, 0.7],
                         subplot_titles=("CAD with 95% interval", f"top {top} per-edge contributions (after {which})"))
-    for which in ("fp", "nf4"):
-        value = cad_value(cad, which)
-        if value is None:
-            continue
-        v, lo, hi = value
-        err = (None if lo is None or hi is None
-               else {"type": "data", "symmetric": False, "array": [hi - v], "arrayminus": [v - lo]})
-        fig.add_trace(go.Bar(x=[f"after {which}"], y=[v], error_y=err, name=f"CAD {which}", showlegend=False), 1, 1)
+    for estimator, label in CAD_ESTIMATORS.items():
+        for stage in ("fp", "nf4"):
+            value = cad_value(cad, stage, estimator)
+            if value is None:
+                continue
+            v, lo, hi = value
+            err = (None if lo is None or hi is None
+                   else {"type": "data", "symmetric": False, "array": [hi - v], "arrayminus": [v - lo]})
+            fig.add_trace(go.Bar(x=[f"{stage} {label}"], y=[v], error_y=err, name=f"CAD {stage} {label}",
+                                 marker_color="#1f77b4" if estimator == "pooled" else "#ff7f0e", showlegend=False),
+                          1, 1)
     contribs = edge_contributions(cad, which)[:top]
     fig.add_trace(go.Bar(y=[c[0] for c in contribs][::-1], x=[c[1] for c in contribs][::-1], orientation="h",
                          marker_color="#9467bd", showlegend=False, name="contribution"), 1, 2)

@@ -29,7 +29,7 @@ from mansu.spec import DEMO, RunSpec, demo_spec
 from mansu.unlearn.methods import METHODS
 from mansu.unlearn.methods.base import COMMON_FIELDS
 from mansu.viz.attack import attack_curves_figure
-from mansu.viz.compare import accuracy, cad_value, ptq_gap
+from mansu.viz.compare import CAD_ESTIMATORS, accuracy, cad_value, ptq_gap
 from mansu.viz.matrix import gap_matrix_figure
 from mansu.viz.quant import ptq_gap_by_quantizer_figure
 from mansu.viz.report import PROPERTY_TITLES, run_figures, scorecard_rows, unique_labels
@@ -174,7 +174,7 @@ def run_sentence(run: RunSummary, label: str) -> str:
     if not run.metrics:
         return f"{label}: no evaluation yet (state {run.status.get('state', '?')})."
     gap, low, high = _gap(run)
-    cad = cad_value(run.cad, "nf4")
+    cad, fact = cad_value(run.cad, "nf4"), cad_value(run.cad, "nf4", "per_fact")
     rows = scorecard_rows(run.scorecard)
     n_pass = sum(r.passed is True for r in rows)
     failing = _failing(run)
@@ -184,7 +184,7 @@ def run_sentence(run: RunSummary, label: str) -> str:
              f"Retain accuracy went from {_acc_text(run, 'base_fp', 'retain')} to "
              f"{_acc_text(run, 'unlearned_fp', 'retain')} (NF4 {_acc_text(run, 'unlearned_nf4', 'retain')}).",
              "CAD after NF4 was not computed." if cad is None else
-             f"CAD after NF4 is {fmt_ci(*cad)}.",
+             f"CAD after NF4 is {fmt_ci(*cad)}" + (f" (per fact {fmt_ci(*fact)})." if fact else "."),
              f"It passes {n_pass} of {len(rows) or 4} scorecard properties"
              + (f" (not: {', '.join(failing)})." if failing else ".")]
     return " ".join(parts)
@@ -351,9 +351,10 @@ def results_rows(run: RunSummary) -> list[tuple[str, str]]:
             rows.append((f"PTQ gap (forget, {q} − fp)", fmt_ci(g.get("gap"), g.get("ci_low"), g.get("ci_high"),
                                                               signed=True)))
     rows += [(f"retain accuracy, {name}", _acc_ci(run, stage, "retain")) for stage, name in STAGE_NAMES]
-    for which in ("fp", "nf4"):
-        cad = cad_value(run.cad, which)
-        rows.append((f"CAD after {which.replace('nf4', 'NF4')}", "n/a" if cad is None else fmt_ci(*cad)))
+    for estimator, label in CAD_ESTIMATORS.items():
+        for which in ("fp", "nf4"):
+            cad = cad_value(run.cad, which, estimator)
+            rows.append((f"CAD after {which.replace('nf4', 'NF4')}, {label}", "n/a" if cad is None else fmt_ci(*cad)))
     surv = (run.metrics or {}).get("survival") or {}
     rows.append(("median |update| / NF4 bin width", fmt(surv.get("median_ratio"))))
     rows.append(("fraction of updated weights whose NF4 code changed", fmt(surv.get("frac_code_changed"))))

@@ -29,7 +29,7 @@ def run_row(run_id: str, config: dict[str, Any], status: dict[str, Any], metrics
     forget_fp = accuracy(metrics, "unlearned_fp", "forget")
     forget_nf4 = accuracy(metrics, "unlearned_nf4", "forget")
     retain_fp = accuracy(metrics, "unlearned_fp", "retain")
-    cad_nf4 = cad_value(cad, "nf4")
+    cad_nf4, fact_nf4 = cad_value(cad, "nf4"), cad_value(cad, "nf4", "per_fact")
     rows = scorecard_rows(scorecard)
     return {
         "run": run_id,
@@ -47,5 +47,6 @@ def run_row(run_id: str, config: dict[str, Any], status: dict[str, Any], metrics
         "forget drop": _r(forget_drop(metrics)),
         "retain fp": _r(retain_fp.value if retain_fp else None),
         "CAD NF4": _r(cad_nf4[0] if cad_nf4 else None),
+        "CAD NF4 per fact": _r(fact_nf4[0] if fact_nf4 else None),
         "error": status.get("error") or "",
     }
