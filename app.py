@@ -26,6 +26,7 @@ PAGES = [
     st.Page("views/before_after.py", title="Before / after", icon=":material/compare:", url_path="before_after"),
     st.Page("views/launch.py", title="Launch", icon=":material/rocket_launch:", url_path="launch"),
     st.Page("views/report.py", title="Report", icon=":material/description:", url_path="report"),
+    st.Page("views/science.py", title="Science", icon=":material/science:", url_path="science"),
 ]
 
 # The views live in views/, not pages/: Streamlit treats a pages/ folder as the legacy multipage app until

@@ -14,7 +14,7 @@ from mansu.testing import write_sample_run
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGES = ("views/runs.py", "views/circuit.py", "views/update_nf4.py", "views/before_after.py", "views/launch.py",
-         "views/report.py")
+         "views/report.py")   # the pages of a run (views/science.py reads docs/, not runs: its own test)
 
 
 @pytest.fixture
@@ -204,3 +204,28 @@ def test_a_queue_survives_the_tab_and_any_tab_cancels_it(home, tmp_path):
     from mansu.runs.store import load_run
 
     assert {load_run(r.run_id).status["state"] for r in (first, second)} == {"cancelled"}
+
+
+def test_science_page_shows_each_docs_page_with_its_figures(home):
+    from mansu.viz.science import page_blocks, science_pages
+
+    pages = science_pages()
+    assert [p.path.name for p in pages][:2] == ["results.md", "frontiers.md"]    # the repo's docs/ holds them
+    blocks = page_blocks(next(p.path for p in pages if p.path.name == "frontiers.md"))
+    assert [b.figure.name for b in blocks if b.kind == "figure"] == ["frontiers.png"]
+    at = _page("views/science.py")
+    assert at.selectbox[0].options[0] == pages[0].title
+    at.selectbox[0].set_value(next(p.title for p in pages if p.path.name == "frontiers.md")).run()
+    assert not at.exception and len(at.get("image")) == 1
+    assert any("Verdict" in m.value for m in at.markdown)
+
+
+def test_science_blocks_keep_text_and_missing_figures(tmp_path):
+    from mansu.viz.science import page_blocks
+
+    (tmp_path / "a.png").write_bytes(b"\x89PNG")
+    (tmp_path / "p.md").write_text("# T\n\ntext\n![fig a](a.png)  ([SVG](a.svg))\n![gone](b.png)\nend\n")
+    blocks = page_blocks(tmp_path / "p.md")
+    assert [b.kind for b in blocks] == ["markdown", "figure", "markdown"]
+    assert blocks[1].figure == tmp_path / "a.png" and blocks[1].text == "fig a"
+    assert "![gone](b.png)" in blocks[2].text and "end" in blocks[2].text

@@ -26,7 +26,7 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 PAGES = {"runs": "Runs", "circuit": "Circuit", "update_nf4": "Update vs NF4", "before_after": "Before / after",
-         "launch": "Launch a run", "report": "Report"}
+         "launch": "Launch a run", "report": "Report", "science": "Science"}
 
 try:
     from playwright.sync_api import sync_playwright
