@@ -42,6 +42,24 @@ def test_simulated_twin_rounds_exactly_the_quantizable_weights():
         assert not torch.equal(model(ids).logits, by_hand(ids).logits)  # full precision again after it
 
 
+@pytest.mark.parametrize("cache_mb", [0, 512])
+def test_kept_round_trips_follow_in_place_changes(monkeypatch, cache_mb):
+    # a small model's twin keeps its round trips for the block; a weight changed in place inside it (an attack
+    # fine-tuning through the twin) is rounded afresh, as the per-forward recomputation would
+    import mansu.quant.twin as twin_module
+
+    monkeypatch.setattr(twin_module, "TWIN_CACHE_MB", cache_mb)
+    model = tiny_llama(hidden=64)
+    key = quantizable_parameter_names(model)[0]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad(), nf4_twin(model, "simulated") as twin:
+        first = model(ids).logits
+        assert torch.equal(model(ids).logits, first)
+        model.get_parameter(key).mul_(3.0)
+        assert torch.equal(twin.rounded(key), nf4_round_trip(model.get_parameter(key)))
+        assert not torch.equal(model(ids).logits, first)
+
+
 def test_real_twin_weights_dequantize_to_the_simulated_round_trip():
     model = tiny_llama(hidden=64)
     with nf4_twin(model, "simulated") as sim:

@@ -7,7 +7,10 @@ transposed), compute in the model's dtype.  A forward pre-hook swaps each quanti
 round trip just before that module runs and a forward hook swaps the original back right after, so at rest the
 parameters are the originals and the extra memory is one layer's rounded weight (its dtype's bytes per element of
 that one tensor) plus, under autograd, the rounded weights the graph keeps for backward.  Each forward recomputes
-the round trips (compute, not memory).  Disk- or CPU-offloaded weights (accelerate, device "meta") are refused.
+the round trips (compute, not memory), unless all of them fit in TWIN_CACHE_MB: then each round trip is kept for
+the block (one rounded copy of the quantizable weights, at most TWIN_CACHE_MB; the demo's 34 MB) and recomputed
+only when its weight changed in place (its version counter moved); an 8B model recomputes per forward as above.
+Disk- or CPU-offloaded weights (accelerate, device "meta") are refused.
 
 A weight the quantizer cannot quantize (int4-g128 on rows not a multiple of 128) stays in full precision and is
 listed in `skipped_modules`, as deployment tools keep such layers.
@@ -51,6 +54,7 @@ from mansu.quant.targets import quant_layout, quantizable_modules
 log = logging.getLogger(__name__)
 
 TwinMode = Literal["simulated", "real"]
+TWIN_CACHE_MB = 512   # a simulated twin keeps its round trips when they all fit in this (module docstring)
 MODES = ("simulated", "real")
 
 
@@ -102,6 +106,9 @@ def _simulated(model: Any, qz: Any, blocksize: int) -> Iterator[QuantTwin]:
         return layout.unview(pname, view).to(weight.dtype).contiguous()
 
     done, skipped = _split_fitting(model, qz, layout)
+    weights = [model.get_submodule(name).weight for name in done]
+    if sum(w.numel() * w.element_size() for w in weights) <= TWIN_CACHE_MB * 2**20:
+        rounded = _kept(model, rounded)
     was_training = model.training
     with _swapped_weights(model, {name: rounded for name in done}):
         model.eval()
@@ -111,6 +118,19 @@ def _simulated(model: Any, qz: Any, blocksize: int) -> Iterator[QuantTwin]:
                             quantizer=quantizer, skipped_modules=skipped, rounded=rounded)
         finally:
             model.train(was_training)
+
+
+def _kept(model: Any, rounded: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """`rounded`, each result kept until its weight changes in place (the parameter's version counter)."""
+    cache: dict[str, tuple[int, torch.Tensor]] = {}
+
+    def fn(pname: str) -> torch.Tensor:
+        version = model.get_parameter(pname)._version
+        hit = cache.get(pname)
+        if hit is None or hit[0] != version:
+            hit = cache[pname] = (version, rounded(pname))
+        return hit[1]
+    return fn
 
 
 def _split_fitting(model: Any, qz: Any, layout: Any) -> tuple[list[str], list[str]]:
