@@ -225,6 +225,7 @@ def _register_localisation(experiments) -> None:
     lo.add_argument("--retain-eval-limit", type=int, help="retain questions scored (default 200)")
     lo.add_argument("--attribution-records", type=int, help="forget records attributed (default the demo's)")
     lo.add_argument("--ig-steps", type=int, help="EAP-IG steps (default the demo's)")
+    lo.add_argument("--update-fraction", type=float, help="MANSU's update_fraction (default its demo setting)")
     lo.add_argument("--runs", help="folder for the run folders (default the runs folder, MANSU_RUNS)")
     lo.add_argument("--threads", type=int, help="torch CPU threads (1 is faster when other processes share the cores)")
     lo.add_argument("--merge", default="", metavar="JSON,...", help="also put the points of earlier localisation "
@@ -234,7 +235,7 @@ def _register_localisation(experiments) -> None:
 
 
 LOCALISATION_LISTS = {"localisations": str, "seeds": int}
-LOCALISATION_VALUES = ("mlp_neuron_mass", "retain_eval_limit", "attribution_records", "ig_steps")
+LOCALISATION_VALUES = ("mlp_neuron_mass", "retain_eval_limit", "attribution_records", "ig_steps", "update_fraction")
 
 
 def localisation_config(args: argparse.Namespace):

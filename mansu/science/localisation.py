@@ -41,6 +41,7 @@ class LocalisationConfig:
     retain_eval_limit: int = 200              # compare's
     attribution_records: int | None = None    # None: the demo's (mansu.spec.demo_spec)
     ig_steps: int | None = None
+    update_fraction: float | None = None      # None: MANSU's demo setting (UnlearnConfig's default)
 
     def __post_init__(self) -> None:
         bad = [x for x in self.localisations if x not in LOCALISATIONS]
@@ -50,6 +51,8 @@ class LocalisationConfig:
             raise ValueError(f"--seeds {self.seeds}: give seeds in [0, {MAX_SEED}]")
         if not 0 < self.mlp_neuron_mass <= 1:
             raise ValueError(f"--mlp-neuron-mass must be in (0, 1], got {self.mlp_neuron_mass}")
+        if self.update_fraction is not None and not 0 < self.update_fraction <= 1:
+            raise ValueError(f"--update-fraction must be in (0, 1], got {self.update_fraction}")
         if not 1 <= self.retain_eval_limit <= 100_000:
             raise ValueError(f"--retain-eval-limit must be in [1, 100000], got {self.retain_eval_limit}")
 
@@ -58,7 +61,8 @@ class LocalisationConfig:
         from mansu.spec import demo_spec
 
         extra = {k: v for k, v in (("attribution_records", self.attribution_records),
-                                   ("ig_steps", self.ig_steps)) if v is not None}
+                                   ("ig_steps", self.ig_steps), ("update_fraction", self.update_fraction))
+                 if v is not None}
         return demo_spec("mansu", seed=seed, model_seed=seed, localisation=localisation,
                          mlp_neuron_mass=self.mlp_neuron_mass, retain_eval_limit=self.retain_eval_limit,
                          save_model=False, store_update=False, quantizers="nf4", **extra)
@@ -93,6 +97,7 @@ class LocalisationPoint:
     cad_ci: tuple[float | None, float | None]
     passes: dict[str, bool | None]  # per scorecard property (None: not scored)
     wall_seconds: float
+    update_fraction: float | None = None  # MANSU's; None in JSONs written before it was recorded (see the run)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,7 +120,8 @@ def read_point(localisation: str, seed: int, run: Path, probe: tuple[float, floa
         ptq_gap=gap["value"], ptq_gap_ci=(gap.get("ci_low"), gap.get("ci_high")),
         cad=erasure.get("value"), cad_ci=(erasure.get("ci_low"), erasure.get("ci_high")),
         passes={p: props[p].get("pass") if props[p].get("status") in ("pass", "fail") else None for p in PROPERTIES},
-        wall_seconds=float(m["unlearn"]["wall_seconds"]))
+        wall_seconds=float(m["unlearn"]["wall_seconds"]),
+        update_fraction=read_json(run / layout.CONFIG)["spec"]["unlearn"]["update_fraction"])
 
 
 def probe_accuracy(cache, run: Path | None, spec) -> tuple[float, float]:

@@ -24,6 +24,8 @@ from mansu.science.localisation import LocalisationConfig, LocalisationPoint, by
 from mansu.scorecard import PROPERTIES, ScorecardConfig
 
 CARD = ScorecardConfig()
+MORE, LESS = "more robust than", "less robust than"
+TRACE_SIGNAL = 0.05  # a layer restoring less than this share of the clean - corrupted effect localises nothing
 NAMES = {"circuit": "EAP-IG circuit", "random": "random", "fact_mlp": "fact-lookup MLP", "saliency": "saliency"}
 
 
@@ -40,9 +42,27 @@ def candidates(p: LocalisationPoint) -> int | None:
     return sum(int(json.loads(line).get("n_candidates", 0)) for line in path.read_text().splitlines() if line)
 
 
+def update_fraction(p: LocalisationPoint) -> float | None:
+    """MANSU's update_fraction of a point (read from its run's config.json when the JSON predates the field)."""
+    if p.update_fraction is not None:
+        return p.update_fraction
+    path = Path(p.run) / layout.CONFIG
+    return json.loads(path.read_text())["spec"]["unlearn"]["update_fraction"] if path.is_file() else None
+
+
 def _by_mask(points: Sequence[LocalisationPoint]) -> list[tuple[str, list[LocalisationPoint]]]:
     present = {p.localisation for p in points}
     return [(m, [p for p in points if p.localisation == m]) for m in LOCALISATIONS if m in present]
+
+
+def _by_fraction(points: Sequence[LocalisationPoint]) -> list[tuple[float | None, list[LocalisationPoint]]]:
+    """The points per MANSU update_fraction (an operating point), smallest first."""
+    fractions = sorted({update_fraction(p) for p in points}, key=lambda f: (f is None, f or 0.0))
+    return [(f, [p for p in points if update_fraction(p) == f]) for f in fractions]
+
+
+def _label(mask: str, fraction: float | None, several: bool) -> str:
+    return NAMES[mask] + (f", uf {fraction:g}" if several and fraction is not None else "")
 
 
 def _ci(pair) -> str:
@@ -56,14 +76,17 @@ def _passes(pts: Sequence[LocalisationPoint], prop: str) -> str:
 
 
 def table(points: Sequence[LocalisationPoint]) -> list[str]:
-    """The one table: a row per mask, mean ± sd over its seeds, each property's pass count."""
+    """The one table: a row per mask (per update_fraction when several), mean ± sd over its seeds, each property's
+    pass count."""
     cols = ("mask", "seeds", "coordinates in mask", "proposed", "touched", "forget fp", "forget NF4",
             "forgotten fp", "forgotten NF4", "PTQ gap (CI high)", "retain lost", "probe lost", "CAD (CI low)",
             *PROPERTIES)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     sign = "{:+.3f}"
-    for mask, pts in _by_mask(points):
-        cells = [NAMES[mask], str(len(pts)), mean_sd([p.mask_coordinates for p in pts], "{:,.0f}"),
+    groups = _by_fraction(points)
+    rows = [(_label(mask, f, len(groups) > 1), pts) for f, group in groups for mask, pts in _by_mask(group)]
+    for label, pts in rows:
+        cells = [label, str(len(pts)), mean_sd([p.mask_coordinates for p in pts], "{:,.0f}"),
                  mean_sd([candidates(p) for p in pts], "{:,.0f}"), mean_sd([p.touched for p in pts], "{:,.0f}"),
                  mean_sd([p.forget_fp for p in pts]), mean_sd([p.forget_nf4 for p in pts]),
                  mean_sd([p.forgot for p in pts]), mean_sd([forgot_nf4(p) for p in pts]),
@@ -79,12 +102,14 @@ def run_table(points: Sequence[LocalisationPoint]) -> list[str]:
     """Every run: its coordinates, the numbers with their 95% CIs, the properties it passes."""
     lines = ["| seed | mask | in mask | proposed | touched | forget fp / NF4 | PTQ gap [95% CI] | retain lost | "
              "probe lost | CAD [95% CI] | passes | run |", "|" + "---|" * 12]
+    several = len(_by_fraction(points)) > 1
     for seed, pts in sorted(by_seed(points).items()):
-        for p in sorted(pts, key=lambda p: LOCALISATIONS.index(p.localisation)):
+        for p in sorted(pts, key=lambda p: (update_fraction(p) or 0.0, LOCALISATIONS.index(p.localisation))):
             passed = [prop for prop in PROPERTIES if p.passes.get(prop)]
             cad = "n/a" if p.cad is None else f"{p.cad:.3f} {_ci(p.cad_ci)}"
             layers = f" (m{', m'.join(map(str, p.layers))})" if p.layers else ""
-            lines.append(f"| {seed} | {NAMES[p.localisation]}{layers} | {p.mask_coordinates:,} | "
+            lines.append(f"| {seed} | {_label(p.localisation, update_fraction(p), several)}{layers} | "
+                         f"{p.mask_coordinates:,} | "
                          f"{candidates(p) or 0:,} | {p.touched:,} | {p.forget_fp:.3f} / {p.forget_nf4:.3f} | "
                          f"{p.ptq_gap:+.3f} {_ci(p.ptq_gap_ci)} | {p.retain_lost:+.3f} | {p.probe_lost:+.3f} | "
                          f"{cad} | {', '.join(passed) or 'none'} | `{Path(p.run).name}` |")
@@ -94,15 +119,31 @@ def run_table(points: Sequence[LocalisationPoint]) -> list[str]:
 def trace_lines(points: Sequence[LocalisationPoint]) -> list[str]:
     """What causal tracing found on each demo model (the fact-lookup rule's input)."""
     out = []
-    for p in sorted((p for p in points if p.trace), key=lambda p: p.seed):
-        effects = ", ".join(f"m{i} {e:+.3f}" for i, e in enumerate(p.trace["effects"]))
+    for p in sorted({p.seed: p for p in points if p.trace}.values(), key=lambda p: p.seed):
+        effects = ", ".join(f"m{i} {e:+.4f}" for i, e in enumerate(p.trace["effects"]))
+        top = max(p.trace["effects"])
+        share = top / p.trace["total"] if p.trace["total"] else float("nan")
         out.append(f"- model seed {p.seed}: indirect effects {effects} of a total clean - corrupted "
-                   f"{p.trace['total']:+.3f} (logit difference, {p.trace['n_prompts']} prompts); the mask is "
-                   f"m{', m'.join(map(str, p.layers or []))}.")
+                   f"{p.trace['total']:+.3f} (logit difference, {p.trace['n_prompts']} prompts): the top layer "
+                   f"restores {share:.1%} of it; the mask is m{', m'.join(map(str, p.layers or []))}.")
+    if out and all(max(p.trace["effects"]) < TRACE_SIGNAL * p.trace["total"] for p in points if p.trace):
+        out.append(f"\nNo layer restores {TRACE_SIGNAL:.0%} of the effect: tracing at the subject's last token "
+                   "localises nothing on this model, and the rule's pick is its ordering of near-zero effects. On a "
+                   "2-layer model this is structural: an MLP's output at the subject's position reaches the answer "
+                   "position only through a later attention layer, so the last MLP's effect there is exactly 0, and "
+                   "the first MLP's is what layer-1 attention reads from one position of a corrupted subject.")
     return out
 
 
 def verdict(points: Sequence[LocalisationPoint]) -> list[str]:
+    """The verdict at each operating point (update_fraction)."""
+    groups = _by_fraction(points)
+    if len(groups) == 1:
+        return _verdict(points)
+    return [line for f, pts in groups for line in (f"**At update_fraction {f:g}.**", "", *_verdict(pts), "")]
+
+
+def _verdict(points: Sequence[LocalisationPoint]) -> list[str]:
     """Each mask against the circuit by the module docstring's rule, and what it says about Guo et al."""
     masks = dict(_by_mask(points))
     if "circuit" not in masks:
@@ -116,8 +157,8 @@ def verdict(points: Sequence[LocalisationPoint]) -> list[str]:
         sd = max(_sd([forgot_nf4(p) for p in pts]), _sd([forgot_nf4(p) for p in ref]))
         gap = sum(bool(p.passes.get("ptq_gap")) for p in pts) - sum(bool(p.passes.get("ptq_gap")) for p in ref)
         resolved = min(len(pts), len(ref)) >= 2  # a seed sd needs two seeds
-        word = ("more robust than" if resolved and diff > sd and gap >= 0 else
-                "less robust than" if resolved and diff < -sd and gap <= 0 else "not resolved from")
+        word = (MORE if resolved and diff > sd and gap >= 0 else
+                LESS if resolved and diff < -sd and gap <= 0 else "not resolved from")
         words[mask] = word
         held = sum(all(p.passes.get(prop) for prop in PROPERTIES) for p in pts)
         lines.append(f"- **{NAMES[mask]}** is {word} the circuit: forgetting after NF4 {diff:+.3f} (relative; the "
@@ -125,8 +166,7 @@ def verdict(points: Sequence[LocalisationPoint]) -> list[str]:
                      f"{len(pts)} seeds (circuit: "
                      f"{sum(all(p.passes.get(prop) for prop in PROPERTIES) for p in ref)}/{len(ref)}).")
     if "fact_mlp" in words:
-        answer = {"more robust than": "**supports**", "less robust than": "**contradicts**"}.get(
-            words["fact_mlp"], "**cannot decide**")
+        answer = {MORE: "**supports**", LESS: "**does not support**"}.get(words["fact_mlp"], "**cannot decide**")
         lines = [f"On this demo, at this budget, the fact-lookup MLP localisation is {words['fact_mlp']} the EAP-IG "
                  f"circuit: the demo {answer} Guo et al.'s finding (ICML'25: fact-lookup MLPs give more robust "
                  "unlearning than output-tracing attribution).", "", *lines]
@@ -149,7 +189,8 @@ def write_figure(points: Sequence[LocalisationPoint], stem: Path) -> list[Path]:
                CARD.retain_margin),
               ("PTQ gap, 95% CI high end (hollow)", lambda p: p.ptq_gap, lambda p: p.ptq_gap_ci[1], CARD.max_ptq_gap),
               ("CAD after NF4, 95% CI low end (hollow)", lambda p: p.cad, lambda p: p.cad_ci[0], CARD.cad_threshold))
-    groups = _by_mask(points)
+    several = len(_by_fraction(points)) > 1
+    groups = [(_label(m, f, several), pts) for f, group in _by_fraction(points) for m, pts in _by_mask(group)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), layout="constrained")
     for ax, (title, filled, hollow, line) in zip(axes, panels):
         for x, (_, pts) in enumerate(groups):
@@ -161,7 +202,8 @@ def write_figure(points: Sequence[LocalisationPoint], stem: Path) -> list[Path]:
                 if h is not None:
                     ax.scatter(x + dx, h, facecolor="none", edgecolor=f"C{x}", lw=1.2, zorder=2)
         ax.axhline(line, color="g", ls="--", lw=0.8)
-        ax.set_xticks(range(len(groups)), [NAMES[m] for m, _ in groups], fontsize=7, rotation=15)
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=7, rotation=20)
         ax.set_title(title, fontsize=8)
         ax.grid(alpha=0.3)
     written = save_figure(fig, stem, dpi=100)
@@ -214,7 +256,8 @@ def write_localisation_page(points: Sequence[LocalisationPoint], cfg: Localisati
         + f"; {len(points)} runs; the points (and each run folder) are in [{data.name}]({data.name}). Method: "
         "`mansu/science/localisation.py`.", "",
         "**Setup.** The demo world on its NF4-grid-aligned base, MANSU with its demo settings (20 steps, "
-        f"update_fraction {spec.get('unlearn', {}).get('update_fraction', '?')}, kappa 1, retain term 1), the circuit "
+        f"update_fraction {' and '.join(f'{f:g}' for f, _ in _by_fraction(points) if f is not None)} "
+        "(the demo's is 0.002), kappa 1, retain term 1), the circuit "
         f"at the neuron grain (mlp_neuron_mass {cfg.mlp_neuron_mass}), attribution on "
         f"{spec.get('attribution_records', '?')} forget records x {spec.get('ig_steps', '?')} IG steps; seed s runs "
         "on demo model s and unlearns with seed s. Scored as `compare` scores (120 forget questions, the first "
