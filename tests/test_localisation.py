@@ -166,6 +166,6 @@ def test_the_page_states_the_table_and_the_verdict_by_its_rule(tmp_path):
     page = paths[0].read_text()
     assert [p.suffix for p in paths] == [".md", ".json", ".png", ".svg"]
     assert "| EAP-IG circuit | 3 | 1,000 ± 0 |" in page and "| 1/3 | 3/3 | 3/3 | 0/3 |" in page
-    assert "**random** is less robust than the circuit" in page
-    assert "**saliency** is more robust than the circuit" in page
+    assert "**random** forgets less after NF4 than the circuit" in page
+    assert "**saliency** forgets more after NF4 than the circuit" in page
     assert "**fact-lookup MLP** is not resolved from the circuit" in page and "**cannot decide**" in page

@@ -3,10 +3,10 @@ seeds and each scorecard property's pass count), the per-run numbers, the figure
 points and the verdict on Guo et al. (ICML'25), every number computed from the points passed in.
 
 The verdict's rule (written while the sweep ran, after seed 0's circuit and random runs and before any fact-lookup
-or saliency result): a mask is *more robust* than the circuit when its forgetting
-after NF4 (relative, the scorecard's scale) is higher by more than the larger of the two masks' seed sd and its PTQ
-gap passes on at least as many seeds; *less robust* in the mirror case; otherwise the difference is not resolved at
-this number of seeds.
+or saliency result): a mask *forgets more after NF4* than the circuit (is more robust, in Guo et al.'s sense of
+forgetting that an attack, here NF4 quantization, does not undo) when its forgetting after NF4 (relative, the
+scorecard's scale) is higher by more than the larger of the two masks' seed sd and its PTQ gap passes on at least
+as many seeds; *forgets less* in the mirror case; otherwise the difference is not resolved at this number of seeds.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mansu.science.localisation import LocalisationConfig, LocalisationPoint, by
 from mansu.scorecard import PROPERTIES, ScorecardConfig
 
 CARD = ScorecardConfig()
-MORE, LESS = "more robust than", "less robust than"
+MORE, LESS = "forgets more after NF4 than", "forgets less after NF4 than"
 TRACE_SIGNAL = 0.05  # a layer restoring less than this share of the clean - corrupted effect localises nothing
 NAMES = {"circuit": "EAP-IG circuit", "random": "random", "fact_mlp": "fact-lookup MLP", "saliency": "saliency"}
 
@@ -158,18 +158,18 @@ def _verdict(points: Sequence[LocalisationPoint]) -> list[str]:
         gap = sum(bool(p.passes.get("ptq_gap")) for p in pts) - sum(bool(p.passes.get("ptq_gap")) for p in ref)
         resolved = min(len(pts), len(ref)) >= 2  # a seed sd needs two seeds
         word = (MORE if resolved and diff > sd and gap >= 0 else
-                LESS if resolved and diff < -sd and gap <= 0 else "not resolved from")
+                LESS if resolved and diff < -sd and gap <= 0 else "is not resolved from")
         words[mask] = word
         held = sum(all(p.passes.get(prop) for prop in PROPERTIES) for p in pts)
-        lines.append(f"- **{NAMES[mask]}** is {word} the circuit: forgetting after NF4 {diff:+.3f} (relative; the "
+        lines.append(f"- **{NAMES[mask]}** {word} the circuit: forgetting after NF4 {diff:+.3f} (relative; the "
                      f"larger seed sd {sd:.3f}), PTQ gap passes {gap:+d} seeds; all four properties on {held}/"
                      f"{len(pts)} seeds (circuit: "
                      f"{sum(all(p.passes.get(prop) for prop in PROPERTIES) for p in ref)}/{len(ref)}).")
     if "fact_mlp" in words:
         answer = {MORE: "**supports**", LESS: "**does not support**"}.get(words["fact_mlp"], "**cannot decide**")
-        lines = [f"On this demo, at this budget, the fact-lookup MLP localisation is {words['fact_mlp']} the EAP-IG "
-                 f"circuit: the demo {answer} Guo et al.'s finding (ICML'25: fact-lookup MLPs give more robust "
-                 "unlearning than output-tracing attribution).", "", *lines]
+        lines = [f"On this demo, at this budget, the fact-lookup MLP mask {words['fact_mlp']} the EAP-IG circuit "
+                 f"(NF4 survival by the PTQ gap's pass count): the demo {answer} Guo et al.'s finding (ICML'25: "
+                 "fact-lookup MLPs give more robust unlearning than output-tracing attribution).", "", *lines]
     return lines
 
 
