@@ -126,13 +126,19 @@ def trace_lines(points: Sequence[LocalisationPoint]) -> list[str]:
         out.append(f"- model seed {p.seed}: indirect effects {effects} of a total clean - corrupted "
                    f"{p.trace['total']:+.3f} (logit difference, {p.trace['n_prompts']} prompts): the top layer "
                    f"restores {share:.1%} of it; the mask is m{', m'.join(map(str, p.layers or []))}.")
-    if out and all(max(p.trace["effects"]) < TRACE_SIGNAL * p.trace["total"] for p in points if p.trace):
+    if out and _untraced(points):
         out.append(f"\nNo layer restores {TRACE_SIGNAL:.0%} of the effect: tracing at the subject's last token "
                    "localises nothing on this model, and the rule's pick is its ordering of near-zero effects. On a "
                    "2-layer model this is structural: an MLP's output at the subject's position reaches the answer "
                    "position only through a later attention layer, so the last MLP's effect there is exactly 0, and "
                    "the first MLP's is what layer-1 attention reads from one position of a corrupted subject.")
     return out
+
+
+def _untraced(points: Sequence[LocalisationPoint]) -> bool:
+    """Whether causal tracing ran and no layer restored TRACE_SIGNAL of the effect on any model."""
+    traced = [p for p in points if p.trace]
+    return bool(traced) and all(max(p.trace["effects"]) < TRACE_SIGNAL * p.trace["total"] for p in traced)
 
 
 def verdict(points: Sequence[LocalisationPoint]) -> list[str]:
@@ -169,7 +175,10 @@ def _verdict(points: Sequence[LocalisationPoint]) -> list[str]:
         answer = {MORE: "**supports**", LESS: "**does not support**"}.get(words["fact_mlp"], "**cannot decide**")
         lines = [f"On this demo, at this budget, the fact-lookup MLP mask {words['fact_mlp']} the EAP-IG circuit "
                  f"(NF4 survival by the PTQ gap's pass count): the demo {answer} Guo et al.'s finding (ICML'25: "
-                 "fact-lookup MLPs give more robust unlearning than output-tracing attribution).", "", *lines]
+                 "fact-lookup MLPs give more robust unlearning than output-tracing attribution)"
+                 + ("; but tracing localised nothing on these models (see Causal tracing), so this fact-lookup mask "
+                    "is the rule's pick among near-zero effects, not a located fact store." if _untraced(points)
+                    else "."), "", *lines]
     return lines
 
 
