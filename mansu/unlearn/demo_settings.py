@@ -1,11 +1,17 @@
 """The unlearning settings used on the demo world: one source for `mansu run --demo`, `mansu compare` (the
 generated docs/results.md) and the app's "Build and run the demo" button, so all three give the same runs.
 
-Each method's own settings live on its class (`Method.demo`, in mansu/unlearn/methods/).  Every method gets 20
-steps. Learning rates follow one rule, applied on seed 0 of the NF4-grid base (docs/demo_search.md, section 1b):
-the smallest lr of the grid 1e-5, 3e-5, 1e-4, 3e-4, 1e-3 whose full-precision forget accuracy drops by >= 0.2
-(the scorecard's "meaningful forgetting"), so that every baseline really forgets before NF4 is applied.  RMU
-(untuned) and SSD (one shot) are outside the rule.
+Each method's own settings live on its class (`Method.demo`, in mansu/unlearn/methods/).  They are chosen by
+rules written down before the runs that apply them, on a held-out demo model (training seed 3, unlearning seed 0,
+NF4-grid base; docs/demo_search.md section 6), never on the reported models (seeds 0-2):
+
+    gradient baselines (ga, gu, graddiff, npo, simnpo), 20 steps: the smallest lr of the grid 1e-5, 3e-5, 1e-4,
+        3e-4, 1e-3 whose full-precision run passes the scorecard's forgetting (>= half the base's above-chance
+        forget accuracy removed), so that every baseline really forgets before NF4 is applied
+    MANSU (and its ablations): the smallest update_fraction of {0.002, 0.004, 0.008, 0.016}, then the fewest steps
+        of {20, 40}, whose forget accuracy is <= 0.35 in fp and after NF4 with the retain property passing
+
+RMU (WMDP's coefficients scaled to the demo), SSD (one shot) and SURE are outside the rules.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ class GU(GradientMethod):
     summary = "forget gradient projected off the retain-gradient span (no floor, no circuit)"
     objective = None
     fields = (*GradientMethod.fields, "objective", "k")
+    # the held-out rule (docs/demo_search.md section 6) keeps 1e-4: the smallest lr forgetting >= half the
+    # headroom in fp on demo model seed 3 (0.54; 3e-5: 0.17)
     demo = {"steps": 20, "lr": 1e-4}
 
     def prepare(self) -> None:
