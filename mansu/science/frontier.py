@@ -196,13 +196,13 @@ def _last_step(run: Path) -> dict[str, Any]:
 
 def specs(cfg: FrontierConfig, plan: Sequence[Setting]) -> list:
     """The RunSpec of every setting, built (and so validated) before any run starts: compare's evaluation (NF4 the
-    only quantizer scored), attribution only where MANSU needs its circuit."""
+    only quantizer scored), attribution only where MANSU needs its circuit, with compare's records and IG steps
+    (DEMO_ATTRIBUTION, via demo_spec): the circuit, and so MANSU's update, depends on them."""
     from mansu.spec import demo_spec
 
     return [demo_spec(s.method, **{**s.changes, "seed": s.seed}, model_seed=cfg.model_seed,
-                      retain_eval_limit=cfg.retain_eval_limit,
-                      save_model=False, store_update=False, quantizers="nf4", attribution=s.group != "baseline",
-                      attribution_records=8, ig_steps=2) for s in plan]
+                      retain_eval_limit=cfg.retain_eval_limit, save_model=False, store_update=False,
+                      quantizers="nf4", attribution=s.group != "baseline") for s in plan]
 
 
 def frontier_sweep(cfg: FrontierConfig, root: Path, *, progress: Callable[[int, int, Setting], None] | None = None,
