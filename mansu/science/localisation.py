@@ -18,6 +18,7 @@ The runs' model_update.safetensors (4 B per touched coordinate and its index) is
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -98,6 +99,7 @@ class LocalisationPoint:
     passes: dict[str, bool | None]  # per scorecard property (None: not scored)
     wall_seconds: float
     update_fraction: float | None = None  # MANSU's; None in JSONs written before it was recorded (see the run)
+    proposed: int | None = None  # coordinates MANSU selected over its steps (sum of the step log's n_candidates)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,7 +123,16 @@ def read_point(localisation: str, seed: int, run: Path, probe: tuple[float, floa
         cad=erasure.get("value"), cad_ci=(erasure.get("ci_low"), erasure.get("ci_high")),
         passes={p: props[p].get("pass") if props[p].get("status") in ("pass", "fail") else None for p in PROPERTIES},
         wall_seconds=float(m["unlearn"]["wall_seconds"]),
-        update_fraction=read_json(run / layout.CONFIG)["spec"]["unlearn"]["update_fraction"])
+        update_fraction=read_json(run / layout.CONFIG)["spec"]["unlearn"]["update_fraction"],
+        proposed=proposed(run))
+
+
+def proposed(run: Path) -> int | None:
+    """Coordinates MANSU selected over its steps: the sum of n_candidates in the step log (None without one)."""
+    path = Path(run) / layout.STEPS
+    if not path.is_file():
+        return None
+    return sum(int(json.loads(line).get("n_candidates", 0)) for line in path.read_text().splitlines() if line)
 
 
 def probe_accuracy(cache, run: Path | None, spec) -> tuple[float, float]:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from mansu.attribution.localisation import LOCALISATIONS
 from mansu.io import atomic_write_bytes, mean_sd, save_figure, write_json_atomic
 from mansu.runs import layout
-from mansu.science.localisation import LocalisationConfig, LocalisationPoint, by_seed
+from mansu.science.localisation import LocalisationConfig, LocalisationPoint, by_seed, proposed
 from mansu.scorecard import PROPERTIES, ScorecardConfig
 
 CARD = ScorecardConfig()
@@ -35,11 +35,8 @@ def forgot_nf4(p: LocalisationPoint) -> float:
 
 
 def candidates(p: LocalisationPoint) -> int | None:
-    """Coordinates MANSU proposed over its steps (sum of n_candidates in the run's step log; None without it)."""
-    path = Path(p.run) / layout.STEPS
-    if not path.is_file():
-        return None
-    return sum(int(json.loads(line).get("n_candidates", 0)) for line in path.read_text().splitlines() if line)
+    """Coordinates MANSU proposed over its steps (read from the run's step log when the JSON predates the field)."""
+    return p.proposed if p.proposed is not None else proposed(Path(p.run))
 
 
 def update_fraction(p: LocalisationPoint) -> float | None:
@@ -48,6 +45,11 @@ def update_fraction(p: LocalisationPoint) -> float | None:
         return p.update_fraction
     path = Path(p.run) / layout.CONFIG
     return json.loads(path.read_text())["spec"]["unlearn"]["update_fraction"] if path.is_file() else None
+
+
+def resolved(points: Sequence[LocalisationPoint]) -> list[LocalisationPoint]:
+    """The points with the fields older JSONs lack read back from their runs (when the runs are still there)."""
+    return [replace(p, update_fraction=update_fraction(p), proposed=candidates(p)) for p in points]
 
 
 def _by_mask(points: Sequence[LocalisationPoint]) -> list[tuple[str, list[LocalisationPoint]]]:
@@ -251,10 +253,12 @@ def write_localisation_page(points: Sequence[LocalisationPoint], cfg: Localisati
     out = Path(out)
     if not points:
         raise ValueError("no localisation points to write")
+    points = resolved(points)
     figure = write_figure(points, out.with_suffix(""))
     data = out.with_suffix(".json")
     write_json_atomic(data, {"config": asdict(cfg), "scorecard": CARD.__dict__, "commands": list(commands),
-                             "wall_seconds": seconds, "points": [p.to_dict() for p in points]}, add_stamp=True)
+                             "wall_seconds": seconds, "points": [p.to_dict() for p in points]},
+                      add_stamp=True)
     spec = json.loads((Path(points[0].run) / layout.CONFIG).read_text())["spec"] if \
         (Path(points[0].run) / layout.CONFIG).is_file() else {}
     made = "; ".join(f"`{c}`" for c in commands)
