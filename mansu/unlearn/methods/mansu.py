@@ -37,8 +37,10 @@ from mansu.unlearn.retain_stats import masked_grad, retain_statistics
 MANSU_FIELDS = ("lr", "objective", "beta", "k", "n_fisher", "epsilon", "kappa", "update_fraction", "blocksize",
                 "floor_quantizers", "mansu_retain_weight", "selection", "fisher_damping")
 # MANSU has no learning rate of its own: the floor sets its moves; the retain term keeps retain accuracy
-# (docs/demo_search.md, section 2).
-MANSU_DEMO = {"steps": 20, "mansu_retain_weight": 1.0}
+# (docs/demo_search.md, section 2). update_fraction and steps by the held-out rule (section 6: the smallest
+# fraction, then the fewest steps, with forget <= 0.35 in fp and NF4 and retain kept on demo model seed 3):
+# 0.002 at 40 steps (0.258 / 0.258, retain lost 0.013; at 20 steps 0.400, retain lost 0.053).
+MANSU_DEMO = {"steps": 40, "update_fraction": 0.002, "mansu_retain_weight": 1.0}
 
 
 class Mansu(Method):
