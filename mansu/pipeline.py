@@ -453,6 +453,10 @@ def _localised(ctx: Context, model, masks: dict | None) -> dict | None:
     (mansu.attribution.localisation), recorded as metrics.json "localisation"."""
     if masks is None or not METHODS[ctx.config.method].circuit_restricted:
         return masks
+    if ctx.spec.localisation == "circuit":  # no prompts, batches or gradients: the normal run stays as it was
+        out = localise("circuit", model, masks)
+        update_metrics(ctx.run, "localisation", out.info)
+        return out.masks
     cfg, prompts = ctx.config, ctx.prompts()
     out = localise(ctx.spec.localisation, model, masks, tokenizer=ctx.tokenizer(), prompts=prompts.prompts,
                    metric=prompts.metric, corruption=prompts.corruption, forget=ctx.batch("forget"),

@@ -169,3 +169,25 @@ def test_the_page_states_the_table_and_the_verdict_by_its_rule(tmp_path):
     assert "**random** forgets less after NF4 than the circuit" in page
     assert "**saliency** forgets more after NF4 than the circuit" in page
     assert "**fact-lookup MLP** is not resolved from the circuit" in page and "**cannot decide**" in page
+
+
+def test_runs_of_every_localisation_move_the_same_budget_where_their_mask_says(tmp_path):
+    from mansu.io import read_json
+    from mansu.pipeline import BaseCache, RunSpec, run_pipeline, start_run
+    from mansu.runs import layout
+    from mansu.testing import write_tiny_world
+    from mansu.unlearn.model_update import read_model_update
+
+    world = write_tiny_world(tmp_path / "world")
+    cache, info = BaseCache(), {}
+    for choice in LOCALISATIONS:
+        spec = RunSpec(model=world["model"], forget=world["forget"], retain=world["retain"], localisation=choice,
+                       unlearn={"method": "mansu", "steps": 2, "batch_size": 4, "k": 2, "n_fisher": 4,
+                                "update_fraction": 0.01}, attribution_records=4, ig_steps=2)
+        run = start_run(spec, root=tmp_path / "runs")
+        run_pipeline(run, cache, stop_after="unlearn")
+        metrics = read_json(run / layout.METRICS)
+        info[choice] = (metrics["localisation"]["n_coordinates"], metrics["unlearn"]["n_coordinates"])
+        moved = read_model_update(run / layout.MODEL_UPDATE)[0]
+        assert moved and (choice != "fact_mlp" or all(".mlp." in name for name in moved))
+    assert len(set(info.values())) == 1 and info["circuit"][0] == info["circuit"][1] > 0

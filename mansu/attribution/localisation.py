@@ -241,7 +241,9 @@ def localise(choice: str, model: Any, circuit_masks: dict[str, torch.Tensor], *,
     """The masks of `choice` with as many quantizable coordinates as `circuit_masks`, and how they were chosen."""
     check_localisation(choice)
     n = budget(model, circuit_masks)
-    info: dict[str, Any] = {"choice": choice, "budget": n, "quantizable": _quant_index(model).numel}
+    params = dict(model.named_parameters())
+    info: dict[str, Any] = {"choice": choice, "budget": n,
+                            "quantizable": sum(params[name].numel() for name in quantizable_names(model))}
     if choice == "circuit":
         return Localised(circuit_masks, {**info, "n_coordinates": n})
     if choice == "random":
