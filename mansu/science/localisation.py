@@ -100,6 +100,7 @@ class LocalisationPoint:
     wall_seconds: float
     update_fraction: float | None = None  # MANSU's; None in JSONs written before it was recorded (see the run)
     proposed: int | None = None  # coordinates MANSU selected over its steps (sum of the step log's n_candidates)
+    steps: int | None = None     # MANSU's steps (None in older JSONs: see the run)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,7 +125,7 @@ def read_point(localisation: str, seed: int, run: Path, probe: tuple[float, floa
         passes={p: props[p].get("pass") if props[p].get("status") in ("pass", "fail") else None for p in PROPERTIES},
         wall_seconds=float(m["unlearn"]["wall_seconds"]),
         update_fraction=read_json(run / layout.CONFIG)["spec"]["unlearn"]["update_fraction"],
-        proposed=proposed(run))
+        proposed=proposed(run), steps=read_json(run / layout.CONFIG)["spec"]["unlearn"]["steps"])
 
 
 def proposed(run: Path) -> int | None:
