@@ -188,6 +188,10 @@ def _verdict(points: Sequence[LocalisationPoint]) -> list[str]:
                      f"larger seed sd {sd:.3f}), PTQ gap passes {gap:+d} seeds; forgetting + retain + PTQ gap at "
                      f"once on {_held(pts, HELD)} seeds (circuit {_held(ref, HELD)}), all four on "
                      f"{_held(pts, PROPERTIES)} (circuit {_held(ref, PROPERTIES)}).")
+    ratios = [p.touched / c.touched for p in points for c in ref if c.seed == p.seed and p is not c]
+    if ratios:
+        lines.append(f"- Touched: at equal proposals, the masks moved {min(ratios):.0%}-{max(ratios):.0%} of the "
+                     "circuit's coordinates on the same seed (the rest were proposals the floor could not realise).")
     if "fact_mlp" in words:
         answer = {MORE: "**supports**", LESS: "**does not support**"}.get(words["fact_mlp"], "**cannot decide**")
         lines = [f"On this demo, at this budget, the fact-lookup MLP mask {words['fact_mlp']} the EAP-IG circuit "
@@ -219,23 +223,26 @@ def write_figure(points: Sequence[LocalisationPoint], stem: Path) -> list[Path]:
                CARD.retain_margin),
               ("PTQ gap, 95% CI high end (hollow)", lambda p: p.ptq_gap, lambda p: p.ptq_gap_ci[1], CARD.max_ptq_gap),
               ("CAD after NF4, 95% CI low end (hollow)", lambda p: p.cad, lambda p: p.cad_ci[0], CARD.cad_threshold))
-    several = len(_by_setting(points)) > 1
-    groups = [(_label(m, st, several), pts) for st, group in _by_setting(points) for m, pts in _by_mask(group)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    settings = _by_setting(points)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), layout="constrained")
     for ax, (title, filled, hollow, line) in zip(axes, panels):
-        for x, (_, pts) in enumerate(groups):
-            for j, p in enumerate(sorted(pts, key=lambda p: p.seed)):
-                dx = (j - (len(pts) - 1) / 2) * 0.12
-                f, h = filled(p), hollow(p)
-                if f is not None:
-                    ax.scatter(x + dx, f, color=f"C{x}", edgecolor="k", lw=0.5, zorder=3)
-                if h is not None:
-                    ax.scatter(x + dx, h, facecolor="none", edgecolor=f"C{x}", lw=1.2, zorder=2)
+        for x, (_, group) in enumerate(settings):
+            for mask, pts in _by_mask(group):
+                k = LOCALISATIONS.index(mask)
+                for j, p in enumerate(sorted(pts, key=lambda p: p.seed)):
+                    dx = (k - 1.5) * 0.2 + (j - (len(pts) - 1) / 2) * 0.05
+                    f, h = filled(p), hollow(p)
+                    if f is not None:
+                        ax.scatter(x + dx, f, color=f"C{k}", edgecolor="k", lw=0.5, zorder=3,
+                                   label=NAMES[mask] if x == 0 and j == 0 else None)
+                    if h is not None:
+                        ax.scatter(x + dx, h, facecolor="none", edgecolor=f"C{k}", lw=1.2, zorder=2)
         ax.axhline(line, color="g", ls="--", lw=0.8)
         ax.axhline(0, color="0.6", lw=0.5)
-        ax.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=7, rotation=20)
+        ax.set_xticks(range(len(settings)), [_setting_text(st) for st, _ in settings], fontsize=7)
         ax.set_title(title, fontsize=8)
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
     written = save_figure(fig, stem, dpi=100)
     plt.close(fig)
     return written
