@@ -322,7 +322,8 @@ def write_localisation_page(points: Sequence[LocalisationPoint], cfg: Localisati
         "**Columns.** *forgotten* = (forget(base) - forget) / (forget(base) - chance), the scorecard's forgetting "
         f"(passes at >= {CARD.forget_margin}); *retain lost* and *probe lost* the same fraction of their headroom "
         f"(retain passes at <= {CARD.retain_margin}); *PTQ gap* relative to the forget headroom (passes when its "
-        f"95% CI high end is <= {CARD.max_ptq_gap}); *CAD* after NF4 over the circuit (structural erasure also "
+        f"95% CI high end is <= {CARD.max_ptq_gap}); *CAD* after NF4 over the circuit, per fact with its 95% CI "
+        "(the scorecard's; structural erasure also "
         "needs attribution that moved: mansu.scorecard). *proposed*: the coordinates MANSU selected over its steps; "
         "*touched*: those it moved (a proposal the floor cannot realise, at an absmax element or a grid edge, is "
         "not moved, so touched can differ by a few percent at equal proposals).", "",
