@@ -168,19 +168,10 @@ def frontier_command(args: argparse.Namespace) -> str:
 def run_frontier(args: argparse.Namespace) -> int:
     import torch
 
-    from mansu.io import write_json_atomic
-    from mansu.paths import runs_root
     from mansu.science.frontier import frontier_sweep, read_points, settings
     from mansu.science.frontier_report import write_frontier_page
 
-    out = Path(args.out)
-    if out.suffix != ".md":
-        raise ValueError(f"--out must be a markdown file ending in .md, got {args.out!r}")
-    if args.threads is not None and not 1 <= args.threads <= 256:
-        raise ValueError(f"--threads must be in [1, 256], got {args.threads}")
-    runs = Path(args.runs) if args.runs else runs_root()
-    if runs.exists() and not runs.is_dir():
-        raise ValueError(f"--runs {args.runs!r} exists and is not a folder")
+    out, runs = _page_and_runs(args)
     cfg = frontier_config(args)
     merged = [read_points(Path(p.strip())) for p in args.merge.split(",") if p.strip()]  # read before any run
     if not settings(cfg) and not merged:
@@ -188,14 +179,8 @@ def run_frontier(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = frontier_command(args)
-    partial = out.with_suffix(".partial.json")  # the points so far, for --merge if the sweep is stopped
-
-    def save_partial(points) -> None:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(partial, {"commands": [command + " (partial)"], "points": [p.to_dict() for p in points],
-                                    "wall_seconds": time.perf_counter() - start})
-
     start = time.perf_counter()
+    partial, save_partial = _partial_points(out, command, start)
     points = frontier_sweep(cfg, runs, on_point=save_partial, progress=lambda i, n, s: print(
         f"run {i + 1}/{n}: {s.label} seed {s.seed}", file=sys.stderr, flush=True))
     commands = [c for _, cs, _ in merged for c in cs] + ([command] if points or not merged else [])
@@ -262,19 +247,10 @@ def localisation_command(args: argparse.Namespace) -> str:
 def run_localisation(args: argparse.Namespace) -> int:
     import torch
 
-    from mansu.io import write_json_atomic
-    from mansu.paths import runs_root
     from mansu.science.localisation import localisation_sweep, read_points
     from mansu.science.localisation_report import write_localisation_page
 
-    out = Path(args.out)
-    if out.suffix != ".md":
-        raise ValueError(f"--out must be a markdown file ending in .md, got {args.out!r}")
-    if args.threads is not None and not 1 <= args.threads <= 256:
-        raise ValueError(f"--threads must be in [1, 256], got {args.threads}")
-    runs = Path(args.runs) if args.runs else runs_root()
-    if runs.exists() and not runs.is_dir():
-        raise ValueError(f"--runs {args.runs!r} exists and is not a folder")
+    out, runs = _page_and_runs(args)
     cfg = localisation_config(args)
     merged = [read_points(Path(p.strip())) for p in args.merge.split(",") if p.strip()]  # read before any run
     if args.page_only and not merged:
@@ -282,14 +258,8 @@ def run_localisation(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = localisation_command(args)
-    partial = out.with_suffix(".partial.json")
     start = time.perf_counter()
-
-    def save_partial(points) -> None:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(partial, {"commands": [command + " (partial)"], "points": [p.to_dict() for p in points],
-                                    "wall_seconds": time.perf_counter() - start})
-
+    partial, save_partial = _partial_points(out, command, start)
     points = [] if args.page_only else localisation_sweep(cfg, runs, on_point=save_partial, progress=lambda i, n, w, s:
                                                           print(f"run {i + 1}/{n}: {w} seed {s}", file=sys.stderr,
                                                                 flush=True))
@@ -300,3 +270,31 @@ def run_localisation(args: argparse.Namespace) -> int:
         print(path)
     partial.unlink(missing_ok=True)
     return 0
+
+
+def _page_and_runs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """A run sweep's --out page and --runs folder, with --threads, checked before any run (one line each)."""
+    from mansu.paths import runs_root
+
+    out = Path(args.out)
+    if out.suffix != ".md":
+        raise ValueError(f"--out must be a markdown file ending in .md, got {args.out!r}")
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        raise ValueError(f"--threads must be in [1, 256], got {args.threads}")
+    runs = Path(args.runs) if args.runs else runs_root()
+    if runs.exists() and not runs.is_dir():
+        raise ValueError(f"--runs {args.runs!r} exists and is not a folder")
+    return out, runs
+
+
+def _partial_points(out: Path, command: str, start: float):
+    """(OUT's .partial.json, a callback writing the points so far there): for --merge if the sweep is stopped."""
+    from mansu.io import write_json_atomic
+
+    partial = out.with_suffix(".partial.json")
+
+    def save_partial(points) -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(partial, {"commands": [command + " (partial)"], "points": [p.to_dict() for p in points],
+                                    "wall_seconds": time.perf_counter() - start})
+    return partial, save_partial
