@@ -87,6 +87,7 @@ def test_table_and_summary_say_what_the_numbers_show():
                                                            ("forgetting", "retain", "ptq_gap", "structural_erasure")}}
     doc = render([row], {"nf4-grid": type("C", (), {"metrics": {}})()}, {}, 60.0, args, cells=cells)
     assert "### Method x quantizer PTQ-gap matrix" in doc and table in doc and text in doc
+    assert "[localisation.md](localisation.md) (`mansu sweep localisation`)" in doc      # the companion pages
     assert "PTQ-gap matrix" not in render([row], {"nf4-grid": type("C", (), {"metrics": {}})()}, {}, 60.0, args)
 
 
