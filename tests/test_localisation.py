@@ -59,6 +59,28 @@ def test_every_mask_has_the_circuits_size(family, tok):
     assert all(torch.equal(again[k], masks["random"][k]) for k in masks["random"])
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_random_masks_per_tensor_past_the_direct_limit(family, tok, monkeypatch):
+    # past RANDOM_DIRECT coordinates (an 8B model) the draw goes tensor by tensor: still exactly n coordinates,
+    # seeded, spread over the tensors in proportion to their sizes
+    import mansu.attribution.localisation as loc
+
+    model = _inputs(tok, family=family)[0]
+    params, names = dict(model.named_parameters()), quantizable_names(model)
+    total = sum(params[name].numel() for name in names)
+    monkeypatch.setattr(loc, "RANDOM_DIRECT", 0)
+    masks = loc.random_masks(model, total // 2, seed=5)
+    assert budget(model, masks) == total // 2 and set(masks) <= set(names)
+    assert all(m.shape == params[name].shape for name, m in masks.items())
+    again = loc.random_masks(model, total // 2, seed=5)
+    assert masks.keys() == again.keys() and all(torch.equal(masks[k], again[k]) for k in masks)
+    assert any(not torch.equal(masks[k], v) for k, v in loc.random_masks(model, total // 2, seed=6).items()
+               if k in masks)
+    for name in names:                                   # each tensor holds about half of its weights
+        share = int(masks[name].sum()) / params[name].numel() if name in masks else 0.0
+        assert abs(share - 0.5) < 0.2, (name, share)
+
+
 def test_fact_rule_ranks_traced_effects_and_silenced_mlps_have_none(tok):
     model, prompts, _, _ = _inputs(tok, layers=3)
     with torch.no_grad():  # silence m0 and m2: restoring their (zero) output changes nothing

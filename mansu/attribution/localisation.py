@@ -18,10 +18,12 @@ the same size B = the EAP-IG circuit's quantizable coordinates, so that only *wh
               the same direction), F the retain diagonal Fisher (mansu.unlearn.retain_stats.fisher_only on
               n_fisher retain examples), damping the run's fisher_damping
 
-Masks are bool tensors shaped like their parameter (1 B per weight of every parameter they name).  Building
-random keeps one int64 permutation of the quantizable coordinates (8 B per coordinate); fact_mlp and saliency the
-forget gradient over the quantizable weights (fp32, 4 B per coordinate), saliency also the Fisher and the score
-(4 B each): transient, freed before the unlearning starts.
+Masks are bool tensors shaped like their parameter (1 B per weight of every parameter they name), built through a
+flat bool vector (1 B per coordinate, transient).  Building random keeps one int64 permutation of the quantizable
+coordinates (8 B per coordinate) up to RANDOM_DIRECT (2^24) of them, beyond that one tensor's at a time (8 B per
+weight of the largest tensor); fact_mlp and saliency the forget gradient over the quantizable weights (fp32, 4 B
+per coordinate), saliency also the Fisher (4 B), the score written over both, and top_indices' radix selection
+(no per-coordinate buffer past 2^24): transient, freed before the unlearning starts.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 Localisation = Literal["circuit", "random", "fact_mlp", "saliency"]
 LOCALISATIONS: tuple[str, ...] = get_args(Localisation)
 GRAD_CHUNK = 32  # forget sequences per backward pass of the forget gradient
+RANDOM_DIRECT = 2**24  # random masks: one global permutation up to this many coordinates, per tensor beyond
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,31 @@ def _masks_at(index: ParamIndex, positions: torch.Tensor) -> dict[str, torch.Ten
 
 
 def random_masks(model: Any, n: int, seed: int) -> dict[str, torch.Tensor]:
-    """n coordinates drawn uniformly without replacement from the quantizable weights (torch.Generator(seed))."""
+    """n coordinates drawn uniformly without replacement from the quantizable weights, seeded: one permutation of
+    them all up to RANDOM_DIRECT coordinates (the demo), else tensor by tensor (`_random_per_tensor`)."""
     index = _quant_index(model)
+    if index.numel > RANDOM_DIRECT:
+        return _random_per_tensor(index, n, seed)
     gen = torch.Generator().manual_seed(seed)
     return _masks_at(index, torch.randperm(index.numel, generator=gen)[:n])
+
+
+def _random_per_tensor(index: ParamIndex, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """The same distribution as one global permutation without its 8 B per coordinate: how many of the n fall in
+    each tensor is one multivariate hypergeometric draw, then a uniform subset of that size within each tensor
+    (one tensor's permutation at a time: 8 B per weight of the largest tensor)."""
+    import numpy as np
+
+    sizes = [index.size(i) for i in range(len(index.names))]
+    counts = np.random.default_rng(seed).multivariate_hypergeometric(sizes, n)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (name, count) in enumerate(zip(index.names, counts.tolist())):
+        if count:
+            mask = torch.zeros(sizes[i], dtype=torch.bool)
+            mask[torch.randperm(sizes[i], generator=gen)[:count]] = True
+            out[name] = mask.reshape(index.shapes[i])
+    return out
 
 
 def forget_gradient(model: Any, forget: TokenBatch, index: ParamIndex) -> torch.Tensor:
@@ -103,8 +127,9 @@ def forget_gradient(model: Any, forget: TokenBatch, index: ParamIndex) -> torch.
 
 
 def saliency_score(grad: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
-    """|g_i| / (F_i + damping * mean F) (a tiny floor keeps an all-zero Fisher finite)."""
-    return grad.abs() / (fisher + damping * float(fisher.mean()) + 1e-30)
+    """|g_i| / (F_i + damping * mean F) (a tiny floor keeps an all-zero Fisher finite), written into `grad` and
+    `fisher` (no third [n] vector)."""
+    return grad.abs_().div_(fisher.add_(damping * float(fisher.mean())).add_(1e-30))
 
 
 def saliency_masks(model: Any, forget: TokenBatch, retain: TokenBatch, n: int, *, n_fisher: int, damping: float,
