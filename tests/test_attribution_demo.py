@@ -98,9 +98,13 @@ def test_cad_rerouting_low_for_unembedding_finetune(demo_lm, forget, graph, circ
     # component computes what it did, so the circuit's attribution may rescale or reverse but must not move
     from mansu.metrics.accuracy import mcq_accuracy
 
-    model = fine_tuned(demo_lm.model, demo_lm.tokenizer, forget, lambda m: [m.lm_head.weight])
-    assert mcq_accuracy(model, demo_lm.tokenizer, forget).accuracy <= 0.3
-    after = attribute(model, demo_lm.tokenizer, forget, ig_steps=8, batch_size=32, per_example=True)
+    before = demo_lm.model.lm_head.weight.detach().clone()
+    flags = [p.requires_grad for p in demo_lm.model.parameters()]
+    with fine_tuned(demo_lm.model, demo_lm.tokenizer, forget, lambda m: [m.lm_head.weight]) as model:
+        assert mcq_accuracy(model, demo_lm.tokenizer, forget).accuracy <= 0.3
+        after = attribute(model, demo_lm.tokenizer, forget, ig_steps=8, batch_size=32, per_example=True)
+    assert torch.equal(demo_lm.model.lm_head.weight, before)      # put back exactly: no model copy was made
+    assert [p.requires_grad for p in demo_lm.model.parameters()] == flags
     parts = cad(graph, after, circuit, n_boot=500).parts
     print({k: round(v["value"], 3) for k, v in parts.items()})
     assert parts["cad"]["value"] > 0.5                   # CAD alone would call this erasure
@@ -112,8 +116,10 @@ def test_cad_high_for_structural_erasure(demo_lm, forget, graph, circuit):
     from mansu.metrics.accuracy import mcq_accuracy
 
     top = top_components(graph, circuit)
-    model = zeroed(demo_lm.model, top)
-    after = attribute(model, demo_lm.tokenizer, forget, ig_steps=8, batch_size=32, per_example=True)
+    with zeroed(demo_lm.model, top) as model:
+        after = attribute(model, demo_lm.tokenizer, forget, ig_steps=8, batch_size=32, per_example=True)
+        accuracy = mcq_accuracy(model, demo_lm.tokenizer, forget).accuracy
+    assert mcq_accuracy(demo_lm.model, demo_lm.tokenizer, forget).accuracy == 1.0   # the weights are back
     result = cad(graph, after, circuit, n_boot=500)
     print(f"structural erasure of {top}: CAD {result.value:.3f} ({result.ci_low:.3f}-{result.ci_high:.3f})")
     assert result.value > 0.5 and result.ci_low > 0.4
@@ -121,7 +127,6 @@ def test_cad_high_for_structural_erasure(demo_lm, forget, graph, circuit):
     assert (result.ci_high - result.ci_low) / 2 <= 0.05  # CAD's CI on this fixed case (0.033 measured)
     fact = result.per_fact["cad"]                        # per fact: 0.841 [0.814, 0.869] measured
     assert fact["value"] > 0.5 and (fact["ci_high"] - fact["ci_low"]) / 2 <= 0.05
-    accuracy = mcq_accuracy(model, demo_lm.tokenizer, forget).accuracy
     print(f"forget accuracy after erasure: {accuracy:.3f}")
     assert accuracy < 1.0
     ablated_edges = [e for e in result.per_edge if any(node in e.split("->") for node in top)]
