@@ -57,7 +57,9 @@ moves attribution among edges too. So the reroute evidence stays pooled:
 CIs: percentile bootstrap over examples, the same paired draws (same seed, same chunks) as cad.py's CAD CI.
 Memory beyond the [n, U, D] per-example scores: a float32 copy of the other edges' scores (4 B per example and
 edge: 139 MB for 64 examples of a 543k-edge graph), per chunk of 256 resamples 256 x E_C float64 for s and t and
-256 x 1024 float64 per block of the other edges (2 MiB); time 2 n_boot x n x (E_C + E_all) multiply-adds.
+256 x 1024 float64 per block of the other edges (2 MiB); time 2 n_boot x n x (E_C + E_all) multiply-adds. Per
+fact: n float64 per part, and while each example's outside |score| sum is taken a float64 copy of the other
+edges' per-example scores (8 B per example and edge, transient; the pooled point estimate makes the same copy).
 """
 
 from __future__ import annotations
