@@ -192,7 +192,8 @@ def _sample_cad_parts(cad: float, moved: float) -> dict[str, dict[str, float]]:
     """A cad.json `parts` entry (mansu.attribution.cad_parts): CAD split half shrinkage, half rerouting."""
     part = lambda v: {"value": v, "ci_low": v - 0.05, "ci_high": v + 0.05}  # noqa: E731
     return {"cad": part(cad), "shrinkage": part(cad / 2), "reversal": part(0.0), "rerouting": part(cad / 2),
-            "sign_flip": part(0.0), "redistribution": part(moved), "outside_shift": part(0.0)}
+            "sign_flip": part(0.0), "redistribution": part(moved), "outside_shift": part(0.0),
+            "moved_beyond_noise": part(moved)}
 
 
 def write_sample_run(root: Path, method: str = "mansu", seed: int = 0, forget_after: float = 0.3, *,

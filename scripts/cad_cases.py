@@ -16,7 +16,7 @@ from mansu.attribution.eap import attribute
 from mansu.models.demo import ensure_demo, load_demo_split
 from mansu.models.loading import load_model
 
-PARTS = ("cad", "shrinkage", "reversal", "rerouting", "redistribution", "outside_shift")
+PARTS = ("cad", "shrinkage", "reversal", "rerouting", "redistribution", "outside_shift", "moved_beyond_noise")
 
 
 def main() -> None:
@@ -37,9 +37,12 @@ def main() -> None:
     print("|---" * (len(PARTS) + 3) + "|")
     for row in case_table(lm.model, lm.tokenizer, records, graph, circuit, ig_steps=args.ig_steps):
         for estimator in ("pooled", "per_fact"):
-            cells = [f"{v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
-                     for v in (row[estimator][part] for part in PARTS)]
+            cells = [_cell(row[estimator].get(part)) for part in PARTS]   # moved_beyond_noise: pooled only
             print(f"| {row['case']} | {row['forget_accuracy']:.2f} | {estimator} | " + " | ".join(cells) + " |")
+
+
+def _cell(part: dict | None) -> str:
+    return "-" if part is None else f"{part['value']:.3f} [{part['ci_low']:.3f}, {part['ci_high']:.3f}]"
 
 
 if __name__ == "__main__":

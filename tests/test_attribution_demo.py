@@ -108,24 +108,31 @@ def test_cad_rerouting_low_for_unembedding_finetune(demo_lm, forget, graph, circ
     parts = cad(graph, after, circuit, n_boot=500).parts
     print({k: round(v["value"], 3) for k, v in parts.items()})
     assert parts["cad"]["value"] > 0.5                   # CAD alone would call this erasure
-    assert parts["rerouting"]["ci_high"] < 0.3 and parts["redistribution"]["ci_high"] < 0.3
+    assert parts["rerouting"]["ci_high"] < 0.3 and parts["moved_beyond_noise"]["ci_high"] < 0.3   # raw: 0.31
     assert reroutes(parts, 0.3) is False
 
 
-def test_cad_high_for_structural_erasure(demo_lm, forget, graph, circuit):
+def test_cad_high_for_structural_erasure(demo_lm, demo_records):
+    # at the runs' attribution (DEMO_ATTRIBUTION: all 120 forget records, 2 IG steps): moved_beyond_noise compares
+    # halves of the records, and halves of 32 are too noisy to show this move (CI low 0.20 measured at 32 x 8)
     from mansu.metrics.accuracy import mcq_accuracy
+    from mansu.unlearn.demo_settings import DEMO_ATTRIBUTION
 
+    forget = demo_records["forget"][:DEMO_ATTRIBUTION["attribution_records"]]
+    steps = DEMO_ATTRIBUTION["ig_steps"]
+    graph = attribute(demo_lm.model, demo_lm.tokenizer, forget, ig_steps=steps, batch_size=32, per_example=True)
+    circuit = smallest_faithful_circuit(demo_lm.model, demo_lm.tokenizer, forget, graph, target=0.8, batch_size=32)
     top = top_components(graph, circuit)
     with zeroed(demo_lm.model, top) as model:
-        after = attribute(model, demo_lm.tokenizer, forget, ig_steps=8, batch_size=32, per_example=True)
+        after = attribute(model, demo_lm.tokenizer, forget, ig_steps=steps, batch_size=32, per_example=True)
         accuracy = mcq_accuracy(model, demo_lm.tokenizer, forget).accuracy
     assert mcq_accuracy(demo_lm.model, demo_lm.tokenizer, forget).accuracy == 1.0   # the weights are back
     result = cad(graph, after, circuit, n_boot=500)
     print(f"structural erasure of {top}: CAD {result.value:.3f} ({result.ci_low:.3f}-{result.ci_high:.3f})")
     assert result.value > 0.5 and result.ci_low > 0.4
     assert reroutes(result.parts, 0.3) is True           # the circuit's attribution moved, not just shrank
-    assert (result.ci_high - result.ci_low) / 2 <= 0.05  # CAD's CI on this fixed case (0.033 measured)
-    fact = result.per_fact["cad"]                        # per fact: 0.841 [0.814, 0.869] measured
+    assert (result.ci_high - result.ci_low) / 2 <= 0.05  # CAD's CI on this fixed case (0.020 measured)
+    fact = result.per_fact["cad"]                        # per fact: 0.823 [0.805, 0.842] measured
     assert fact["value"] > 0.5 and (fact["ci_high"] - fact["ci_low"]) / 2 <= 0.05
     print(f"forget accuracy after erasure: {accuracy:.3f}")
     assert accuracy < 1.0

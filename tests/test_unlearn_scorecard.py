@@ -27,7 +27,8 @@ def _metrics(bf=1.0, uf=0.6, br=0.99, ur=0.97, gap=-0.01, chance=0.25, bf_low=No
 def _parts(moved: float) -> dict:
     return {"shrinkage": {"value": 0.3, "ci_low": 0.25, "ci_high": 0.35},
             "redistribution": {"value": moved, "ci_low": moved - 0.05, "ci_high": moved + 0.05},
-            "outside_shift": {"value": 0.0, "ci_low": -0.05, "ci_high": 0.05}}
+            "outside_shift": {"value": 0.0, "ci_low": -0.05, "ci_high": 0.05},
+            "moved_beyond_noise": {"value": moved, "ci_low": moved - 0.05, "ci_high": moved + 0.05}}
 
 
 CAD = {"after_nf4": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6, "parts": _parts(0.5)}, "after_fp": {"value": 0.45}}
@@ -80,10 +81,14 @@ def test_a_base_at_chance_has_nothing_to_forget():
 def test_erasure_needs_attribution_that_moved_not_just_shrank():
     shrank = {**CAD, "after_nf4": {**CAD["after_nf4"], "parts": _parts(0.1)}}
     p = build_scorecard(_metrics(), shrank)["properties"]["structural_erasure"]
-    assert p["status"] == "fail" and "did not move" in p["reason"] and p["redistribution"]["value"] == 0.1
+    assert p["status"] == "fail" and "did not move" in p["reason"] and p["moved_beyond_noise"]["value"] == 0.1
     old = {**CAD, "after_nf4": {k: v for k, v in CAD["after_nf4"].items() if k != "parts"}}
     p = build_scorecard(_metrics(), old)["properties"]["structural_erasure"]
     assert p["status"] == "not available" and "predates the CAD split" in p["reason"]
+    raw_only = {**CAD, "after_nf4": {**CAD["after_nf4"], "parts": {k: v for k, v in _parts(0.5).items()
+                                                                  if k != "moved_beyond_noise"}}}
+    p = build_scorecard(_metrics(), raw_only)["properties"]["structural_erasure"]   # raw redistribution is not read
+    assert p["status"] == "not available" and "noise-corrected" in p["reason"]
     low_ci = {**CAD, "after_nf4": {**CAD["after_nf4"], "ci_low": 0.25}}          # CAD 0.5 but its CI reaches 0.25
     assert not build_scorecard(_metrics(), low_ci)["properties"]["structural_erasure"]["pass"]
 

@@ -24,7 +24,8 @@ METRICS = {"base_fp": {"forget": {"accuracy": 1.0}, "retain": {"accuracy": 1.0}}
 CAD = {"after_fp": {"value": 0.6, "ci_low": 0.5, "ci_high": 0.7, "per_edge": {"a->b": 0.1}},
        "after_nf4": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5, "per_edge": {"a->b": 0.1, "c->d": 0.3},
                      "parts": {"redistribution": {"value": 0.4, "ci_low": 0.35, "ci_high": 0.45},
-                               "outside_shift": {"value": 0.0, "ci_low": -0.1, "ci_high": 0.1}}}}
+                               "outside_shift": {"value": 0.0, "ci_low": -0.1, "ci_high": 0.1},
+                               "moved_beyond_noise": {"value": 0.4, "ci_low": 0.35, "ci_high": 0.45}}}}
 
 
 def test_accuracy_gap_and_drop():

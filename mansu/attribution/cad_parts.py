@@ -24,8 +24,20 @@ scale- and orientation-free measures say whether attribution *moved*, not merely
     outside_shift  = T_out / (T_out + T) - S_out / (S_out + S), X_out = sum_{e not in C} |x_e| over the graph's
                      other edges: the share of all attribution that moved out of the circuit (< 0: moved in)
 
-Rule (mansu.scorecard): structural erasure needs more than shrinkage, i.e. the 95% CI low end of redistribution or
-of outside_shift is at least `reroute_threshold` (default 0.30). History, stated plainly: the rule chosen before
+    moved_beyond_noise = mean over random halves A, B of the examples of
+                         1/2 [d(s_A, t_B) + d(s_B, t_A)] - d(t_A, t_B),  d = redistribution's profile distance
+                     (pooled only): the move between before and after seen on different examples, less the
+                     after graph's distance from itself. A shrunken after graph's profile is noisy, and
+                     redistribution then reads the noise as a move (a bias, which no CI removes); this is <= 0
+                     for noise and about the move for a reproducible one (docs/attribution.md: measurements).
+
+Rule (mansu.scorecard): structural erasure needs more than shrinkage, i.e. the 95% CI low end of
+moved_beyond_noise is at least `reroute_threshold` (default 0.30). Until 2026-12-01 it read redistribution or
+outside_shift raw; at the runs' 120 records and 2 IG steps that passed a suppression (last layer + norm fine-tuned:
+redistribution CI low 0.315), and on MANSU runs the after graph's split-half distance was as large as redistribution
+(so the correction was decided after seeing those numbers; the threshold was not changed). At 120 records, 2 IG
+steps, demo model 0 (`scripts/cad_cases.py --records 120 --ig-steps 2`): moved_beyond_noise CI low -0.29 / 0.14 /
+-0.13 for the three fine-tunes, 0.37 for the zeroed components. History, stated plainly: the rule chosen before
 any result was seen used redistribution *without* sigma and a threshold of 0.10; on the demo model fine-tuning
 only the unembedding (a suppression) then scored redistribution 1.00, i.e. "erasure". sigma and 0.30 were set
 after seeing these demo numbers (point values; 32 forget records, 8 IG steps):
@@ -37,7 +49,7 @@ after seeing these demo numbers (point values; 32 forget records, 8 IG steps):
     last layer + final norm fine-tuned (-> 0.00)         1.00   0.25       0.25                   0.29
     top 3 circuit components zeroed (-> 0.84)            0.86   0.86       0.71                   0.47
 
-so 0.30 separates these five cases on one model; it is not validated on other models.
+so 0.30 separated these five cases on one model at 32 records (the raw measures; see above for 120 records).
 
 Per fact (`split_parts`' second result: each part of each record's own s_i, t_i, averaged over records; the
 scorecard's CAD threshold reads its CAD, mansu.attribution.cad): under a per-record rescaling t_i = r_i s_i its
@@ -55,6 +67,9 @@ moves attribution among edges too. So the reroute evidence stays pooled:
     (a MANSU run, 120 records, 2 steps: 0.575 [0.535, 0.617], redistribution 0.363 [0.330, 0.393])
 
 CIs: percentile bootstrap over examples, the same paired draws (same seed, same chunks) as cad.py's CAD CI.
+moved_beyond_noise's CI: each bootstrap draw cut into its own random halves (seeded); the drawn halves hold fewer
+distinct examples, so the CI sits lower than the point (conservative). Its cost: four [B, E_C] float64 matmuls per
+chunk of draws, and 256 splits for the point (the same size).
 Memory beyond the [n, U, D] per-example scores: a float32 copy of the other edges' scores (4 B per example and
 edge: 139 MB for 64 examples of a 543k-edge graph), per chunk of 256 resamples 256 x E_C float64 for s and t and
 256 x 1024 float64 per block of the other edges (2 MiB); time 2 n_boot x n x (E_C + E_all) multiply-adds. Per
@@ -73,9 +88,11 @@ from mansu.attribution.circuit import Circuit, named_edge_indices
 from mansu.attribution.eap import AttributionGraph
 from mansu.scorecard import REROUTE_EVIDENCE, reroutes
 
-__all__ = ["PARTS", "REROUTE_EVIDENCE", "cad_parts", "draw_counts", "parts_of", "reroutes", "split_parts"]
+__all__ = ["PARTS", "POOLED_ONLY", "REROUTE_EVIDENCE", "beyond_noise", "cad_parts", "draw_counts", "parts_of",
+           "profile_distance", "random_halves", "reroutes", "split_parts"]
 
 PARTS = ("cad", "shrinkage", "reversal", "rerouting", "sign_flip", "redistribution", "outside_shift")
+POOLED_ONLY = ("moved_beyond_noise",)   # a split of the examples into halves: no per-record value
 _EDGE_BLOCK = 1024
 _CHUNK = 256
 
@@ -101,12 +118,38 @@ def parts_of(s: torch.Tensor, t: torch.Tensor, s_out: torch.Tensor, t_out: torch
     cad, cad_aligned = _safe_div(plus, den), _safe_div(torch.minimum(plus, minus), den)
     shrinkage = _safe_div((big_s - big_t).abs(), den)
     flips = torch.where(aligned * t < 0, 2 * torch.minimum(s.abs(), t.abs()), torch.zeros_like(s)).sum(-1)
-    profile = (_safe_div(t, big_t.unsqueeze(-1)) - _safe_div(aligned, big_s.unsqueeze(-1))).abs().sum(-1) / 2
-    both = (big_s > 0) & (big_t > 0)                     # a vanished side has no profile to compare
     return {"cad": cad, "shrinkage": shrinkage, "reversal": cad - cad_aligned,
             "rerouting": (cad_aligned - shrinkage).clamp(min=0.0), "sign_flip": _safe_div(flips, den),
-            "redistribution": torch.where(both, profile, torch.zeros_like(profile)),
+            "redistribution": profile_distance(s, t),
             "outside_shift": _safe_div(t_out, t_out + big_t) - _safe_div(s_out, s_out + big_s)}
+
+
+def profile_distance(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """1/2 sum_e |t_e / T - sigma s_e / S| over the last dim (`redistribution`); 0 where a side vanished."""
+    big_s, big_t = s.abs().sum(-1), t.abs().sum(-1)
+    sigma = torch.where((s + t).abs().sum(-1) < (s - t).abs().sum(-1), -1.0, 1.0).to(s.dtype).unsqueeze(-1)
+    profile = (_safe_div(t, big_t.unsqueeze(-1)) - _safe_div(sigma * s, big_s.unsqueeze(-1))).abs().sum(-1) / 2
+    both = (big_s > 0) & (big_t > 0)                     # a vanished side has no profile to compare
+    return torch.where(both, profile, torch.zeros_like(profile))
+
+
+def beyond_noise(s_ex: torch.Tensor, t_ex: torch.Tensor, half: torch.Tensor,
+                 counts: torch.Tensor | None = None) -> torch.Tensor:
+    """`moved_beyond_noise` (module docstring) per row of `half` [B, n] (True: example in half A), over the
+    examples weighted by `counts` [B, n] (a bootstrap draw; default each example once): the profile distance
+    across the halves (before of one, after of the other, both ways) minus the one between the after graph's
+    own halves."""
+    w = torch.ones(half.shape, dtype=s_ex.dtype) if counts is None else counts
+    a, b = w * half, w * ~half
+    s_a, s_b, t_a, t_b = a @ s_ex, b @ s_ex, a @ t_ex, b @ t_ex   # sums: a profile is scale-free
+    across = (profile_distance(s_a, t_b) + profile_distance(s_b, t_a)) / 2
+    return across - profile_distance(t_a, t_b)
+
+
+def random_halves(n: int, rows: int, gen: torch.Generator) -> torch.Tensor:
+    """[rows, n] bool, each row a uniformly random half of n examples (floor(n / 2) True)."""
+    order = torch.rand(rows, n, generator=gen).argsort(-1)
+    return order < n // 2
 
 
 def _split_scores(graph: AttributionGraph, circuit: Circuit) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,14 +182,18 @@ def draw_counts(n: int, n_boot: int, seed: int) -> Iterator[torch.Tensor]:
 
 def _resampled(s_ex, t_ex, s_out_ex, t_out_ex, per_fact: dict[str, torch.Tensor], n_boot: int,
                seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Every part on each of n_boot paired resamples of the examples, pooled and per fact, {part: [n_boot]} each."""
+    """Every part on each of n_boot paired resamples of the examples, pooled (with POOLED_ONLY) and per fact,
+    {part: [n_boot]} each.  Each resample is cut into its own random halves for `moved_beyond_noise`."""
     n = s_ex.shape[0]
-    pooled: dict[str, list[torch.Tensor]] = {p: [] for p in PARTS}
+    halves = torch.Generator().manual_seed(seed + 1)
+    pooled: dict[str, list[torch.Tensor]] = {p: [] for p in (*PARTS, *POOLED_ONLY)}
     facts: dict[str, list[torch.Tensor]] = {p: [] for p in PARTS}
     for counts in draw_counts(n, n_boot, seed):
         got = parts_of(counts @ s_ex, counts @ t_ex, _abs_sum(counts, s_out_ex), _abs_sum(counts, t_out_ex))
-        for p in PARTS:
+        got["moved_beyond_noise"] = beyond_noise(s_ex, t_ex, random_halves(n, counts.shape[0], halves), counts)
+        for p in pooled:
             pooled[p].append(got[p])
+        for p in PARTS:
             facts[p].append(counts @ per_fact[p] / n)
     return {p: torch.cat(v) for p, v in pooled.items()}, {p: torch.cat(v) for p, v in facts.items()}
 
@@ -166,10 +213,13 @@ def split_parts(before: AttributionGraph, after: AttributionGraph, circuit: Circ
     t_ex, t_out_ex = _split_scores(after, circuit)
     point = parts_of(s_ex.mean(0), t_ex.mean(0), s_out_ex.double().mean(0).abs().sum(),
                      t_out_ex.double().mean(0).abs().sum())
+    n = s_ex.shape[0]
+    point["moved_beyond_noise"] = torch.tensor(0.0) if n < 2 else \
+        beyond_noise(s_ex, t_ex, random_halves(n, _CHUNK, torch.Generator().manual_seed(seed + 2))).mean()
     per_fact = parts_of(s_ex, t_ex, s_out_ex.double().abs().sum(-1), t_out_ex.double().abs().sum(-1))   # [n] each
     boots, fact_boots = ({}, {}) if n_boot < 1 or s_ex.shape[0] < 2 else \
         _resampled(s_ex, t_ex, s_out_ex, t_out_ex, per_fact, n_boot, seed)
-    return ({p: _interval(point[p], boots.get(p), level) for p in PARTS},
+    return ({p: _interval(point[p], boots.get(p), level) for p in (*PARTS, *POOLED_ONLY)},
             {p: _interval(per_fact[p].mean(), fact_boots.get(p), level) for p in PARTS})
 
 

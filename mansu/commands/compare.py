@@ -194,7 +194,7 @@ def _cad_split(entry: dict) -> dict[str, float | None]:
     parts, fact = entry.get("parts") or {}, (entry.get("per_fact") or {}).get("cad") or {}
     half = (fact["ci_high"] - fact["ci_low"]) / 2 if fact else None
     return {"cad_fact_nf4": fact.get("value"), "cad_fact_half_width_nf4": half,
-            **{f"cad_{p}_nf4": (parts.get(p) or {}).get("value") for p in ("shrinkage", "redistribution")}}
+            **{f"cad_{p}_nf4": (parts.get(p) or {}).get("value") for p in ("shrinkage", "moved_beyond_noise")}}
 
 
 def headline(scores: dict) -> float | None:
@@ -228,7 +228,7 @@ def _matrix_run(row: dict) -> MatrixRun:
 COLUMNS = [("forget fp", "forget_fp", "{:.3f}"), ("forget NF4", "forget_nf4", "{:.3f}"),
            ("PTQ gap", "ptq_gap", "{:+.3f}"), ("retain fp", "retain_fp", "{:.3f}"), ("CAD (NF4)", "cad_nf4", "{:.3f}"),
            ("CAD per fact (NF4)", "cad_fact_nf4", "{:.3f}"), ("its 95% CI +-", "cad_fact_half_width_nf4", "{:.3f}"),
-           ("CAD shrinkage part", "cad_shrinkage_nf4", "{:.3f}"), ("attribution moved", "cad_redistribution_nf4",
+           ("CAD shrinkage part", "cad_shrinkage_nf4", "{:.3f}"), ("moved beyond noise", "cad_moved_beyond_noise_nf4",
                                                                    "{:.3f}"),
            ("median abs(delta)/bin", "median_ratio", "{:.3g}"), ("params touched", "params_touched", "{:.0f}"),
            ("wall s", "wall_seconds", "{:.1f}")]
@@ -328,13 +328,14 @@ def render(rows: list[dict], caches: dict, settings: dict, total: float, args, p
              f"{args.retain_eval_limit} retain questions; CAD of the forget circuit before vs after unlearning + NF4 "
              f"({args.attribution_records} forget records, {args.ig_steps} EAP-IG steps): pooled (SPEC's, over the "
              "records' mean graph) and per fact (each record's CAD, averaged; the scorecard's), with the half-width "
-             "of the per-fact CAD's paired-bootstrap 95% CI; median |delta| / NF4 bin "
+             "of the per-fact CAD's paired-bootstrap 95% CI; the share of its attribution that moved beyond the "
+             "after graph's own noise (pooled, split-half corrected: moved_beyond_noise); median |delta| / NF4 bin "
              "width over updated Linear weights; Linear weights changed; unlearning wall time (s).", "",
              f"Scorecard thresholds (defaults; mansu/scorecard.py), each relative to chance and the base: at least "
              f"{card.forget_margin} of the base's above-chance forget accuracy removed, at most {card.retain_margin} "
              f"of its above-chance retain accuracy lost, PTQ gap's 95% CI high end <= {card.max_ptq_gap} of the "
              f"forget headroom, CAD per fact (NF4) CI low >= {card.cad_threshold} with attribution that moved "
-             f"(CAD split, CI low >= {card.reroute_threshold}); a base below chance + "
+             f"beyond its noise (moved_beyond_noise, CI low >= {card.reroute_threshold}); a base below chance + "
              f"{card.min_base_above_chance} of the room above it has nothing to forget.", ""]
     for base, title in (("nf4-grid", "NF4-grid-aligned base"), ("natural", "Natural fp32 base")):
         if not any(r["base"] == base for r in rows):
