@@ -311,6 +311,7 @@ def _erasure(cad: dict[str, Any] | None, config: ScorecardConfig) -> dict[str, A
                          "move (mansu.attribution.cad_parts): rerun its cad stage", **extra)
     low = gate.get("ci_low") if isinstance(gate.get("ci_low"), (int, float)) else gate["value"]
     prop = _prop(float(gate["value"]), config.cad_threshold, True, tested=float(low), moved=moved, **extra)
+    prop["cad_passes"] = prop["pass"]   # SPEC's property 4 as written ("CAD above a threshold"), for comparison
     if prop["pass"] and not moved:
         prop.update({"status": "fail", "pass": False, "reason": "the circuit's attribution shrank or reversed but "
                      "did not move beyond its own noise (CAD split): behavioural suppression is not ruled out"})

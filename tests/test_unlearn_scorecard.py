@@ -82,6 +82,11 @@ def test_erasure_needs_attribution_that_moved_not_just_shrank():
     shrank = {**CAD, "after_nf4": {**CAD["after_nf4"], "parts": _parts(0.1)}}
     p = build_scorecard(_metrics(), shrank)["properties"]["structural_erasure"]
     assert p["status"] == "fail" and "did not move" in p["reason"] and p["moved_beyond_noise"]["value"] == 0.1
+    assert p["cad_passes"] is True            # SPEC's reading (CAD alone) passes; compare shows it beside the rule
+    card = build_scorecard(_metrics(), shrank)
+    from mansu.commands.compare import _all_pass_cad_alone
+    assert not card["all_pass"] and _all_pass_cad_alone(card) is True   # the other three pass here
+    assert _all_pass_cad_alone(build_scorecard(_metrics(uf=0.9), shrank)) is False   # forgetting fails
     old = {**CAD, "after_nf4": {k: v for k, v in CAD["after_nf4"].items() if k != "parts"}}
     p = build_scorecard(_metrics(), old)["properties"]["structural_erasure"]
     assert p["status"] == "not available" and "predates the CAD split" in p["reason"]
@@ -173,3 +178,4 @@ def test_compare_plan_is_seed_major_and_validates():
     text = render([row, {**row, "seed": 1, "forget_fp": 0.7}], {"nf4-grid": type("C", (), {"metrics": {}})()},
                   {}, 60.0, args)
     assert "| mansu | 0.600 ± 0.141 |" in text and "depend on that alignment" in text and "2/2" in text
+    assert "| mansu | 2/2 | 2/2 | 2/2 | 2/2 | 0/2 |" in text      # no all_pass_cad_alone recorded: counted as not
