@@ -1,11 +1,12 @@
 """How much memory a run needs, estimated before anything loads, against what its device has.
 
     weights      parameters x the dtype's bytes (counted on the meta device from the config: nothing loaded)
-    engine       the unlearning method's peak bytes per coordinate (Method.peak_bytes_per_coordinate: its state
-                 plus a step's transient vectors, e.g. MANSU ~10 B of state + ~13 B while a step chooses its
-                 candidates) x the coordinates it may update: every quantizable weight for the methods that are not
-                 circuit-restricted; a circuit's size is known only after attribution, so a circuit-restricted
-                 method (MANSU) is checked again then (`check_engine_memory`, before the unlearning starts)
+    engine       the unlearning method's peak bytes per coordinate (Method.peak_bytes(config): its state plus a
+                 step's transient vectors, e.g. MANSU 18 B + 44 B x update_fraction x steps for its candidates' log
+                 and restore buffer: 21.5 B at the demo's 0.002 x 40, 18.7 B at the default 0.002 x 8) x the
+                 coordinates it may update: every quantizable weight for the methods that are not circuit-restricted;
+                 a circuit's size is known only after attribution, so a circuit-restricted method (MANSU) is checked
+                 again then (`check_engine_memory`, before the unlearning starts)
     attribution  the circuit search's activation cache: --attribution-cache-mb, or less when the attributed records'
                  activations are smaller (`activation_bytes`)
 
@@ -59,11 +60,12 @@ def estimate(spec, config, dtype) -> dict:
     method = METHODS[spec.config.method]
     n_params, n_quant, weights = model_sizes(config, dtype)
     restricted = method.circuit_restricted and spec.attribution
-    engine = 0 if restricted else method.peak_bytes_per_coordinate * n_quant
+    per_coordinate = method.peak_bytes(spec.config)
+    engine = 0 if restricted else int(per_coordinate * n_quant)
     attribution = min(spec.attribution_cache_mb * 2 ** 20, activation_bytes(spec, config)) if spec.attribution else 0
     return {"parameters": n_params, "quantizable": n_quant, "weights": weights, "engine": engine,
             "attribution": attribution, "total": weights + engine + attribution,
-            "engine_per_coordinate": method.peak_bytes_per_coordinate, "engine_after_circuit": restricted}
+            "engine_per_coordinate": per_coordinate, "engine_after_circuit": restricted}
 
 
 def activation_bytes(spec, config, tokens: int = 64) -> int:
@@ -81,7 +83,7 @@ def check_memory(spec, config, dtype) -> dict:
     have = spec.memory_limit_gb * GIB if spec.memory_limit_gb else available_bytes(spec.device)
     if need["total"] > have:
         engine = ("counted once the circuit is known" if need["engine_after_circuit"] else
-                  f"{_gib(need['engine'])} = {need['engine_per_coordinate']} B x {need['quantizable']:,} weights")
+                  f"{_gib(need['engine'])} = {need['engine_per_coordinate']:.3g} B x {need['quantizable']:,} weights")
         raise ValueError(f"{spec.config.method} on this model needs ~{_gib(need['total'])} GiB (weights "
                          f"{_gib(need['weights'])}, unlearning state {engine}, attribution cache "
                          f"{_gib(need['attribution'])}) but {spec.device} has {_gib(have)} GiB: "
@@ -89,16 +91,17 @@ def check_memory(spec, config, dtype) -> dict:
     return need
 
 
-def check_engine_memory(method: str, n_coordinates: int, limit_gb: float | None, device: str) -> None:
+def check_engine_memory(config, n_coordinates: int, limit_gb: float | None, device: str) -> None:
     """ValueError before the unlearning starts when a circuit-restricted method's state for the circuit's
-    coordinates exceeds the device's free memory (the model is already loaded)."""
+    coordinates (UnlearnConfig `config`) exceeds the device's free memory (the model is already loaded)."""
     from mansu.unlearn.methods import METHODS
 
-    need = METHODS[method].peak_bytes_per_coordinate * n_coordinates
+    per_coordinate = METHODS[config.method].peak_bytes(config)
+    need = per_coordinate * n_coordinates
     have = limit_gb * GIB if limit_gb else available_bytes(device)
     if need > have:
-        raise ValueError(f"{method}'s unlearning state for the circuit's {n_coordinates:,} weights needs "
-                         f"~{_gib(need)} GiB ({METHODS[method].peak_bytes_per_coordinate} B each) but {device} has "
+        raise ValueError(f"{config.method}'s unlearning state for the circuit's {n_coordinates:,} weights needs "
+                         f"~{_gib(need)} GiB ({per_coordinate:.3g} B each) but {device} has "
                          f"{_gib(have)} GiB free: give --mlp-neuron-mass 0.8 (a circuit MLP owns only its top "
                          "neurons), lower --circuit-target (a smaller circuit) or use a device with more memory")
 

@@ -424,7 +424,7 @@ def stage_unlearn(ctx: Context) -> None:
         log.warning("%s updates every quantizable weight, not a circuit: %s", cfg.method, _no_circuit_reason(ctx))
     if masks is not None and METHODS[cfg.method].circuit_restricted:  # the circuit's size is known only now
         quant = set(quantizable_names(model))
-        check_engine_memory(cfg.method, sum(int(m.sum()) for n, m in masks.items() if n in quant),
+        check_engine_memory(cfg, sum(int(m.sum()) for n, m in masks.items() if n in quant),
                             ctx.spec.memory_limit_gb, ctx.spec.device)
     restore = ctx.cache.restore = BaseRestore()  # set first: a failed run is reverted by the next base()
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mansu.memory import check_engine_memory, estimate
+from mansu.unlearn.config import UnlearnConfig
 
 
 def _spec(world, method: str, **kw):
@@ -57,6 +58,17 @@ def test_an_8b_llama_graddiff_does_not_fit_80_gb_but_mansu_weights_do():
     assert 160e9 < gd["total"] < 200e9
     mansu = estimate(RunSpec(model="demo", unlearn={"method": "mansu"}), config, torch.bfloat16)
     assert mansu["total"] < 20e9
-    check_engine_memory("mansu", int(0.3 * mansu["quantizable"]), 80 - mansu["total"] / 2**30, "cuda")
+    cfg = UnlearnConfig(method="mansu", steps=40)
+    check_engine_memory(cfg, int(0.4 * mansu["quantizable"]), 80 - mansu["total"] / 2**30, "cuda")
     with pytest.raises(ValueError, match="lower --circuit-target"):
-        check_engine_memory("mansu", mansu["quantizable"], 80 - mansu["total"] / 2**30, "cuda")
+        check_engine_memory(cfg, mansu["quantizable"], 80 - mansu["total"] / 2**30, "cuda")
+
+
+def test_mansu_peak_counts_its_candidates():
+    # the step's peak per circuit coordinate (Mansu.peak_bytes): 18 B, plus 44 B for each coordinate proposed over
+    # the run (update_fraction x steps of them: log, its merge, restore buffer); the no-floor ablation holds Adam
+    from mansu.unlearn.methods import METHODS
+
+    assert METHODS["mansu"].peak_bytes(UnlearnConfig(method="mansu", steps=40)) == pytest.approx(18 + 44 * 0.08)
+    assert METHODS["mansu"].peak_bytes(UnlearnConfig(method="mansu", steps=1000, update_fraction=0.01)) == 18 + 44
+    assert METHODS["mansu_no_floor"].peak_bytes(UnlearnConfig(method="mansu_no_floor")) == 40

@@ -10,6 +10,7 @@ reads, its demo-world settings), so every list of methods derives from the regis
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -85,17 +86,35 @@ TOPK_DIRECT = 1 << 24  # torch.topk on CPU keeps a (value, index) pair per eleme
 SELECT_CHUNK = 1 << 22  # elements per chunk of the radix selection beyond it (32 MB of int64 keys)
 
 
-def top_indices(score: torch.Tensor, k: int, *, direct_limit: int = TOPK_DIRECT) -> torch.Tensor:
+class ChunkedScore:
+    """A flat [n] score that is never held whole: `values(key)` computes its entries at a slice or an index tensor
+    from the vectors it is made of.  top_indices selects from it a chunk at a time (its radix passes compute each
+    chunk again: five elementwise passes instead of an [n] buffer of 4 B per entry)."""
+
+    def __init__(self, n: int, values: Callable[[slice | torch.Tensor], torch.Tensor], device: torch.device):
+        self.n, self.values, self.device = n, values, device
+
+    def numel(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
+        return self.values(key)
+
+    def count_nonzero(self) -> int:
+        return sum(int(torch.count_nonzero(self[lo: lo + SELECT_CHUNK])) for lo in chunks(self.n, SELECT_CHUNK))
+
+
+def top_indices(score: torch.Tensor | ChunkedScore, k: int, *, direct_limit: int | None = None) -> torch.Tensor:
     """Indices of the k largest entries of a flat score, largest first.
 
-    Up to `direct_limit` entries: torch.topk.  Beyond it, a radix selection (4 passes of 8-bit histograms over
-    order-preserving int keys, then one collecting pass), a chunk at a time: ~0 B per entry beyond one chunk,
-    where torch.topk would hold 16 B per entry (the 304M-coordinate GradDiff run's peak).  Ties at the k-th value
-    go to the lowest indices."""
+    Up to `direct_limit` entries: torch.topk (a ChunkedScore is computed whole first).  Beyond it, a radix
+    selection (4 passes of 8-bit histograms over order-preserving int keys, then one collecting pass), a chunk at a
+    time: ~0 B per entry beyond one chunk, where torch.topk would hold 16 B per entry (the 304M-coordinate GradDiff
+    run's peak).  Ties at the k-th value go to the lowest indices."""
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=score.device)
-    if score.numel() <= direct_limit:
-        return torch.topk(score, k).indices
+    if score.numel() <= (TOPK_DIRECT if direct_limit is None else direct_limit):
+        return torch.topk(score[:] if isinstance(score, ChunkedScore) else score, k).indices
     k = min(k, score.numel())
     threshold, n_ties = _kth_key(score, k)
     above, ties = [], []
@@ -182,6 +201,11 @@ class Method:
     proposal_dtype: ClassVar[torch.dtype] = torch.bfloat16
     # state (total 4 + proposal/priority 4 + Adam 8) + a step's gradient and delta (8): mansu/memory.py's estimate
     peak_bytes_per_coordinate: ClassVar[int] = 24
+
+    @classmethod
+    def peak_bytes(cls, config: UnlearnConfig) -> float:
+        """Peak engine bytes per coordinate under these settings (mansu/memory.py's estimate)."""
+        return cls.peak_bytes_per_coordinate
 
     def __init__(self, model, forget: TokenBatch, retain: TokenBatch, config: UnlearnConfig, index: ParamIndex):
         self.model, self.forget, self.retain, self.config, self.index = model, forget, retain, config, index

@@ -17,7 +17,9 @@ priority 4 B each (fp32), the index 0 B (a whole tensor) or 4 B (int32, a partia
 retain projector's factored per-example gradients (T x (fan_in + fan_out) per example and Linear, fp32; about
 k x T x (1/fan_in + 1/fan_out) x 4 B per coordinate: ~1.2 B at k=16, T=64 on an 8B layout).  The floor geometry
 is computed for each step's candidates only, from the current weights (nothing kept), and "touched" is
-total != 0.  Total: 16-20 B per circuit coordinate (bench/scale_bench.py measures it).
+total != 0.  Total: 16-20 B per circuit coordinate (bench/scale_bench.py measures it).  A step adds its [n] fp32
+gradient (4 B); the candidate score and the touched mask are computed a chunk at a time inside the selection
+(`choose`), never held whole.  Peak for the memory check: `Mansu.peak_bytes`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ import torch
 from mansu.quant.targets import quant_layout
 from mansu.unlearn.fisher import bound_clip, bound_scale, fisher_cost
 from mansu.unlearn.floor import FloorGeometry, floor_geometry, floor_update
-from mansu.unlearn.methods.base import FloorNotMetError, Method, Proposals, check_finite, make_optimizer, top_indices
+from mansu.unlearn.methods.base import (
+    RECORD_CHUNK,
+    ChunkedScore,
+    FloorNotMetError,
+    Method,
+    Proposals,
+    check_finite,
+    chunks,
+    make_optimizer,
+    top_indices,
+)
 from mansu.unlearn.params import sub_index
 from mansu.unlearn.retain_stats import masked_grad, retain_statistics
 
@@ -52,8 +64,18 @@ class Mansu(Method):
     fields = MANSU_FIELDS
     demo = MANSU_DEMO
     proposal_dtype = torch.float32  # the floor tuner replays proposal and priority through the floor exactly
-    # state: Fisher 4 + total 4 + index 0-4 + log and factors ~1; a step: gradient 4 + score 4 + masks 1 + delta 4
-    peak_bytes_per_coordinate = 24
+    # state: Fisher 4 + total 4 + index 0-4 + retain factors ~1-2; a step adds its gradient (4; the candidate score
+    # is chunked and the delta is allocated after the gradient is freed); and for each coordinate a step proposes
+    # (update_fraction x steps of them) 16 B of log, its merged copy at the end (16 B, `proposals`) and 12 B of
+    # base value in the restore buffer
+    peak_bytes_per_coordinate = 18
+    bytes_per_candidate: ClassVar[int] = 44
+
+    @classmethod
+    def peak_bytes(cls, config) -> float:
+        if not cls.floor:
+            return cls.peak_bytes_per_coordinate
+        return cls.peak_bytes_per_coordinate + cls.bytes_per_candidate * min(1.0, config.update_fraction * config.steps)
 
     def init_proposals(self) -> None:
         """Floored: a log of each step's candidates (int64 position, fp32 proposal and score: 16 B per candidate,
@@ -123,12 +145,19 @@ class Mansu(Method):
 
     def choose(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The step's candidates: the update_fraction x n untouched coordinates of highest score; returns
-        (candidates, their proposal -lr p, their score, coordinates touched before this step)."""
-        touched = self.total != 0  # a floored coordinate moved by at least one code change: never 0
-        score = self.score(p).masked_fill_(touched, 0)
-        k = min(self.n_candidates, int(torch.count_nonzero(score)))  # bool.sum() would upcast [n] to int64
-        cand = top_indices(score, k)
-        return cand, -self.config.lr * p[cand], score[cand], int(torch.count_nonzero(touched))
+        (candidates, their proposal -lr p, their score, coordinates touched before this step).  The score is a
+        ChunkedScore: computed a chunk at a time (and at the candidates) from p, the Fisher and the cumulative
+        update, so the step holds no [n] score or touched mask beside p (5 B per coordinate at 8B)."""
+        damping = self.damping()
+
+        def untouched_score(key: slice | torch.Tensor) -> torch.Tensor:
+            # a floored coordinate moved by at least one code change: its total is never 0
+            return self.score(p[key], self.fisher[key], damping).masked_fill_(self.total[key] != 0, 0)
+
+        score = ChunkedScore(self.n, untouched_score, p.device)
+        cand = top_indices(score, min(self.n_candidates, score.count_nonzero()))
+        n_touched = sum(int(torch.count_nonzero(self.total[lo: lo + RECORD_CHUNK])) for lo in chunks(self.n))
+        return cand, -self.config.lr * p[cand], score[cand], n_touched
 
     def floored_step(self, cand: torch.Tensor, prop: torch.Tensor, score: torch.Tensor, n_before: int,
                      step: int) -> tuple[torch.Tensor, dict]:
@@ -148,12 +177,16 @@ class Mansu(Method):
                        "n_dropped": bound.n_dropped, "n_touched": n_touched,
                        "fisher_cost": self.spent, "budget_used": self._used(self.spent)}
 
-    def score(self, p: torch.Tensor) -> torch.Tensor:
-        """Candidate priority: |p_i|, or |p_i| / sqrt(F_i + damping * mean F) (forget vs retain sensitivity)."""
+    def damping(self) -> float:
+        """The Fisher score's damping, fisher_damping x mean F (over all coordinates, once per step)."""
+        return self.config.fisher_damping * float(self.fisher.mean()) + 1e-30
+
+    def score(self, p: torch.Tensor, fisher: torch.Tensor, damping: float) -> torch.Tensor:
+        """Candidate priority of the coordinates of p (and their Fisher): |p_i|, or |p_i| / sqrt(F_i + damping)
+        (forget vs retain sensitivity)."""
         if self.config.selection == "gradient":
             return p.abs()
-        damp = self.config.fisher_damping * float(self.fisher.mean()) + 1e-30
-        score = self.fisher.add(damp).sqrt_()  # one [n] buffer: the denominator, then the score in place
+        score = fisher.add(damping).sqrt_()  # one buffer: the denominator, then the score in place
         return torch.div(p, score, out=score).abs_()
 
     def floor_not_met(self, cand: torch.Tensor, floored: torch.Tensor, feasible: torch.Tensor) -> None:
@@ -189,6 +222,8 @@ class MansuNoFloor(Mansu):
     summary = "MANSU ablation: Adam on the projected gradient, no magnitude floor"
     floor = False
     fields = (*MANSU_FIELDS, "optimizer", "fisher_mode")
+    # Fisher 4 + total 4 + proposal and priority 8 + Adam 8, and a step's gradient, Adam step, new total, delta 16
+    peak_bytes_per_coordinate = 40
     demo = {**MANSU_DEMO, "lr": 3e-4}
 
 
